@@ -1,0 +1,40 @@
+"""Arguments and helpers shared by several subcommands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from ..errors import ModelSpecError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="timm name, tv:NAME (torchvision) or module:attr")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), help="example input size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=2, help="example batch size (default: 2)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier width (default: the model's)")
+    p.add_argument("--leaf", action="append", default=[], metavar="TYPE",
+                   help="module type (package.module.Class) to keep as a leaf; repeatable")
+    p.add_argument("--eval", action="store_true", help="trace in eval mode (default: train mode)")
+
+
+def resolve_type(path: str) -> type:
+    mod_name, _, cls = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod_name), cls)
+    except (ImportError, AttributeError, ValueError):
+        raise ModelSpecError(f"--leaf {path!r}: no such class; give it as package.module.ClassName.") from None
+
+
+def build_model(args: argparse.Namespace, device: str = "cpu"):
+    """(model, example_inputs, leaf types) from the shared model arguments."""
+    from ..models import create
+    from ..trace import default_example_inputs
+
+    model = create(args.model, device=device, num_classes=args.num_classes)
+    model.train(not args.eval)
+    if args.input_size:
+        model.fxsparse_input_size = tuple(args.input_size)
+    inputs = default_example_inputs(model, batch_size=args.batch_size)
+    return model, inputs, [resolve_type(t) for t in args.leaf]

@@ -1,0 +1,39 @@
+"""Errors fxsparse raises for bad input.
+
+Every error says what was wrong and what to do about it, in one paragraph. They are raised
+``from None`` where the underlying exception would only add a deep torch.fx stack trace; the
+original exception stays available as ``err.cause`` for debugging.
+"""
+from __future__ import annotations
+
+
+class FxSparseError(Exception):
+    """Base class of every error fxsparse raises on purpose."""
+
+    def __init__(self, message: str, *, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+
+
+class TraceError(FxSparseError):
+    """The model could not be traced by torch.fx."""
+
+
+class ExampleInputError(FxSparseError):
+    """The example inputs do not fit the model."""
+
+
+class ModelSpecError(FxSparseError):
+    """A MODEL argument (timm name, tv:NAME, module:attr) could not be resolved."""
+
+
+class MaskError(FxSparseError):
+    """A mask does not fit the model, or a requested sparsity is impossible."""
+
+
+class RecipeError(FxSparseError):
+    """A recipe is malformed."""
+
+
+class PassError(FxSparseError):
+    """A pass was run on a graph that does not meet its preconditions."""

@@ -1,0 +1,484 @@
+"""Graph queries over a traced GraphModule, on a networkx view of its fx graph.
+
+The passes ask the graph four kinds of question, all answered here so that no pass re-derives
+them: which nodes are parameterized layers (conv/linear, also inside leaf modules and in their
+functional or masked form), which nodes are activations, how a producer layer reaches its
+consumers through channel-wise ops, and whether two graphs have the same structure.
+"""
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+__all__ = [
+    "Layer", "ActivationSite", "Chain", "to_networkx", "parameterized_layers", "layer_of",
+    "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
+    "node_signatures", "owner_module",
+]
+
+
+# --------------------------------------------------------------------------- networkx view
+def to_networkx(gm: GraphModule) -> nx.DiGraph:
+    """A DiGraph with one vertex per fx node (keyed by node name) and an edge per data dependency.
+
+    Vertex attributes: ``op``, ``target`` (str), ``type`` (module class name for call_module),
+    ``tag`` (the fxsparse tag, if a pass added the node), ``node`` (the fx Node itself).
+    """
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(
+            node.name, op=node.op, target=_target_str(node), type=_module_type_name(gm, node),
+            tag=node.meta.get("fxsparse"), node=node,
+        )
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def _target_str(node: Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
+    return f"{mod}.{name}" if mod else name
+
+
+def _module_type_name(gm: GraphModule, node: Node) -> str | None:
+    if node.op != "call_module":
+        return None
+    return type(gm.get_submodule(node.target)).__name__
+
+
+# --------------------------------------------------------------------------- layers
+CONV_FUNCTIONS: tuple[Callable, ...] = (
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+    torch.conv_transpose3d,
+)
+LINEAR_FUNCTIONS: tuple[Callable, ...] = (F.linear, torch._C._nn.linear)
+
+
+def _special_weight_layers() -> dict[type, tuple[str, tuple[str, ...]]]:
+    """Module types that hold conv/linear weights without subclassing nn.ConvNd / nn.Linear."""
+    special: dict[type, tuple[str, tuple[str, ...]]] = {
+        nn.MultiheadAttention: ("linear", ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
+    }
+    try:
+        from timm.layers import CondConv2d
+
+        special[CondConv2d] = ("conv", ("weight",))
+    except Exception:
+        pass
+    return special
+
+
+_SPECIAL = None
+
+
+def _special() -> dict[type, tuple[str, tuple[str, ...]]]:
+    global _SPECIAL
+    if _SPECIAL is None:
+        _SPECIAL = _special_weight_layers()
+    return _SPECIAL
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """A conv or linear weight and the graph node that applies it.
+
+    ``node`` is the call_module node of the layer itself, the call_module node of the leaf module
+    that holds it (``inside_leaf``), or the call_function conv/linear that consumes it.
+    """
+
+    name: str  # qualified name of the module owning the weight ("layer1.0.conv1")
+    weight: str  # qualified parameter name ("layer1.0.conv1.weight")
+    kind: str  # "conv" | "linear"
+    node: Node
+    style: str  # "module" | "function" | "leaf"
+    leaf: str | None = None  # qualified name of the leaf module holding the layer
+
+    @property
+    def inside_leaf(self) -> bool:
+        return self.style == "leaf"
+
+    def __repr__(self) -> str:
+        where = f" in leaf {self.leaf}" if self.leaf else ""
+        return f"Layer({self.weight}, {self.kind}, {self.style}{where})"
+
+
+def _module_kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return None
+
+
+def _leaf_layers(gm: GraphModule, node: Node, path: str, module: nn.Module) -> Iterator[Layer]:
+    for sub_name, sub in module.named_modules():
+        full = f"{path}.{sub_name}" if sub_name else path
+        kind = _module_kind(sub)
+        if kind is not None and isinstance(getattr(sub, "weight", None), nn.Parameter):
+            yield Layer(full, f"{full}.weight", kind, node, "leaf", path)
+            continue
+        spec = _special().get(type(sub))
+        if spec is not None:
+            for pname in spec[1]:
+                if isinstance(getattr(sub, pname, None), nn.Parameter):
+                    yield Layer(full, f"{full}.{pname}", spec[0], node, "leaf", path)
+
+
+def weight_source(node: Node) -> Node | None:
+    """The get_attr parameter node a conv/linear weight argument comes from.
+
+    Walks up through mask multiplies and weight standardization (StdConv2d's reshape/batch_norm)
+    and returns the one get_attr reached whose tensor has at least 2 dimensions.
+    """
+    seen, stack, found = set(), [node], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            tag = n.meta.get("fxsparse") or {}
+            if tag.get("role") == "mask":
+                continue
+            found.append(n)
+            continue
+        if n.op == "placeholder":
+            return None  # the weight is data, not a parameter
+        stack.extend(n.all_input_nodes)
+    candidates = [n for n in found if _attr_ndim(n) != 1]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _attr_ndim(n: Node) -> int | None:
+    tm = n.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return len(tm.shape)
+    try:
+        obj = _resolve_attr(n.graph.owning_module, n.target)
+    except AttributeError:
+        return None
+    return obj.dim() if isinstance(obj, torch.Tensor) else None
+
+
+def _resolve_attr(root: nn.Module, target: str) -> Any:
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def layer_of(gm: GraphModule, node: Node) -> Layer | list[Layer] | None:
+    """The layer(s) a node applies: one Layer, a list (a leaf holding several), or None."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        kind = _module_kind(m)
+        if kind is not None and _is_traced_leaf(m) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            return Layer(node.target, f"{node.target}.weight", kind, node, "module")
+        layers = list(_leaf_layers(gm, node, node.target, m))
+        return layers or None
+    if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        src = weight_source(w) if isinstance(w, Node) else None
+        if src is None:
+            return None
+        kind = "conv" if node.target in CONV_FUNCTIONS else "linear"
+        owner = src.target.rpartition(".")[0]
+        return Layer(owner, src.target, kind, node, "function")
+    return None
+
+
+def _is_traced_leaf(m: nn.Module) -> bool:
+    # a call_module conv/linear with no child modules is the layer itself, not a container
+    return not any(True for _ in m.children())
+
+
+def parameterized_layers(gm: GraphModule, kinds: tuple[str, ...] = ("conv", "linear")) -> list[Layer]:
+    """Every conv/linear weight the graph uses, in graph order, each reported once.
+
+    Includes layers held inside leaf modules (timm's NormFreeBlock, CondConv2d, Conv2dSame, nn.MultiheadAttention)
+    and functional conv/linear calls whose weight is a parameter (masked or standardized).
+    """
+    out, seen = [], set()
+    for node in gm.graph.nodes:
+        found = layer_of(gm, node)
+        for layer in [found] if isinstance(found, Layer) else (found or []):
+            if layer.kind in kinds and layer.weight not in seen:
+                seen.add(layer.weight)
+                out.append(layer)
+    return out
+
+
+def owner_module(gm: GraphModule, qualified_param: str) -> tuple[nn.Module, str]:
+    """(module, attribute name) of a qualified parameter name."""
+    path, _, attr = qualified_param.rpartition(".")
+    return (gm.get_submodule(path) if path else gm), attr
+
+
+# --------------------------------------------------------------------------- activations
+# Module types and functions of the activation family fxsparse recognizes, by kind.
+_ACT_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu",
+    nn.SiLU: "silu", nn.Mish: "mish", nn.Hardswish: "hardswish", nn.ELU: "elu", nn.SELU: "selu",
+    nn.CELU: "celu", nn.PReLU: "prelu", nn.Softplus: "softplus", nn.Hardtanh: "hardtanh",
+}
+_ACT_FUNCTIONS: dict[Callable, str] = {
+    F.relu: "relu", torch.relu: "relu", F.relu_: "relu", torch.relu_: "relu", F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu", F.mish: "mish",
+    F.hardswish: "hardswish", F.elu: "elu", F.selu: "selu", F.celu: "celu", F.hardtanh: "hardtanh",
+    torch.nn.functional.softplus: "softplus",
+}
+_INPLACE_FUNCTIONS = {F.relu_, torch.relu_}
+_ACT_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
+
+
+def _timm_act_modules() -> dict[type, str]:
+    try:
+        from timm.layers import activations as A
+    except Exception:
+        return {}
+    names = {"Swish": "silu", "Mish": "mish", "GELU": "gelu", "HardSwish": "hardswish",
+             "GELUTanh": "gelu", "PReLU": "prelu", "QuickGELU": "gelu"}
+    return {getattr(A, n): k for n, k in names.items() if hasattr(A, n)}
+
+
+_ACT_MODULES.update(_timm_act_modules())
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationSite:
+    """One activation in the graph.
+
+    ``style`` is "module" (call_module of an activation module), "function", "method", or "leaf"
+    (an activation submodule inside a leaf module, e.g. timm's BatchNormAct2d ``.act``).
+    """
+
+    node: Node
+    kind: str
+    style: str
+    inplace: bool
+    module: str | None = None  # qualified name of the activation module (module / leaf styles)
+
+    def __repr__(self) -> str:
+        where = f" {self.module}" if self.module else ""
+        return f"ActivationSite({self.node.name}, {self.kind}, {self.style}{where}, inplace={self.inplace})"
+
+
+def activation_kind(gm: GraphModule, node: Node) -> str | None:
+    """The activation kind a node computes directly (relu, gelu, ...), else None."""
+    if node.op == "call_module":
+        return _ACT_MODULES.get(type(gm.get_submodule(node.target)))
+    if node.op == "call_function":
+        return _ACT_FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _ACT_METHODS.get(node.target)
+    return None
+
+
+def activation_sites(gm: GraphModule, kinds: tuple[str, ...] | None = None) -> list[ActivationSite]:
+    """Every activation site, in graph order; ``kinds`` filters (e.g. ("relu", "relu6"))."""
+    out = []
+    for node in gm.graph.nodes:
+        for site in _sites_at(gm, node):
+            if kinds is None or site.kind in kinds:
+                out.append(site)
+    return out
+
+
+def _sites_at(gm: GraphModule, node: Node) -> Iterator[ActivationSite]:
+    kind = activation_kind(gm, node)
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if kind is not None:
+            yield ActivationSite(node, kind, "module", bool(getattr(m, "inplace", False)), node.target)
+            return
+        for sub_name, sub in m.named_modules():
+            sub_kind = _ACT_MODULES.get(type(sub))
+            if sub_name and sub_kind is not None:
+                yield ActivationSite(node, sub_kind, "leaf", bool(getattr(sub, "inplace", False)),
+                                     f"{node.target}.{sub_name}")
+    elif kind is not None and node.op == "call_function":
+        inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+        if not inplace and node.target in (F.relu, F.relu6, F.leaky_relu, F.elu, F.hardtanh, F.silu,
+                                           F.hardswish, F.mish, F.celu, F.selu):
+            inplace = _positional_inplace(node)
+        yield ActivationSite(node, kind, "function", inplace)
+    elif kind is not None and node.op == "call_method":
+        yield ActivationSite(node, kind, "method", node.target.endswith("_"))
+
+
+def _positional_inplace(node: Node) -> bool:
+    # F.relu(x, True) / F.leaky_relu(x, slope, True): inplace is the last positional bool
+    extra = [a for a in node.args[1:] if isinstance(a, bool)]
+    return bool(extra and extra[-1])
+
+
+# --------------------------------------------------------------------------- chains
+_CHANNELWISE_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+_CHANNELWISE_FUNCTIONS = {F.batch_norm, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.instance_norm}
+
+
+def _timm_channelwise() -> tuple[type, ...]:
+    try:
+        from timm.layers import BatchNormAct2d, DropPath, FrozenBatchNormAct2d
+    except Exception:
+        return ()
+    return (BatchNormAct2d, FrozenBatchNormAct2d, DropPath)
+
+
+_CHANNELWISE_MODULES = _CHANNELWISE_MODULES + _timm_channelwise()
+
+
+def is_channelwise(gm: GraphModule, node: Node) -> bool:
+    """True when the node maps each channel independently (norm per channel, activation, dropout).
+
+    Channel-wise ops let a producer's output channels reach a consumer one-to-one, which is what
+    ghost channels and skip edges need to know.
+    """
+    if activation_kind(gm, node) is not None:
+        return True
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _CHANNELWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _CHANNELWISE_FUNCTIONS
+    return False
+
+
+@dataclass(eq=False)
+class Chain:
+    """A producer layer's output followed forward through channel-wise ops.
+
+    ``ops`` are the channel-wise nodes crossed (in graph order), ``consumers`` the layers reached,
+    ``others`` every other node reached (residual adds, pooling, the output...).
+    """
+
+    producer: Layer
+    ops: list[Node] = field(default_factory=list)
+    consumers: list[Layer] = field(default_factory=list)
+    others: list[Node] = field(default_factory=list)
+
+    @property
+    def single_consumer(self) -> Layer | None:
+        """The consumer, when the producer reaches exactly one layer and nothing else."""
+        if len(self.consumers) == 1 and not self.others:
+            return self.consumers[0]
+        return None
+
+
+def channel_chains(gm: GraphModule, layers: list[Layer] | None = None) -> list[Chain]:
+    """For each non-leaf layer, where its output goes through channel-wise ops (see ``Chain``)."""
+    layers = [l for l in (layers if layers is not None else parameterized_layers(gm)) if not l.inside_leaf]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    chains = []
+    for layer in layers:
+        chain = Chain(layer)
+        seen, frontier = set(), list(layer.node.users)
+        while frontier:
+            n = frontier.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            found = layer_of(gm, n)
+            if isinstance(found, Layer) and not found.inside_leaf:
+                chain.consumers.append(found)
+            elif is_channelwise(gm, n) and _is_main_input(n, seen, layer.node):
+                chain.ops.append(n)
+                frontier.extend(n.users)
+            else:
+                chain.others.append(n)
+        chain.ops.sort(key=order.__getitem__)
+        chain.consumers.sort(key=lambda l: order[l.node])
+        chain.others.sort(key=order.__getitem__)
+        chains.append(chain)
+    return chains
+
+
+def _is_main_input(n: Node, seen: set[Node], producer: Node) -> bool:
+    # a channel-wise op counts only if the chain's tensor is its data input (args[0])
+    first = n.args[0] if n.args else None
+    return isinstance(first, Node) and (first in seen or first is producer)
+
+
+# --------------------------------------------------------------------------- structure
+def node_signatures(gm: GraphModule) -> dict[Node, str]:
+    """A Merkle hash per node: op, target and argument structure, with inputs by their hashes.
+
+    Two graphs have the same structure iff they have the same multiset of signatures; node names
+    and node order do not matter.
+    """
+    sigs: dict[Node, str] = {}
+
+    def norm(a: Any) -> Any:
+        if isinstance(a, Node):
+            return ("%", sigs[a])
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__, tuple(norm(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, norm(v)) for k, v in a.items()))
+        if isinstance(a, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+            return str(a)
+        if isinstance(a, slice):
+            return ("slice", norm(a.start), norm(a.stop), norm(a.step))
+        if isinstance(a, float) and a != a:
+            return "nan"
+        return repr(a)
+
+    for node in gm.graph.nodes:
+        target = _target_str(node)
+        if node.op == "call_module":
+            target += ":" + type(gm.get_submodule(node.target)).__qualname__
+        elif node.op == "get_attr" and target.rpartition(".")[2].startswith("_tensor_constant"):
+            target = _constant_signature(gm, target)  # tracer-chosen names differ between traces
+        key = repr((node.op, target, norm(node.args), norm(dict(node.kwargs))))
+        sigs[node] = hashlib.sha1(key.encode()).hexdigest()
+    return sigs
+
+
+def _constant_signature(gm: GraphModule, target: str) -> str:
+    value = _resolve_attr(gm, target)
+    if not isinstance(value, torch.Tensor):
+        return f"const:{value!r}"
+    head = f"const:{tuple(value.shape)}:{value.dtype}"
+    if value.is_meta or value.device.type != "cpu":
+        return head
+    return head + ":" + hashlib.sha1(value.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def structure_diff(gm_a: GraphModule, gm_b: GraphModule, limit: int = 20) -> list[str]:
+    """Where two graphs differ, as readable node descriptions (empty when the structure is equal).
+
+    Reports only the roots of each difference (nodes whose inputs all match), each prefixed with
+    "-" (only in a) or "+" (only in b).
+    """
+    sa, sb = node_signatures(gm_a), node_signatures(gm_b)
+    ca, cb = Counter(sa.values()), Counter(sb.values())
+    only_a, only_b = ca - cb, cb - ca
+    out = []
+    for sign, sigs, counts, gm in (("-", sa, only_a, gm_a), ("+", sb, only_b, gm_b)):
+        differing = {n for n, s in sigs.items() if s in counts}
+        for n in gm.graph.nodes:
+            if n in differing and not any(i in differing for i in n.all_input_nodes):
+                out.append(f"{sign} {n.format_node() or n.name}")
+    return out[:limit]
+
+
+def same_structure(gm_a: GraphModule, gm_b: GraphModule) -> bool:
+    """Structural equality of two graphs: ops, targets, constant arguments and edges, modulo node names."""
+    return Counter(node_signatures(gm_a).values()) == Counter(node_signatures(gm_b).values())

@@ -1,0 +1,195 @@
+"""The base every fxsparse pass builds on: ``torch.fx.passes.infra`` plus fxsparse conventions.
+
+Conventions (see docs/architecture.md):
+
+* A pass is a ``FxSparsePass`` (a ``torch.fx.passes.infra.pass_base.PassBase``): it states its
+  preconditions in ``requires`` and postconditions in ``ensures`` and returns
+  ``PassResult(graph_module, modified)``.
+* Every node a pass adds carries ``node.meta["fxsparse"] = {"pass": ..., "group": ..., "role": ...}``
+  so that inspection and the paired removal pass can find it (``tagged_nodes``).
+* Everything a pass adds to the module (masks, gates, ghost branches) lives under one container
+  submodule, ``gm.fxsparse.<group>``; the original modules and their state_dict keys are never
+  touched, so removal is deleting the container and the tagged nodes.
+* Each pass counts what it changed in ``self.stats`` and logs one line; the history of passes run
+  is kept in ``gm.meta["fxsparse.passes"]`` for inspection.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from .errors import FxSparseError, PassError
+
+log = logging.getLogger("fxsparse.passes")
+
+__all__ = [
+    "FxSparsePass", "PassResult", "run_passes", "tag", "tagged_nodes", "container",
+    "group_parameters", "delete_container", "register_nested_buffer", "CONTAINER", "HISTORY_KEY",
+    "check_graph",
+]
+
+CONTAINER = "fxsparse"  # gm.<CONTAINER>.<group> holds what passes add
+HISTORY_KEY = "fxsparse.passes"
+
+
+def tag(node: Node, pass_name: str, group: str, role: str, **extra: Any) -> Node:
+    """Mark ``node`` as added by ``pass_name`` (group: what removal deletes; role: what it is)."""
+    node.meta["fxsparse"] = {"pass": pass_name, "group": group, "role": role, **extra}
+    return node
+
+
+def tagged_nodes(
+    gm: GraphModule, group: str | None = None, role: str | None = None, pass_name: str | None = None
+) -> list[Node]:
+    """Nodes added by fxsparse passes, filtered by group / role / pass name."""
+    out = []
+    for node in gm.graph.nodes:
+        t = node.meta.get("fxsparse")
+        if not isinstance(t, dict):
+            continue
+        if group is not None and t.get("group") != group:
+            continue
+        if role is not None and t.get("role") != role:
+            continue
+        if pass_name is not None and t.get("pass") != pass_name:
+            continue
+        out.append(node)
+    return out
+
+
+def container(gm: nn.Module, group: str | None = None, create: bool = True) -> nn.Module | None:
+    """``gm.fxsparse`` (or ``gm.fxsparse.<group>``), created on first use."""
+    root = gm._modules.get(CONTAINER)
+    if root is None:
+        if not create:
+            return None
+        root = nn.Module()
+        gm.add_module(CONTAINER, root)
+    if group is None:
+        return root
+    sub = root._modules.get(group)
+    if sub is None and create:
+        sub = nn.Module()
+        root.add_module(group, sub)
+    return sub
+
+
+def delete_container(gm: nn.Module, group: str) -> None:
+    root = container(gm, create=False)
+    if root is not None and group in root._modules:
+        del root._modules[group]
+        if not root._modules and not root._buffers and not root._parameters:
+            del gm._modules[CONTAINER]
+
+
+def register_nested_buffer(root: nn.Module, qualified_name: str, tensor: torch.Tensor, persistent: bool = True) -> str:
+    """Register ``tensor`` at ``root.<a>.<b>.<name>``, creating plain containers on the way.
+
+    Used to name masks after the parameter they mask: the mask of ``layer1.0.conv1.weight`` is
+    the buffer ``fxsparse.masks.layer1.0.conv1.weight``.
+    """
+    *path, name = qualified_name.split(".")
+    mod = root
+    for atom in path:
+        nxt = mod._modules.get(atom)
+        if nxt is None:
+            nxt = nn.Module()
+            mod.add_module(atom, nxt)
+        mod = nxt
+    mod.register_buffer(name, tensor, persistent=persistent)
+    return qualified_name
+
+
+def group_parameters(gm: nn.Module, group: str) -> list[nn.Parameter]:
+    """The parameters a group added (e.g. every ghost-skip branch), for the optimizer."""
+    sub = container(gm, group, create=False)
+    return list(sub.parameters()) if sub is not None else []
+
+
+def group_named_parameters(gm: nn.Module, group: str) -> Iterator[tuple[str, nn.Parameter]]:
+    sub = container(gm, group, create=False)
+    if sub is None:
+        return iter(())
+    prefix = f"{CONTAINER}.{group}."
+    return ((prefix + n, p) for n, p in sub.named_parameters())
+
+
+def check_graph(gm: nn.Module) -> None:
+    """The check run after every pass: the graph lints and every tag names a pass and a group."""
+    if not isinstance(gm, GraphModule):
+        raise PassError(f"expected a torch.fx.GraphModule after the pass, got {type(gm).__name__}")
+    gm.graph.lint()
+    for node in gm.graph.nodes:
+        t = node.meta.get("fxsparse")
+        if t is not None and not (isinstance(t, dict) and "pass" in t and "group" in t and "role" in t):
+            raise PassError(f"node {node.name} has a malformed fxsparse tag {t!r}")
+
+
+class FxSparsePass(PassBase):
+    """Base class of fxsparse passes.
+
+    Subclasses set ``group`` (the name removal and the scheduler know it by), implement
+    ``call(gm) -> PassResult``, count changes in ``self.stats``, and tag added nodes with
+    ``self.tag(node, role)``. A ghost pass names its paired removal pass in ``removal``.
+    """
+
+    group: ClassVar[str] = ""
+    removal: ClassVar[type["FxSparsePass"] | None] = None
+
+    def __init__(self) -> None:
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def tag(self, node: Node, role: str, **extra: Any) -> Node:
+        return tag(node, self.name, self.group, role, **extra)
+
+    def requires(self, graph_module: GraphModule) -> None:
+        if not isinstance(graph_module, GraphModule):
+            raise PassError(
+                f"{self.name} runs on a torch.fx.GraphModule; got {type(graph_module).__name__}. "
+                f"Trace the model first: gm = fxsparse.trace(model)."
+            )
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        check_graph(graph_module)
+
+    def __call__(self, graph_module: GraphModule) -> PassResult:
+        self.stats = Counter()
+        result = super().__call__(graph_module)
+        if result is None:
+            result = PassResult(graph_module, bool(self.stats))
+        if result.modified:
+            result.graph_module.recompile()
+        summary = self.summary()
+        log.info("%s: %s", self.name, summary)
+        result.graph_module.meta.setdefault(HISTORY_KEY, []).append(
+            {"pass": self.name, "group": self.group, "changes": dict(self.stats)}
+        )
+        return result
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.stats.items()) or "no change"
+
+
+def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:
+    """Run ``passes`` in order with ``torch.fx``'s PassManager, checking the graph after each."""
+    pm = PassManager(passes=list(passes), run_checks_after_each_pass=check, suppress_check_failures=False)
+    if check:
+        pm.add_checks(check_graph)
+    try:
+        return pm(gm)
+    except Exception as e:
+        # PassManager wraps every failure in a bare Exception; surface our own readable errors
+        if isinstance(e.__cause__, FxSparseError):
+            raise e.__cause__ from None
+        raise

@@ -1,0 +1,485 @@
+"""Tracing any timm / torchvision / user model into a ``torch.fx.GraphModule``.
+
+What ``fxsparse.trace`` adds to ``torch.fx.symbolic_trace``:
+
+* timm's own leaf-module and autowrap lists (``timm.layers._fx``), plus the user's;
+* ``forward``'s keyword defaults pinned as ``concrete_args`` (a ``mask=None`` keyword must not
+  become a graph input: hiera silently dropped its head that way);
+* the full module hierarchy kept, unused modules included, so ``state_dict`` keys are unchanged;
+* functional dropout reads ``module.training`` at run time instead of the value frozen at trace
+  time, and any remaining train/eval difference is detected and guarded (see ``ModeGuard``);
+* every node's ``meta["tensor_meta"]`` filled by shape propagation on fake/meta tensors: no real
+  compute, so tracing a very large model costs almost nothing;
+* readable errors that name the module and the source line that broke tracing.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import linecache
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ExampleInputError, TraceError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["trace", "FxSparseTracer", "propagate_shapes", "default_leaf_modules", "TraceInfo"]
+
+META_KEY = "fxsparse"  # key of gm.meta and node.meta entries written by fxsparse
+
+
+# --------------------------------------------------------------------------- leaf lists
+def _timm_fx_lists() -> tuple[list[type], list[Callable]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing or too old: no timm leaves
+        return [], []
+    leaves = list(timm_fx.get_notrace_modules())
+    # DropPath / DropBlock hold no weights and branch on self.training: as leaves they follow the
+    # runtime train/eval flag instead of freezing the trace-time one.
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        leaves += [DropPath, DropBlock2d]
+    except Exception:
+        pass
+    fns = [f for f in timm_fx.get_notrace_functions() if callable(f)]
+    return leaves, fns
+
+
+def _torchvision_fx_lists() -> tuple[list[type], list[Callable]]:
+    try:
+        from torchvision.ops.stochastic_depth import StochasticDepth
+    except Exception:
+        return [], []
+    # StochasticDepth branches on self.training like timm's DropPath.
+    return [StochasticDepth], []
+
+
+def default_leaf_modules() -> list[type]:
+    """The module types fxsparse keeps as leaves by default (timm's list + mode-dependent ones)."""
+    return _timm_fx_lists()[0] + _torchvision_fx_lists()[0]
+
+
+def default_autowrap_functions() -> list[Callable]:
+    return _timm_fx_lists()[1] + _torchvision_fx_lists()[1]
+
+
+# --------------------------------------------------------------------------- tracer
+class FxSparseTracer(torch.fx.Tracer):
+    """A ``torch.fx.Tracer`` with extra leaves given as types, instances or qualified names."""
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type | nn.Module | str] = (),
+        autowrap_functions: Iterable[Callable] = (),
+    ):
+        fns = tuple(dict.fromkeys(autowrap_functions))
+        super().__init__(autowrap_functions=fns, param_shapes_constant=False)
+        self.leaf_types: tuple[type, ...] = ()
+        self.leaf_ids: set[int] = set()
+        self.leaf_names: set[str] = set()
+        types = []
+        for leaf in leaf_modules:
+            if isinstance(leaf, type):
+                types.append(leaf)
+            elif isinstance(leaf, nn.Module):
+                self.leaf_ids.add(id(leaf))
+            elif isinstance(leaf, str):
+                self.leaf_names.add(leaf)
+            else:
+                raise TypeError(
+                    f"leaf_modules entries must be module types, module instances or qualified "
+                    f"names; got {leaf!r} ({type(leaf).__name__})"
+                )
+        self.leaf_types = tuple(dict.fromkeys(types))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in self.leaf_types or id(m) in self.leaf_ids:
+            return True
+        if module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class TraceInfo:
+    """What ``trace`` recorded about a trace; stored in ``gm.meta["fxsparse"]``."""
+
+    model_class: str
+    traced_training: bool
+    mode_dependent: bool = False
+    mode_diff: list[str] = field(default_factory=list)
+    leaf_types: list[str] = field(default_factory=list)
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- public entry
+def trace(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type | nn.Module | str] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+    propagate: bool = True,
+) -> torch.fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule`` that shares its parameters.
+
+    Args:
+        model: any ``nn.Module``; timm's and torchvision's leaf lists are applied automatically.
+        example_inputs: a tensor or tuple of tensors used for shape propagation (run on fake or
+            meta tensors, never real compute). ``None`` picks a default from the model's config
+            (timm's ``pretrained_cfg["input_size"]``, else 2x3x224x224).
+        leaf_modules: extra module types, instances or qualified names not to trace through.
+        autowrap_functions: extra functions to record as single call_function nodes.
+        concrete_args: values pinned at trace time; ``forward``'s keyword defaults not covered by
+            ``example_inputs`` are pinned automatically.
+        propagate: fill ``node.meta["tensor_meta"]`` with shapes and dtypes.
+
+    The graph is traced in the model's current mode. Functional dropout is rewritten to read the
+    module's ``training`` flag at run time; if the train and eval traces still differ, the
+    returned module refuses to run in the other mode and says how to fix it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(
+            f"fxsparse.trace expects a torch.nn.Module; got {type(model).__module__}."
+            f"{type(model).__qualname__}. Build the model first (e.g. timm.create_model(name) or "
+            f"torchvision.models.get_model(name)) and pass the module itself."
+        )
+    if isinstance(model, torch.fx.GraphModule) and META_KEY in model.meta:
+        raise TraceError(
+            "this module is already an fxsparse GraphModule; pass it to passes directly instead of "
+            "tracing it again (tracing would freeze its gates and masks as constants)."
+        )
+    inputs = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    leaves = default_leaf_modules() + list(leaf_modules)
+    fns = default_autowrap_functions() + list(autowrap_functions)
+    pinned = _default_concrete_args(model, len(inputs))
+    pinned.update(concrete_args or {})
+
+    gm = _trace_once(model, leaves, fns, pinned)
+    _rewrite_functional_dropout(gm)
+    info = TraceInfo(
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        traced_training=model.training,
+        leaf_types=sorted({t.__name__ for t in leaves if isinstance(t, type)}),
+        concrete_args={k: v for k, v in pinned.items() if _is_simple(v)},
+        input_shapes=[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+    )
+    info.mode_diff = _mode_difference(model, gm, leaves, fns, pinned)
+    info.mode_dependent = bool(info.mode_diff)
+    gm.meta[META_KEY] = info
+    if info.mode_dependent:
+        log.warning(
+            "%s: the graph traced in %s mode differs from the other mode at %s; the GraphModule "
+            "will refuse to run in the other mode.",
+            info.model_class, "train" if model.training else "eval", ", ".join(info.mode_diff[:5]),
+        )
+        ModeGuard.install(gm)
+    if propagate:
+        propagate_shapes(gm, inputs)
+    return gm
+
+
+# --------------------------------------------------------------------------- internals
+def _as_tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _is_simple(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...]:
+    """An input batch the model accepts: timm's configured input size, else 3x224x224."""
+    size = None
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        size = tuple(cfg["input_size"])
+    size = size or tuple(getattr(model, "fxsparse_input_size", (3, 224, 224)))
+    device, dtype = _device_dtype(model)
+    return (torch.randn(batch_size, *size, device=device, dtype=dtype),)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
+    return torch.device("cpu"), torch.float32
+
+
+def _default_concrete_args(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Pin forward's defaulted parameters that the example inputs do not cover."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    pinned = {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for p in positional[n_inputs:] + [p for p in params if p.kind == p.KEYWORD_ONLY]:
+        if p.default is not inspect.Parameter.empty:
+            pinned[p.name] = p.default
+    return pinned
+
+
+def _trace_once(model, leaves, fns, concrete_args) -> torch.fx.GraphModule:
+    tracer = FxSparseTracer(leaves, fns)
+    before = set(model.__dict__)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+        name = type(model).__name__
+        gm = torch.fx.GraphModule(tracer.root, graph, name)
+    except Exception as e:  # torch.fx raises many types; all become one readable TraceError
+        raise TraceError(_explain_trace_failure(model, tracer, e), cause=e) from None
+    finally:
+        # torch.fx stores tensor constants on the traced model itself: take them back off
+        for attr in set(model.__dict__) - before:
+            if attr.startswith("_tensor_constant"):
+                delattr(model, attr)
+    _unpersist_constants(gm)
+    _restore_unused_modules(gm, model)
+    return gm
+
+
+def _unpersist_constants(gm: torch.fx.GraphModule) -> None:
+    """Tensor constants become buffers of the GraphModule; keep them out of its state_dict."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.rpartition(".")[2].startswith("_tensor_constant"):
+            path, _, attr = node.target.rpartition(".")
+            owner = gm.get_submodule(path) if path else gm
+            if attr in owner._buffers:
+                owner._non_persistent_buffers_set.add(attr)
+
+
+def _explain_trace_failure(model: nn.Module, tracer: FxSparseTracer, e: Exception) -> str:
+    stack = list(getattr(tracer, "module_stack", {}).items())
+    path, mtype = (stack[-1][0], stack[-1][1]) if stack else ("", type(model))
+    if isinstance(mtype, tuple):  # newer torch stores (qualname, type)
+        mtype = mtype[-1]
+    type_name = mtype.__qualname__ if isinstance(mtype, type) else str(mtype)
+    type_full = f"{mtype.__module__}.{type_name}" if isinstance(mtype, type) else type_name
+    where = _user_frame(e)
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = (
+        f"Declare it a leaf so torch.fx records it as one call: "
+        f"fxsparse.trace(model, leaf_modules=[{type_full}])"
+    )
+    if path:
+        hint += f" or leaf_modules=['{path}']"
+    hint += f" (command line: --leaf {type_full})."
+    if not path:
+        hint = (
+            "The failing code is in the model's own forward, which cannot be a leaf: remove the "
+            "data-dependent control flow there, or wrap it in a function passed as "
+            "autowrap_functions=[...]."
+        )
+    module_desc = f"module '{path}' ({type_name})" if path else f"the top-level forward of {type_name}"
+    return (
+        f"torch.fx could not trace {module_desc}: {type(e).__name__}: {first_line}"
+        + (f" -- at {where}" if where else "")
+        + f". {hint}"
+    )
+
+
+def _user_frame(e: BaseException) -> str:
+    """file:line: code of the innermost frame outside torch.fx (the line that broke tracing)."""
+    fx_dir = os.path.dirname(torch.fx.__file__)
+    torch_dir = os.path.dirname(torch.__file__)
+    best = None
+    for fs in traceback.extract_tb(e.__traceback__):
+        if fs.filename.startswith(fx_dir) or fs.filename.startswith(torch_dir + os.sep + "_"):
+            continue
+        if fs.filename == __file__:
+            continue
+        best = fs
+    if best is None:
+        return ""
+    code = (best.line or linecache.getline(best.filename, best.lineno)).strip()
+    return f"{best.filename}:{best.lineno}: `{code}`"
+
+
+def _restore_unused_modules(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """GraphModule copies only what the graph touches; put the rest back so state_dict keys match."""
+    for name, mod in model.named_modules():
+        if not name:
+            target = gm
+        else:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            target = parent._modules.get(leaf)
+            if target is None:
+                parent.add_module(leaf, mod)
+                continue
+        if target is mod:
+            continue
+        for pname, p in mod._parameters.items():
+            if pname not in target._parameters and p is not None:
+                target.register_parameter(pname, p)
+        for bname, b in mod._buffers.items():
+            if bname not in target._buffers and b is not None:
+                persistent = bname not in mod._non_persistent_buffers_set
+                target.register_buffer(bname, b, persistent=persistent)
+
+
+# Functional dropout variants and the position of their `training` argument.
+_DROPOUT_FNS: dict[Callable, int] = {
+    F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
+    F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
+}
+
+
+def _rewrite_functional_dropout(gm: torch.fx.GraphModule) -> int:
+    """Make functional dropout read its module's ``training`` flag at run time.
+
+    ``F.dropout(x, p, training=self.training)`` is frozen to a constant by tracing; replacing the
+    constant by ``getattr(owner, "training")`` makes the same graph right in train and eval.
+    """
+    changed = 0
+    for node in list(gm.graph.nodes):
+        pos = _DROPOUT_FNS.get(node.target) if node.op == "call_function" else None
+        if pos is None:
+            continue
+        owner = _owner_path(node)
+        with gm.graph.inserting_before(node):
+            mod = gm.graph.get_attr(owner) if owner else None
+            flag = gm.graph.call_function(getattr, (mod, "training")) if mod is not None else None
+        if flag is None:
+            continue
+        if len(node.args) > pos:
+            args = list(node.args)
+            args[pos] = flag
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, "training": flag}
+        changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _owner_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    key = next(reversed(stack))
+    value = stack[key]
+    # torch stores {key: (qualified_name, type)}; the qualified name is what get_attr needs
+    return value[0] if isinstance(value, tuple) else key
+
+
+def _mode_difference(model, gm, leaves, fns, pinned) -> list[str]:
+    """Trace the other mode too and list where the graphs differ (empty: mode-independent)."""
+    from .graph import structure_diff
+
+    was_training = model.training
+    try:
+        model.train(not was_training)
+        other = _trace_once(model, leaves, fns, pinned)
+        _rewrite_functional_dropout(other)
+    except Exception:  # the other mode does not trace at all: treat as mode dependent
+        return ["<the model does not trace in the other mode>"]
+    finally:
+        model.train(was_training)
+    return structure_diff(gm, other, limit=10)
+
+
+class ModeGuard:
+    """Refuses to run a mode-dependent graph in the mode it was not traced in."""
+
+    @staticmethod
+    def install(gm: torch.fx.GraphModule) -> None:
+        gm.register_forward_pre_hook(_mode_guard_hook)
+        # GraphModule.__deepcopy__ drops forward hooks but runs these on the copy
+        if ModeGuard.reinstall not in gm._deepcopy_hooks:
+            gm._deepcopy_hooks.append(ModeGuard.reinstall)
+
+    @staticmethod
+    def reinstall(copy: torch.fx.GraphModule) -> None:
+        copy.register_forward_pre_hook(_mode_guard_hook)
+
+
+def _mode_guard_hook(module: nn.Module, args: Any) -> None:
+    info: TraceInfo = module.meta[META_KEY]
+    if module.training != info.traced_training:
+        traced = "train" if info.traced_training else "eval"
+        now = "train" if module.training else "eval"
+        raise TraceError(
+            f"this GraphModule was traced in {traced} mode and {info.model_class} computes a "
+            f"different graph in {now} mode (at {', '.join(info.mode_diff[:3])}); running it in "
+            f"{now} mode would silently use the {traced}-mode graph. Trace a second GraphModule "
+            f"with the model in {now} mode (model.{now}(); fxsparse.trace(model)), or declare the "
+            f"modules that branch on self.training as leaf_modules."
+        )
+
+
+# --------------------------------------------------------------------------- shapes
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Fill ``node.meta["tensor_meta"]`` by running the graph on fake (or meta) tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = _as_tuple(example_inputs)
+    on_meta = any(t.is_meta for t in inputs if isinstance(t, torch.Tensor)) or any(
+        p.is_meta for p in gm.parameters()
+    )
+    try:
+        # ShapeProp prints a full traceback before re-raising; our error replaces it
+        with contextlib.redirect_stderr(io.StringIO()):
+            if on_meta:  # meta tensors compute nothing; move the inputs there too
+                inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
+                ShapeProp(gm).propagate(*inputs)
+            else:
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+                ShapeProp(gm, fake_mode=mode).propagate(*fake)
+    except Exception as e:
+        raise ExampleInputError(_explain_shape_failure(gm, inputs, e), cause=e) from None
+
+
+def _explain_shape_failure(gm: torch.fx.GraphModule, inputs: Sequence[Any], e: Exception) -> str:
+    shapes = ", ".join(
+        f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else repr(t)
+        for t in inputs
+    )
+    root = e
+    while root.__cause__ is not None:  # ShapeProp wraps the op's own error
+        root = root.__cause__
+    lines = [l for l in str(root).strip().splitlines() if l.strip()]
+    detail = lines[0] if lines else type(root).__name__
+    failing = _failing_node(e)
+    node_desc = ""
+    if failing is not None:
+        node_desc = f" at node '{failing.name}'"
+        if failing.op == "call_module":
+            node_desc += f" (module '{failing.target}', {type(gm.get_submodule(failing.target)).__name__})"
+        elif failing.op in ("call_function", "call_method"):
+            node_desc += f" ({getattr(failing.target, '__name__', failing.target)})"
+    return (
+        f"the example inputs ({shapes}) do not fit the model{node_desc}: {detail}. "
+        f"Pass example_inputs with the shape the model expects (for an image classifier usually "
+        f"(batch, 3, H, W))."
+    )
+
+
+def _failing_node(e: BaseException) -> torch.fx.Node | None:
+    """The fx node whose execution raised: the innermost ``run_node(n)`` frame in the traceback."""
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("n")
+        if isinstance(node, torch.fx.Node):
+            found = node
+        tb = tb.tb_next
+    return found
