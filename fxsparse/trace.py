@@ -340,26 +340,29 @@ _DROPOUT_FNS: dict[Callable, int] = {
 
 
 def _rewrite_functional_dropout(gm: torch.fx.GraphModule) -> int:
-    """Make functional dropout read its module's ``training`` flag at run time.
+    """Make functional train/eval switches read the module's ``training`` flag at run time.
 
-    ``F.dropout(x, p, training=self.training)`` is frozen to a constant by tracing; replacing the
-    constant by ``getattr(owner, "training")`` makes the same graph right in train and eval.
+    ``F.dropout(x, p, training=self.training)`` -- and any autowrapped function called with a
+    ``training=`` keyword, such as torchvision's ``shifted_window_attention`` -- is frozen to a
+    constant by tracing; ``getattr(owner, "training")`` in its place makes the same graph right in
+    train and eval mode.
     """
     changed = 0
     for node in list(gm.graph.nodes):
-        pos = _DROPOUT_FNS.get(node.target) if node.op == "call_function" else None
-        if pos is None:
+        if node.op != "call_function":
             continue
-        owner = _owner_path(node)
+        pos = _DROPOUT_FNS.get(node.target)
+        positional = pos is not None and len(node.args) > pos and isinstance(node.args[pos], bool)
+        keyword = isinstance(node.kwargs.get("training"), bool)
+        if not (positional or keyword):
+            continue
+        owner = _owner_path(node) or next(iter(gm._modules), None)
+        if owner is None:  # a model without submodules has nothing to read the flag from
+            continue
         with gm.graph.inserting_before(node):
-            mod = gm.graph.get_attr(owner) if owner else None
-            flag = gm.graph.call_function(getattr, (mod, "training")) if mod is not None else None
-        if flag is None:
-            continue
-        if len(node.args) > pos:
-            args = list(node.args)
-            args[pos] = flag
-            node.args = tuple(args)
+            flag = gm.graph.call_function(getattr, (gm.graph.get_attr(owner), "training"))
+        if positional:
+            node.args = node.args[:pos] + (flag,) + node.args[pos + 1:]
         else:
             node.kwargs = {**node.kwargs, "training": flag}
         changed += 1

@@ -1,0 +1,61 @@
+"""The fixed zoo every pass is tested on: diverse timm and torchvision classifiers.
+
+Each entry is (MODEL spec, input size C,H,W). Inputs are as small as each model allows so that
+the whole list runs in the default test suite on 2 CPU cores; transformers keep their native size.
+"""
+ZOO: list[tuple[str, tuple[int, int, int]]] = [
+    # plain / residual CNNs
+    ("resnet18", (3, 64, 64)),
+    ("resnet50", (3, 64, 64)),
+    ("tv:resnet18", (3, 64, 64)),
+    ("tv:resnet50", (3, 64, 64)),
+    ("tv:densenet121", (3, 64, 64)),
+    ("tv:mobilenet_v2", (3, 64, 64)),
+    ("tv:squeezenet1_1", (3, 64, 64)),
+    ("resnet26d", (3, 64, 64)),
+    ("cspresnet50", (3, 64, 64)),
+    ("repvgg_a0", (3, 64, 64)),
+    ("dla34", (3, 64, 64)),
+    # squeeze-excitation, depthwise, mobile
+    ("seresnet18", (3, 64, 64)),
+    ("mobilenetv2_100", (3, 64, 64)),
+    ("mobilenetv3_small_100", (3, 64, 64)),
+    ("tv:mobilenet_v3_small", (3, 64, 64)),
+    ("tv:shufflenet_v2_x0_5", (3, 64, 64)),
+    ("tv:mnasnet0_5", (3, 64, 64)),
+    ("ghostnet_100", (3, 64, 64)),
+    ("lcnet_050", (3, 64, 64)),
+    # EfficientNet family, incl. TF "same" padding (Conv2dSame leaves), CondConv, MixConv
+    ("efficientnet_b0", (3, 64, 64)),
+    ("tf_efficientnet_b0", (3, 64, 64)),
+    ("efficientnet_cc_b0_4e", (3, 64, 64)),
+    ("mixnet_s", (3, 64, 64)),
+    ("tv:efficientnet_b0", (3, 64, 64)),
+    # RegNet
+    ("regnetx_002", (3, 64, 64)),
+    ("regnety_002", (3, 64, 64)),
+    ("tv:regnet_y_400mf", (3, 64, 64)),
+    # normalizer-free (NormFreeBlock leaves, ScaledStdConv2d)
+    ("nf_resnet26", (3, 64, 64)),
+    ("nf_regnet_b0", (3, 64, 64)),
+    # ConvNeXt
+    ("convnext_atto", (3, 64, 64)),
+    ("tv:convnext_tiny", (3, 64, 64)),
+    # transformers and hybrids
+    ("vit_tiny_patch16_224", (3, 224, 224)),
+    ("deit_tiny_patch16_224", (3, 224, 224)),
+    ("tv:vit_b_16", (3, 224, 224)),
+    ("swin_tiny_patch4_window7_224", (3, 224, 224)),
+    ("tv:swin_t", (3, 64, 64)),
+    ("mobilevit_xxs", (3, 64, 64)),
+    ("edgenext_xx_small", (3, 64, 64)),
+    ("poolformer_s12", (3, 64, 64)),
+]
+
+# The models named in the ghost issue's bar (each must receive skip edges and ghost neurons
+# where it has ReLU-family activations).
+# Models whose graph really differs between train and eval (auxiliary heads, eval-time caches):
+# fxsparse detects them and guards the traced GraphModule against the other mode.
+MODE_DEPENDENT = [("tv:googlenet", (3, 64, 64)), ("levit_128s", (3, 224, 224))]
+
+GHOST_BAR = ["resnet18", "resnet50", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto", "regnetx_002"]
