@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 __all__ = [
     "Layer", "ActivationSite", "Chain", "to_networkx", "parameterized_layers", "layer_of",
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
-    "node_signatures", "owner_module",
+    "node_signatures", "owner_module", "leaf_call_target",
 ]
 
 
@@ -191,6 +191,9 @@ def layer_of(gm: GraphModule, node: Node) -> Layer | list[Layer] | None:
             return Layer(node.target, f"{node.target}.weight", kind, node, "module")
         layers = list(_leaf_layers(gm, node, node.target, m))
         return layers or None
+    leaf = leaf_call_target(node)
+    if leaf is not None:  # MaskPass's torch.func.functional_call(leaf, {masked weights}, args, kwargs)
+        return list(_leaf_layers(gm, node, leaf, gm.get_submodule(leaf))) or None
     if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         src = weight_source(w) if isinstance(w, Node) else None
@@ -199,6 +202,19 @@ def layer_of(gm: GraphModule, node: Node) -> Layer | list[Layer] | None:
         kind = "conv" if node.target in CONV_FUNCTIONS else "linear"
         owner = src.target.rpartition(".")[0]
         return Layer(owner, src.target, kind, node, "function")
+    return None
+
+
+def leaf_call_target(node: Node) -> str | None:
+    """The leaf module a ``torch.func.functional_call(get_attr(leaf), ...)`` node calls, else None.
+
+    MaskPass calls leaf modules that hold masked weights this way; queries treat such a node like
+    the ``call_module`` of the leaf.
+    """
+    if node.op == "call_function" and node.target is torch.func.functional_call and node.args:
+        mod = node.args[0]
+        if isinstance(mod, Node) and mod.op == "get_attr":
+            return mod.target
     return None
 
 
@@ -311,6 +327,12 @@ def _sites_at(gm: GraphModule, node: Node) -> Iterator[ActivationSite]:
             if sub_name and sub_kind is not None:
                 yield ActivationSite(node, sub_kind, "leaf", bool(getattr(sub, "inplace", False)),
                                      f"{node.target}.{sub_name}")
+    elif node.op == "call_function" and leaf_call_target(node) is not None:
+        leaf = leaf_call_target(node)
+        for sub_name, sub in gm.get_submodule(leaf).named_modules():
+            sub_kind = _ACT_MODULES.get(type(sub))
+            if sub_name and sub_kind is not None:
+                yield ActivationSite(node, sub_kind, "leaf", bool(getattr(sub, "inplace", False)), f"{leaf}.{sub_name}")
     elif kind is not None and node.op == "call_function":
         inplace = node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
         if not inplace and node.target in (F.relu, F.relu6, F.leaky_relu, F.elu, F.hardtanh, F.silu,
