@@ -353,7 +353,7 @@ def _rewrite_functional_dropout(gm: torch.fx.GraphModule) -> int:
             continue
         pos = _DROPOUT_FNS.get(node.target)
         positional = pos is not None and len(node.args) > pos and isinstance(node.args[pos], bool)
-        keyword = isinstance(node.kwargs.get("training"), bool)
+        keyword = isinstance(node.kwargs.get("training"), bool) and not _batch_statistics_only(node)
         if not (positional or keyword):
             continue
         owner = _owner_path(node) or next(iter(gm._modules), None)
@@ -370,6 +370,15 @@ def _rewrite_functional_dropout(gm: torch.fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def _batch_statistics_only(node: torch.fx.Node) -> bool:
+    """``F.batch_norm`` without running stats (weight standardization in timm's StdConv2d) uses
+    batch statistics in both modes: its ``training=True`` is not a mode switch."""
+    if node.target is not F.batch_norm:
+        return False
+    running_mean = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+    return running_mean is None
 
 
 def _owner_path(node: torch.fx.Node) -> str:
