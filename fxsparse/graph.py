@@ -161,6 +161,13 @@ def weight_source(node: Node) -> Node | None:
             return None  # the weight is data, not a parameter
         stack.extend(n.all_input_nodes)
     candidates = [n for n in found if _attr_ndim(n) != 1]
+    if len(candidates) > 1:
+        # ScaledStdConv2d also reads a per-channel gain of shape (out, 1, 1, 1): the weight is the
+        # one tensor larger than every other candidate
+        sizes = [_attr_numel(n) for n in candidates]
+        biggest = max(sizes)
+        if None not in sizes and sizes.count(biggest) == 1:
+            return candidates[sizes.index(biggest)]
     return candidates[0] if len(candidates) == 1 else None
 
 
@@ -173,6 +180,17 @@ def _attr_ndim(n: Node) -> int | None:
     except AttributeError:
         return None
     return obj.dim() if isinstance(obj, torch.Tensor) else None
+
+
+def _attr_numel(n: Node) -> int | None:
+    tm = n.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tm.shape.numel()
+    try:
+        obj = _resolve_attr(n.graph.owning_module, n.target)
+    except AttributeError:
+        return None
+    return obj.numel() if isinstance(obj, torch.Tensor) else None
 
 
 def _resolve_attr(root: nn.Module, target: str) -> Any:
