@@ -1,0 +1,88 @@
+"""``fxsparse zoo``: trace every timm / torchvision classification model on the meta device."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import ModelSpecError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "zoo",
+        help="trace every timm / torchvision model and report what fails",
+        description="Build every timm and/or torchvision classification model on the meta device, "
+        "trace it with fxsparse.trace, and write a JSON report plus a markdown summary beside it. "
+        "Each model runs in a pool of worker processes with a timeout, so a crash or hang is "
+        "recorded and the sweep goes on.",
+    )
+    p.add_argument("--source", choices=("timm", "torchvision", "all"), default="timm",
+                   help="which models to sweep (default: timm)")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL",
+                   help="sweep these MODEL specs instead of a whole source; repeatable")
+    p.add_argument("--filter", metavar="GLOB", help="only models whose name matches GLOB (e.g. 'resnet*')")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N models (after --filter)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds per model before its worker is killed (default: 120)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="worker processes (default: 2; 0 runs in this process, without timeout or isolation)")
+    p.add_argument("--numeric", action="store_true",
+                   help="also build small models on CPU with random weights and check that the traced "
+                   "graph's eval output equals the module's")
+    p.add_argument("--max-params", type=float, default=30e6, metavar="M",
+                   help="--numeric only checks models with at most M parameters (default: 30e6)")
+    p.add_argument("--out", default="zoo-report.json", metavar="PATH",
+                   help="JSON report; the markdown summary goes beside it with a .md suffix (default: zoo-report.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import zoo
+
+    if args.timeout <= 0:
+        raise ModelSpecError(f"--timeout must be positive; got {args.timeout:g}.")
+    if args.model:
+        specs = zoo.select(args.model, filter=args.filter, limit=args.limit)
+    else:
+        specs = zoo.list_specs(args.source, filter=args.filter, limit=args.limit)
+    if not specs:
+        raise ModelSpecError(
+            f"no models to sweep (source={args.source}, filter={args.filter!r}, limit={args.limit}); "
+            f"check the --filter glob."
+        )
+    settings = {
+        "source": "explicit" if args.model else args.source,
+        "filter": args.filter,
+        "limit": args.limit,
+        "timeout_s": args.timeout,
+        "workers": args.workers,
+        "numeric": args.numeric,
+        "max_params": int(args.max_params) if args.numeric else None,
+        "device": "meta",
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    results = zoo.sweep(
+        specs,
+        timeout=args.timeout,
+        workers=args.workers,
+        numeric=args.numeric,
+        max_params=int(args.max_params),
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    title = f"fxsparse zoo: {settings['source']} on the meta device"
+    json_path, md_path = zoo.write_report(results, args.out, settings=settings, title=title)
+    s = zoo.summarize(results)
+    t = s["trace_s"]
+    print(f"traced {s['traced']} / {s['models']} models ({100 * (s['success_rate'] or 0):.1f}%)", end="")
+    print(f"; trace time median {t['median']:.3f} s, p90 {t['p90']:.3f} s" if t["median"] is not None else "")
+    if "numeric" in s:
+        n = s["numeric"]
+        print(f"numeric: {n['checked']} checked, {n['equal']} bit-identical, {n['close']} close, "
+              f"{n['mismatch']} mismatch, {n['error']} error, {n['skipped']} skipped")
+    for key, models in s["failures"].items():
+        shown = ", ".join(models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
+        print(f"  {len(models)} failed: {key}  [{shown}]")
+    print(f"report: {json_path}, {md_path}")
+    return 0
