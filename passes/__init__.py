@@ -4,7 +4,7 @@
 file                   pass                           removal
 =====================  =============================  ====================================
 ``mask.py``            ``MaskPass``                   ``StripMasksPass`` (fxsparse.strip_masks)
-``rescale_init.py``    ``RescaleInitPass`` (LRsI)     ``FoldRescalePass``
+``rescale_init.py``    ``RescaleInitPass`` (LRsI)     (none: scales are folded in)
 ``ghost_neurons.py``   ``GhostNeuronPass``            ``RemoveGhostNeuronsPass``
 ``ghost_skips.py``     ``GhostSkipPass``              ``RemoveGhostSkipsPass``
 ``ghost_channels.py``  ``GhostChannelPass``           ``RemoveGhostChannelsPass``
