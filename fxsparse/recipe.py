@@ -1,0 +1,453 @@
+"""Recipes: what a ToST-style sparse training run does, as a validated TOML file.
+
+A recipe names the mask (method, sparsity, distribution), each graph pass and its options, each
+ghost's schedule as fractions of training, label smoothing and the training protocol. Shipped
+recipes live in ``recipes/`` (``fxsparse.recipes.available()``); ``load_recipe`` takes one of
+their names or a path. ``docs/recipes.md`` documents every key.
+
+Validation is strict: an unknown key, a value of the wrong type or out of range, or schedule
+fractions out of order raise ``fxsparse.errors.RecipeError`` naming the key path, the bad value
+and what is allowed, so a typo never silently falls back to a default.
+
+Inheritance: ``extends = "tost"`` (a shipped name or a path relative to the extending file)
+loads the parent's tables and deep-merges the child's keys over them before validation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import RecipeError
+
+__all__ = [
+    "Recipe", "PassSpec", "Schedule", "LabelSmoothing", "Training", "load_recipe", "from_dict",
+    "GHOST_SHAPES", "MASK_METHODS", "MASK_DISTRIBUTIONS",
+]
+
+GHOST_SHAPES = ("linear", "cosine")
+SMOOTHING_SHAPES = ("constant", "linear", "cosine")
+SMOOTHING_FORMS = ("tost", "torch")  # eps/(C-1) on every other class, or torch's eps/C on all
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine", "constant")
+# Used when fxsparse.masks does not say which methods it has (it states them as METHODS).
+MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "file")
+MASK_DISTRIBUTIONS = ("global", "uniform", "er", "erk")
+
+_TOP = ("name", "description", "extends", "masks", "label_smoothing", "training")
+_PASS_RESERVED = ("enabled", "schedule")
+_MASK_KEYS = ("enabled", "method", "sparsity", "distribution", "path")
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- dataclasses
+@dataclass(frozen=True)
+class Schedule:
+    """How a factor moves over training, as fractions ``t`` of the total steps.
+
+    The factor is 1 until ``hold_until``, falls to 0 by ``anneal_until`` along ``shape``
+    (``linear`` or ``cosine``; ``constant`` never moves) and stays 0 after. For a ghost the
+    factor is its gate, and ``remove_at`` is when the removal pass deletes the ghost (never before
+    the gate reached 0, so removal never changes what the network computes).
+    """
+
+    hold_until: float = 0.0
+    anneal_until: float = 0.0
+    shape: str = "cosine"
+    remove_at: float | None = None
+
+    def factor(self, t: float) -> float:
+        if self.shape == "constant" or t < self.hold_until:
+            return 1.0
+        if t >= self.anneal_until:
+            return 0.0
+        p = (t - self.hold_until) / (self.anneal_until - self.hold_until)
+        if self.shape == "linear":
+            return 1.0 - p
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One graph pass of the recipe: whether it runs, its constructor options, its schedule."""
+
+    name: str
+    enabled: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    schedule: Schedule | None = None  # ghost groups only
+
+
+@dataclass(frozen=True)
+class LabelSmoothing:
+    """Cross-entropy against 1-eps on the true class and eps/(C-1) elsewhere (``form="tost"``).
+
+    ``eps`` moves to ``final_eps`` along ``schedule`` (constant by default).
+    """
+
+    enabled: bool = False
+    eps: float = 0.1
+    final_eps: float = 0.0
+    form: str = "tost"
+    schedule: Schedule = Schedule(shape="constant")
+
+    def eps_at(self, t: float) -> float:
+        if not self.enabled:
+            return 0.0
+        return self.final_eps + (self.eps - self.final_eps) * self.schedule.factor(t)
+
+
+@dataclass(frozen=True)
+class Training:
+    """The training protocol defaults (ToST's CIFAR protocol unless the recipe says otherwise)."""
+
+    epochs: int = 182
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    lr_schedule: str = "step"
+    lr_milestones: tuple[float, ...] = (90 / 182, 135 / 182)
+    lr_gamma: float = 0.1
+    warmup: float = 0.0
+    crop_padding: int = 4
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``passes`` holds every graph pass by name, in the order they run."""
+
+    name: str
+    description: str
+    masks: PassSpec
+    passes: Mapping[str, PassSpec]
+    label_smoothing: LabelSmoothing
+    training: Training
+    source: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def ghosts(self) -> dict[str, PassSpec]:
+        """The enabled ghost groups and their specs (each has a schedule)."""
+        return {n: s for n, s in self.passes.items() if s.enabled and s.schedule is not None}
+
+    def enabled_passes(self) -> list[PassSpec]:
+        """Every enabled pass, masks first, in the order ``transform`` runs them."""
+        return ([self.masks] if self.masks.enabled else []) + [s for s in self.passes.values() if s.enabled]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The merged TOML tables this recipe was validated from (``from_dict`` rebuilds it)."""
+        return copy.deepcopy(dict(self.raw))
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Recipe":
+        """A new recipe with dotted-key overrides, validated: ``{"ghost_skips.schedule.anneal_until": 0.4}``."""
+        return from_dict(_apply_overrides(self.to_dict(), overrides), source=self.source, name=self.name)
+
+
+# --------------------------------------------------------------------------- loading
+def load_recipe(name_or_path: str | os.PathLike | Recipe, overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe: a shipped name (``"tost"``) or a path to a TOML file.
+
+    ``overrides`` maps dotted key paths to values applied over the file (after ``extends``),
+    e.g. ``{"masks.sparsity": 0.98, "ghost_neurons.enabled": False}``.
+    """
+    if isinstance(name_or_path, Recipe):
+        return name_or_path.replace(overrides) if overrides else name_or_path
+    raw, source = _read_merged(name_or_path, chain=())
+    if overrides:
+        raw = _apply_overrides(raw, overrides)
+    default_name = Path(source).stem if source else str(name_or_path)
+    return from_dict(raw, source=source, name=default_name)
+
+
+def _shipped(name: str) -> Path | None:
+    candidate = resources.files("fxsparse.recipes").joinpath(f"{name}.toml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def _resolve(name_or_path: str | os.PathLike, relative_to: Path | None) -> Path:
+    text = os.fspath(name_or_path)
+    looks_like_path = text.endswith(".toml") or os.sep in text or "/" in text
+    if not looks_like_path:
+        shipped = _shipped(text)
+        if shipped is not None:
+            return shipped
+    path = Path(text)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path
+    from fxsparse.recipes import available
+
+    raise RecipeError(
+        f"no recipe {text!r}: it is neither a shipped recipe ({', '.join(available())}) nor an "
+        f"existing TOML file{f' (looked in {relative_to})' if relative_to else ''}."
+    )
+
+
+def _read_merged(name_or_path, chain: tuple[str, ...], relative_to: Path | None = None) -> tuple[dict, str]:
+    path = _resolve(name_or_path, relative_to)
+    source = str(path)
+    if source in chain:
+        raise RecipeError(f"recipe inheritance loops: {' -> '.join([*chain, source])}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{source}: not valid TOML: {e}") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, source
+    if not isinstance(parent, str):
+        raise RecipeError(f"{source}: extends = {parent!r} must be a string: a shipped recipe name or a path")
+    base, _ = _read_merged(parent, (*chain, source), relative_to=path.parent)
+    base.pop("name", None)  # a child is never called by its parent's name
+    return _deep_merge(base, raw), source
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *tables, key = dotted.split(".")
+        node = raw
+        for t in tables:
+            nxt = node.setdefault(t, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override {dotted!r}: {t!r} is a value, not a table")
+            node = nxt
+        node[key] = value
+    return raw
+
+
+# --------------------------------------------------------------------------- validation
+class _Checker:
+    """Reads one table, remembering the key path for error messages."""
+
+    def __init__(self, source: str, path: str, table: Any, allowed: tuple[str, ...] | None):
+        self.source, self.path = source, path
+        if not isinstance(table, Mapping):
+            self.fail_value(path, table, "a table")
+        self.table = dict(table)
+        if allowed is not None:
+            for key in self.table:
+                if key not in allowed:
+                    raise RecipeError(
+                        f"{self._where()}unknown key {self._key(key)!r} = {self.table[key]!r}; "
+                        f"allowed keys in [{path or 'top level'}]: {', '.join(allowed)}"
+                    )
+
+    def _where(self) -> str:
+        return f"{self.source}: " if self.source else ""
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail_value(self, key_path: str, value: Any, allowed: str):
+        raise RecipeError(f"{self._where()}{key_path} = {value!r} is not allowed; allowed: {allowed}")
+
+    def fail(self, key: str, value: Any, allowed: str):
+        self.fail_value(self._key(key), value, allowed)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.table.get(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, v, "true or false")
+        return v
+
+    def number(self, key: str, default: float | None, lo: float = -math.inf, hi: float = math.inf,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+        v = self.table.get(key, default)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            self.fail(key, v, f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        return float(v)
+
+    def integer(self, key: str, default: int, lo: int = 0) -> int:
+        v = self.table.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            self.fail(key, v, f"an integer >= {lo}")
+        return v
+
+    def choice(self, key: str, default: str | None, choices: tuple[str, ...]) -> str:
+        v = self.table.get(key, default)
+        if v not in choices:
+            self.fail(key, v, " | ".join(repr(c) for c in choices))
+        return v
+
+    def string(self, key: str, default: str | None) -> str | None:
+        v = self.table.get(key, default)
+        if v is not None and not isinstance(v, str):
+            self.fail(key, v, "a string")
+        return v
+
+
+def _schedule(source: str, path: str, table: Any, *, ghost: bool) -> Schedule:
+    keys = ("hold_until", "anneal_until", "shape", "remove_at") if ghost else ("hold_until", "anneal_until", "shape")
+    c = _Checker(source, path, table, keys)
+    shapes = GHOST_SHAPES if ghost else SMOOTHING_SHAPES
+    shape = c.choice("shape", "cosine" if ghost else "constant", shapes)
+    if shape == "constant":
+        return Schedule(shape="constant")
+    for required in ("hold_until", "anneal_until"):
+        if required not in c.table:
+            c.fail(required, None, "a fraction of training in [0, 1] (required)")
+    hold = c.number("hold_until", None, 0.0, 1.0)
+    anneal = c.number("anneal_until", None, 0.0, 1.0)
+    remove = c.number("remove_at", anneal, 0.0, 1.0) if ghost else None
+    if anneal < hold:
+        c.fail("anneal_until", anneal, f"a fraction >= hold_until ({hold:g}): fractions must be in order "
+                                      f"hold_until <= anneal_until{' <= remove_at' if ghost else ''}")
+    if ghost and remove < anneal:
+        c.fail("remove_at", remove, f"a fraction >= anneal_until ({anneal:g}): a ghost is removed only once "
+                                    f"its gate reached 0 (hold_until <= anneal_until <= remove_at)")
+    return Schedule(hold_until=hold, anneal_until=anneal, shape=shape, remove_at=remove)
+
+
+def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
+    from .transform import pass_option_names
+
+    c = _Checker(source, name, table, None)
+    enabled = c.bool("enabled", False)
+    options = {k: v for k, v in c.table.items() if k not in _PASS_RESERVED}
+    allowed = pass_option_names(name)
+    if allowed is not None:
+        reserved = _PASS_RESERVED if ghost else ("enabled",)
+        for key, value in options.items():
+            if key not in allowed:
+                raise RecipeError(
+                    f"{c._where()}unknown key {name}.{key!r} = {value!r}; allowed keys in [{name}]: "
+                    f"{', '.join((*reserved, *sorted(allowed)))}"
+                )
+    schedule = None
+    if ghost:
+        if "schedule" not in c.table:
+            if enabled:
+                c.fail("schedule", None, "a [" + name + ".schedule] table with hold_until, anneal_until "
+                       "(fractions of training), shape, remove_at")
+        else:
+            schedule = _schedule(source, f"{name}.schedule", c.table["schedule"], ghost=True)
+    elif "schedule" in c.table:
+        c.fail("schedule", c.table["schedule"], f"nothing: [{name}] is not a ghost and has no schedule")
+    return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule)
+
+
+def _mask_spec(source: str, table: Any) -> PassSpec:
+    methods, distributions, option_names = _mask_vocabulary()
+    c = _Checker(source, "masks", table, None)
+    enabled = c.bool("enabled", True)
+    method = c.choice("method", "random", methods)
+    sparsity = c.number("sparsity", 0.9, 0.0, 1.0, hi_open=True)
+    distribution = c.choice("distribution", "erk", distributions)
+    path = c.string("path", None)
+    if method == "file" and not path:
+        c.fail("path", path, "a path to a mask file (fxsparse.masks.save) when method = 'file'")
+    extra = {k: v for k, v in c.table.items() if k not in _MASK_KEYS}
+    if option_names is not None:
+        for key, value in extra.items():
+            if key not in option_names:
+                raise RecipeError(
+                    f"{c._where()}unknown key masks.{key!r} = {value!r}; allowed keys in [masks]: "
+                    f"{', '.join((*_MASK_KEYS, *sorted(option_names)))}"
+                )
+    options = {"method": method, "sparsity": sparsity, "distribution": distribution, **extra}
+    if path:
+        options["path"] = path
+    return PassSpec(name="masks", enabled=enabled, options=options)
+
+
+def _mask_vocabulary() -> tuple[tuple[str, ...], tuple[str, ...], set[str] | None]:
+    """Methods, distributions and extra ``compute`` options, from fxsparse.masks when it is there."""
+    try:
+        import fxsparse.masks as masks_mod
+    except ImportError:
+        return MASK_METHODS, MASK_DISTRIBUTIONS, None
+    methods = tuple(getattr(masks_mod, "METHODS", MASK_METHODS))
+    if "file" not in methods:
+        methods = (*methods, "file")
+    distributions = tuple(getattr(masks_mod, "DISTRIBUTIONS", MASK_DISTRIBUTIONS))
+    compute = getattr(masks_mod, "compute", None)
+    names = None
+    if compute is not None:
+        params = inspect.signature(compute).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params} - {"model", "model_or_gm", "method", "sparsity", "distribution",
+                                                "data", "loss_fn"}
+    return methods, distributions, names
+
+
+def _label_smoothing(source: str, table: Any) -> LabelSmoothing:
+    c = _Checker(source, "label_smoothing", table, ("enabled", "eps", "final_eps", "form", "schedule"))
+    enabled = c.bool("enabled", False)
+    eps = c.number("eps", 0.1, 0.0, 1.0, hi_open=True)
+    final_eps = c.number("final_eps", 0.0, 0.0, 1.0, hi_open=True)
+    form = c.choice("form", "tost", SMOOTHING_FORMS)
+    schedule = _schedule(source, "label_smoothing.schedule", c.table.get("schedule", {}), ghost=False)
+    return LabelSmoothing(enabled=enabled, eps=eps, final_eps=final_eps, form=form, schedule=schedule)
+
+
+def _training(source: str, table: Any) -> Training:
+    names = tuple(f.name for f in dataclasses.fields(Training))
+    c = _Checker(source, "training", table, names)
+    d = Training()
+    milestones = c.table.get("lr_milestones", list(d.lr_milestones))
+    if (not isinstance(milestones, list)
+            or not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1 for m in milestones)
+            or any(b <= a for a, b in zip(milestones, milestones[1:]))):
+        c.fail("lr_milestones", milestones, "a list of increasing fractions of training in (0, 1)")
+    return Training(
+        epochs=c.integer("epochs", d.epochs, lo=1),
+        batch_size=c.integer("batch_size", d.batch_size, lo=1),
+        optimizer=c.choice("optimizer", d.optimizer, OPTIMIZERS),
+        lr=c.number("lr", d.lr, 0.0, lo_open=True),
+        momentum=c.number("momentum", d.momentum, 0.0, 1.0, hi_open=True),
+        nesterov=c.bool("nesterov", d.nesterov),
+        weight_decay=c.number("weight_decay", d.weight_decay, 0.0),
+        lr_schedule=c.choice("lr_schedule", d.lr_schedule, LR_SCHEDULES),
+        lr_milestones=tuple(float(m) for m in milestones),
+        lr_gamma=c.number("lr_gamma", d.lr_gamma, 0.0, 1.0, lo_open=True),
+        warmup=c.number("warmup", d.warmup, 0.0, 1.0, hi_open=True),
+        crop_padding=c.integer("crop_padding", d.crop_padding, lo=0),
+        hflip=c.bool("hflip", d.hflip),
+    )
+
+
+def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe") -> Recipe:
+    """Validate the tables of a recipe (as ``tomllib`` reads them) and build a ``Recipe``."""
+    from .transform import pass_names
+    from .passes import GHOST_GROUPS
+
+    passes = [p for p in pass_names() if p != "masks"]
+    top = _Checker(source, "", raw, (*_TOP, *passes))
+    recipe_name = top.string("name", name) or name
+    description = top.string("description", "") or ""
+    specs = {p: _pass_spec(source, p, top.table.get(p, {}), ghost=p in GHOST_GROUPS) for p in passes}
+    return Recipe(
+        name=recipe_name,
+        description=description.strip(),
+        masks=_mask_spec(source, top.table.get("masks", {})),
+        passes=specs,
+        label_smoothing=_label_smoothing(source, top.table.get("label_smoothing", {})),
+        training=_training(source, top.table.get("training", {})),
+        source=source,
+        raw=copy.deepcopy(dict(raw)),
+    )
