@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
+import re
 import signal
 import statistics
 import time
@@ -477,7 +478,8 @@ def summarize(results: Sequence[ModelResult]) -> dict[str, Any]:
 
 def error_key(r: ModelResult) -> str:
     """How failures are grouped: the error type and first line, without the failing model's name."""
-    msg = (r.error or "").replace(r.model, "<model>")
+    name = re.escape(_bare(r.model))
+    msg = re.sub(rf"(?<![\w.-]){name}(?![\w.-])", "<model>", r.error or "")
     return f"{r.error_type}: {msg}" if r.error_type not in (None, "timeout", "crashed") else f"{r.status}: {msg}"
 
 

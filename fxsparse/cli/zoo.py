@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         numeric=args.numeric,
         max_params=int(args.max_params),
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress,
     )
     title = f"fxsparse zoo: {settings['source']} on the meta device"
     json_path, md_path = zoo.write_report(results, args.out, settings=settings, title=title)

@@ -1,0 +1,176 @@
+"""The zoo sweep (``fxsparse zoo``): report fields, failure isolation, and the full sweeps (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fxsparse import zoo
+from fxsparse.cli import main
+
+# ----------------------------------------------------------------- fake MODEL specs (test_zoo:NAME)
+# The pool's workers import this module by name (spawn passes sys.path on, and conftest puts
+# tests/ on it), so these build functions run inside a worker when given as "test_zoo:NAME".
+
+
+def tiny_net() -> nn.Module:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+    model.fxsparse_input_size = (3, 16, 16)
+    return model
+
+
+def crashing_net() -> nn.Module:
+    os._exit(3)  # like a segfault in a C extension: no exception, the process is gone
+
+
+def hanging_net() -> nn.Module:
+    time.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+def raising_net() -> nn.Module:
+    raise RuntimeError("this model cannot be built\nsecond line that the report leaves out")
+
+
+class _Untraceable(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return -x
+
+
+def untraceable_net() -> nn.Module:
+    model = _Untraceable()
+    model.fxsparse_input_size = (3, 8, 8)
+    return model
+
+
+MODEL_FIELDS = {"model", "source", "status", "ok", "params", "nodes", "build_s", "trace_s", "trace_cpu_s", "mode_dependent"}
+
+
+# ----------------------------------------------------------------- fast tests
+def test_cli_sweeps_a_filtered_timm_subset_in_process(tmp_path):
+    out = tmp_path / "report.json"
+    rc = main(["zoo", "--filter", "resnet1*", "--limit", "3", "--workers", "0", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    models = report["models"]
+    assert [m["model"] for m in models] == ["resnet10t", "resnet14t", "resnet18"]
+    for m in models:
+        assert MODEL_FIELDS <= set(m), m
+        assert m["ok"] and m["status"] == "ok" and m["source"] == "timm"
+        assert m["nodes"] > 10 and m["params"] > 1_000_000 and m["trace_s"] > 0
+        assert m["mode_dependent"] is False
+        assert "numeric" not in m  # not asked for
+    resnet18 = models[2]
+    assert resnet18["params"] == 11_689_512  # counted on the meta device, same as on CPU
+
+    summary = report["summary"]
+    assert summary["models"] == summary["traced"] == 3 and summary["success_rate"] == 1.0
+    assert set(summary["trace_s"]) >= {"median", "p90", "max", "max_model"}
+    assert summary["largest_graph"]["nodes"] == max(m["nodes"] for m in models)
+    assert summary["failures"] == {}
+    assert {"torch", "timm", "torchvision", "date", "cpu_cores"} <= set(report["environment"])
+    assert report["settings"]["filter"] == "resnet1*" and report["settings"]["limit"] == 3
+
+    md = (tmp_path / "report.md").read_text()
+    assert "**3 / 3** (100.0%)" in md and "median" in md and "largest graph" in md
+
+
+def test_numeric_check_compares_the_traced_graph_on_cpu(tmp_path):
+    out = tmp_path / "numeric.json"
+    argv = ["zoo", "--model", "test_zoo:tiny_net", "--model", "tv:squeezenet1_0", "--model", "tv:resnet18",
+            "--numeric", "--max-params", "5e6", "--workers", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    models = {m["model"]: m for m in json.loads(out.read_text())["models"]}
+    assert models["test_zoo:tiny_net"]["numeric"] == "equal"
+    assert models["tv:squeezenet1_0"]["numeric"] == "equal"  # 1.2M parameters
+    assert models["tv:resnet18"]["numeric"] == "skipped"  # 11.7M > 5M
+    assert "11,689,512 parameters" in models["tv:resnet18"]["numeric_detail"]
+    summary = json.loads(out.read_text())["summary"]["numeric"]
+    assert (summary["checked"], summary["equal"], summary["skipped"]) == (2, 2, 1)
+    assert "2 checked: **2 bit-identical**" in (tmp_path / "numeric.md").read_text()
+
+
+def test_a_crash_or_a_hang_is_recorded_and_the_sweep_goes_on():
+    specs = ["test_zoo:crashing_net", "test_zoo:hanging_net", "test_zoo:raising_net",
+             "test_zoo:untraceable_net", "test_zoo:tiny_net"]
+    seen = []
+    results = zoo.sweep(specs, workers=2, timeout=5, progress=False, on_result=lambda r: seen.append(r.model))
+    by_name = {r.model: r for r in results}
+    assert [r.model for r in results] == specs  # the report keeps the requested order
+    assert sorted(seen) == sorted(specs)
+
+    crashed = by_name["test_zoo:crashing_net"]
+    assert (crashed.status, crashed.ok) == ("crashed", False)
+    assert "exit code 3" in crashed.error
+
+    hung = by_name["test_zoo:hanging_net"]
+    assert hung.status == "timeout" and "after 5 s" in hung.error
+
+    raised = by_name["test_zoo:raising_net"]
+    assert (raised.status, raised.stage, raised.error_type) == ("error", "build", "RuntimeError")
+    assert raised.error == "this model cannot be built"  # the first line only
+
+    untraceable = by_name["test_zoo:untraceable_net"]
+    assert (untraceable.status, untraceable.stage, untraceable.error_type) == ("error", "trace", "TraceError")
+
+    # the workers that replaced the dead ones still did the work
+    assert by_name["test_zoo:tiny_net"].ok and by_name["test_zoo:tiny_net"].nodes == 8
+
+    failures = zoo.summarize(results)["failures"]
+    assert failures["crashed: the worker process died (exit code 3)"] == ["test_zoo:crashing_net"]
+    assert sum(len(v) for v in failures.values()) == 4
+
+
+def test_failures_are_grouped_by_message_without_the_model_name():
+    results = [
+        zoo.ModelResult("a", "timm", "error", "trace", "TraceError", "model a has no x"),
+        zoo.ModelResult("b", "timm", "error", "trace", "TraceError", "model b has no x"),
+        zoo.ModelResult("c", "timm", "ok", params=10, nodes=5, trace_s=0.1, trace_cpu_s=0.1, mode_dependent=True),
+    ]
+    s = zoo.summarize(results)
+    assert s["failures"] == {"TraceError: model <model> has no x": ["a", "b"]}
+    assert s["traced"] == 1 and s["mode_dependent"] == ["c"]
+    # the report round-trips
+    assert zoo.ModelResult.from_json(results[2].to_json()) == results[2]
+
+
+def test_select_matches_torchvision_names_with_or_without_prefix():
+    specs = ["resnet18", "tv:resnet18", "tv:vgg11", "vit_tiny_patch16_224"]
+    assert zoo.select(specs, filter="resnet*") == ["resnet18", "tv:resnet18"]
+    assert zoo.select(specs, filter="tv:*", limit=1) == ["tv:resnet18"]
+    assert zoo.select(specs, limit=0) == []
+
+
+def test_an_empty_selection_is_a_readable_error(capsys):
+    assert main(["zoo", "--filter", "no_such_model_*", "--no-progress"]) == 2
+    assert "no models to sweep" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- full sweeps (pytest -m slow)
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_full_timm_zoo_traces_on_meta(tmp_path):
+    specs = zoo.list_specs("timm")
+    assert len(specs) > 1000
+    results = zoo.sweep(specs, workers=2, timeout=300, progress=False)
+    traced = sum(r.ok for r in results)
+    failed = {r.model: zoo.error_key(r) for r in results if not r.ok}
+    assert traced / len(specs) >= 0.99, f"{traced} / {len(specs)} traced; failures: {failed}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_all_torchvision_classification_models_trace_on_meta():
+    specs = zoo.list_specs("torchvision")
+    assert len(specs) >= 75
+    results = zoo.sweep(specs, workers=2, timeout=300, progress=False)
+    failed = {r.model: zoo.error_key(r) for r in results if not r.ok}
+    assert not failed, failed
