@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 from .errors import FxSparseError, MaskError, RecipeError, TraceError  # noqa: E402
 from .trace import trace  # noqa: E402
 
+# Eager, unlike the lazy names below: the submodule fxsparse.export would otherwise shadow the
+# function fxsparse.export as soon as anything imports the submodule (``from fxsparse.export
+# import ...`` sets the package attribute to the module). Costs nothing: torch is loaded already.
+from .export import export, strip_masks  # noqa: E402
+
 # public name -> "module:attribute" (or "module" for a submodule), imported on first use
 _LAZY = {
     "graph": "fxsparse.graph",
@@ -22,15 +27,13 @@ _LAZY = {
     "models": "fxsparse.models",
     "data": "fxsparse.data",
     "passes": "fxsparse.passes",
-    "export": "fxsparse.export:export",
-    "strip_masks": "fxsparse.export:strip_masks",
     "remove_ghosts": "fxsparse.ghosts:remove_ghosts",
     "transform": "fxsparse.transform:transform",
     "load_recipe": "fxsparse.recipe:load_recipe",
     "RecipeScheduler": "fxsparse.scheduler:RecipeScheduler",
 }
 
-__all__ = ["trace", "FxSparseError", "TraceError", "MaskError", "RecipeError", *_LAZY]
+__all__ = ["trace", "export", "strip_masks", "FxSparseError", "TraceError", "MaskError", "RecipeError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
