@@ -66,7 +66,7 @@ class Schedule:
     def factor(self, t: float) -> float:
         if self.shape == "constant" or t < self.hold_until:
             return 1.0
-        if t >= self.anneal_until:
+        if t >= self.anneal_until - 1e-12:  # s/T can land a rounding error short of the fraction
             return 0.0
         p = (t - self.hold_until) / (self.anneal_until - self.hold_until)
         if self.shape == "linear":

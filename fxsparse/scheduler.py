@@ -1,0 +1,321 @@
+"""``RecipeScheduler``: moves ghost gates over training, removes finished ghosts, smooths labels.
+
+A training loop calls ``sched.step()`` once per optimizer step. The scheduler sets every ghost
+gate from its recipe schedule (a pure function of the step, so resuming is exact), and at a
+ghost's ``remove_at`` runs its removal pass on the module in place and drops the removed
+parameters and their optimizer state from the optimizer. ``sched.loss`` is cross-entropy with
+the recipe's (scheduled) label smoothing in ToST's eps/(C-1) form.
+
+The loop, in full::
+
+    gm = fxsparse.transform(model, "tost", data=calibration_batches)
+    sched = fxsparse.RecipeScheduler(gm, total_steps=epochs * len(loader))
+    opt, lr_sched = sched.build_optimizer(), sched.build_lr_scheduler()
+    for x, y in batches:  # every epoch's batches
+        loss = sched.loss(gm(x), y); opt.zero_grad(); loss.backward(); opt.step(); lr_sched.step(); sched.step()
+
+Checkpoints: ``sched.checkpoint()`` holds the module, optimizer, lr and scheduler state;
+``restore(model, checkpoint)`` rebuilds a fresh transformed module, replays the removals that had
+happened (they change the graph, so they must come before loading the weights), then loads the
+weights and the optimizer state. See docs/recipes.md.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+
+from . import gates as _gates
+from . import ghosts as _ghosts
+from .errors import RecipeError
+from .recipe import Recipe, from_dict, load_recipe
+from .transform import RECIPE_KEY, transform
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RecipeScheduler", "smoothed_cross_entropy", "restore", "drop_parameters", "lr_factor"]
+
+MAIN_GROUP = "main"  # the optimizer param group of every parameter that is not a ghost's
+GROUP_KEY = "fxsparse_group"  # param-group key naming whose parameters a group holds
+_TOL = 1e-9  # a removal due at fraction f happens at the first step s with s/T >= f (float-safe)
+
+
+def smoothed_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, eps: float, form: str = "tost", reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy against smoothed one-hot targets.
+
+    ``form="tost"`` (ToST): 1-eps on the true class and eps/(C-1) on each other class.
+    ``form="torch"``: torch's ``label_smoothing``, 1-eps+eps/C on the true class and eps/C elsewhere.
+    Computed without building the C-wide target tensor: the loss is
+    ``(on - off) * nll + off * sum_c(-log p_c)``.
+    """
+    num_classes = logits.shape[-1]
+    if form == "tost":
+        off = eps / (num_classes - 1) if num_classes > 1 else 0.0
+        on = 1.0 - eps
+    elif form == "torch":
+        off = eps / num_classes
+        on = 1.0 - eps + off
+    else:
+        raise ValueError(f"label smoothing form must be 'tost' or 'torch'; got {form!r}")
+    logp = F.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss = (on - off) * nll - off * logp.sum(-1) if eps else nll
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+
+
+def drop_parameters(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Remove ``params`` from every param group of ``optimizer`` and delete their state.
+
+    Param groups are kept even when they become empty, so that lr schedulers (which index
+    groups by position) and ``optimizer.load_state_dict`` keep lining up. Returns how many
+    parameters were dropped.
+    """
+    ids = {id(p) for p in params}
+    dropped = 0
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in ids]
+        dropped += len(group["params"]) - len(kept)
+        group["params"] = kept
+    for p in [p for p in optimizer.state if id(p) in ids]:
+        del optimizer.state[p]
+    return dropped
+
+
+def lr_factor(step: int, total_steps: int, training) -> float:
+    """The lr multiplier of the recipe's ``[training]`` schedule after ``step`` steps."""
+    t = step / total_steps
+    if training.warmup and t < training.warmup:
+        return (step + 1) / max(1.0, training.warmup * total_steps)
+    if training.lr_schedule == "step":
+        return training.lr_gamma ** sum(t >= m - _TOL for m in training.lr_milestones)
+    if training.lr_schedule == "cosine":
+        p = (t - training.warmup) / (1.0 - training.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, p))))
+    return 1.0
+
+
+class RecipeScheduler:
+    """Drive a transformed module through its recipe's ghost phases and label smoothing.
+
+    Args:
+        graph_module: the module ``fxsparse.transform`` returned; modified in place by removals.
+        recipe: the recipe (default: the one ``transform`` attached to ``graph_module.meta``).
+        total_steps: the number of ``step()`` calls in the whole run (T); schedules are
+            fractions of it.
+        optimizer: the optimizer training ``graph_module``; a removal drops the removed
+            parameters and their state from it. ``build_optimizer()`` makes one and attaches it.
+    """
+
+    def __init__(
+        self,
+        graph_module: GraphModule,
+        recipe: Recipe | str | None = None,
+        total_steps: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
+        if recipe is None:
+            recipe = graph_module.meta.get(RECIPE_KEY)
+            if recipe is None:
+                raise RecipeError("RecipeScheduler needs the recipe: this module was not made by "
+                                  "fxsparse.transform, so pass recipe=...")
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int (optimizer steps in the whole run); got {total_steps!r}")
+        self.gm = graph_module
+        self.total_steps = total_steps
+        self.optimizer = optimizer
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.events: list[dict[str, Any]] = []
+        self.removed: list[str] = []
+        self._step = 0
+        present = set(_ghosts.present(graph_module))
+        self.schedules = {g: spec.schedule for g, spec in self.recipe.ghosts.items() if g in present}
+        for g in set(self.recipe.ghosts) - present:
+            log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
+        self._apply()
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far (``step()`` calls)."""
+        return self._step
+
+    @property
+    def fraction(self) -> float:
+        """The fraction of training done, ``step_count / total_steps``."""
+        return self._step / self.total_steps
+
+    @property
+    def gates(self) -> dict[str, float]:
+        """Current gate values, ``{group: value}`` (removed groups are gone)."""
+        return _gates.get(self.gm)
+
+    @property
+    def label_smoothing(self) -> float:
+        """The label smoothing eps in force now."""
+        return self.recipe.label_smoothing.eps_at(self.fraction)
+
+    def gate_at(self, group: str, step: int) -> float:
+        """The value the schedule gives ``group``'s gate after ``step`` steps."""
+        return self.schedules[group].factor(step / self.total_steps)
+
+    def removal_step(self, group: str) -> int:
+        """The step at which ``group`` is removed: the first ``s`` with ``s/T >= remove_at``."""
+        return math.ceil(self.schedules[group].remove_at * self.total_steps - 1e-6)
+
+    def step(self) -> None:
+        """Call once after every optimizer step: move the gates, remove ghosts that are done."""
+        self._step += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        current = _gates.get(self.gm)
+        for group, schedule in self.schedules.items():
+            if group in self.removed:
+                continue
+            if self._step >= self.removal_step(group):
+                self._remove(group)
+            elif group in current:
+                _gates.set(self.gm, group, schedule.factor(self.fraction))
+
+    def _remove(self, group: str) -> None:
+        params = _ghosts.parameters(self.gm, group)
+        gm = _ghosts.remove_group(self.gm, group)
+        if gm is not self.gm:  # removal passes work in place; the optimizer and the user hold self.gm
+            raise RuntimeError(f"the removal pass of {group} returned a new module instead of editing it in place")
+        dropped = drop_parameters(self.optimizer, params) if self.optimizer is not None else 0
+        self.removed.append(group)
+        event = {"event": "remove", "group": group, "step": self._step, "fraction": self.fraction,
+                 "parameters": sum(p.numel() for p in params), "tensors": len(params),
+                 "dropped_from_optimizer": dropped}
+        self.events.append(event)
+        log.info("step %d (%.1f%%): removed %s (%d tensors, %d parameters)", self._step, 100 * self.fraction,
+                 group, len(params), event["parameters"])
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy with the recipe's label smoothing at the current step (plain CE if off)."""
+        ls = self.recipe.label_smoothing
+        return smoothed_cross_entropy(logits, targets, self.label_smoothing, ls.form, reduction)
+
+    # ------------------------------------------------------------------ optimizer
+    def ghost_param_groups(self, **options: Any) -> list[dict[str, Any]]:
+        """One optimizer param group per scheduled ghost group (empty once removed), tagged with
+        ``fxsparse_group``; ``options`` (lr, weight_decay, ...) are copied into each."""
+        return [{"params": _ghosts.parameters(self.gm, g) if g not in self.removed else [], GROUP_KEY: g, **options}
+                for g in self.schedules]
+
+    def param_groups(self, **ghost_options: Any) -> list[dict[str, Any]]:
+        """Every parameter of the module: the original ones in group ``main``, then
+        ``ghost_param_groups(**ghost_options)``. Hand it to any ``torch.optim`` optimizer."""
+        ghost_groups = self.ghost_param_groups(**ghost_options)
+        ghost_ids = {id(p) for g in ghost_groups for p in g["params"]}
+        main = [p for p in self.gm.parameters() if id(p) not in ghost_ids and p.requires_grad]
+        return [{"params": main, GROUP_KEY: MAIN_GROUP}, *ghost_groups]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer (``[training]``) over ``param_groups()``, attached to this scheduler."""
+        t = self.recipe.training
+        if t.optimizer == "sgd":
+            opt = torch.optim.SGD(self.param_groups(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                                  weight_decay=t.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = opt
+        return opt
+
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+        """The recipe's lr schedule (step/cosine/constant, warm-up) per optimizer step."""
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            raise ValueError("build_lr_scheduler needs an optimizer: call build_optimizer() first or pass one")
+        training, total = self.recipe.training, self.total_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, training))
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "total_steps": self.total_steps,
+            "removed": list(self.removed),
+            "events": [dict(e) for e in self.events],
+            "recipe": self.recipe.to_dict(),
+            "recipe_name": self.recipe.name,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: replay the removals ``state`` had done (on the module and the optimizer), then
+        set the step. Load the module's weights *after* this (the removals change its keys)."""
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"the checkpoint was made for total_steps={state['total_steps']}, this scheduler has "
+                             f"{self.total_steps}: schedules are fractions of T, so they would move")
+        unknown = set(state["removed"]) - set(self.schedules)
+        if unknown:
+            raise ValueError(f"the checkpoint removed {sorted(unknown)}, which this module's recipe does not schedule")
+        for group in state["removed"]:
+            if group not in self.removed:
+                self._remove(group)
+        self._step = int(state["step"])
+        self.events = [dict(e) for e in state["events"]]
+        self._apply()
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything ``restore`` needs: module, scheduler, and (when attached) optimizer and lr state."""
+        ckpt = {"model": self.gm.state_dict(), "scheduler": self.state_dict()}
+        if self.optimizer is not None:
+            ckpt["optimizer"] = self.optimizer.state_dict()
+        if self.lr_scheduler is not None:
+            ckpt["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return ckpt
+
+
+def restore(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    recipe: Recipe | str | None = None,
+    *,
+    example_inputs: Any = None,
+    make_optimizer: Callable[[RecipeScheduler], torch.optim.Optimizer] | None = RecipeScheduler.build_optimizer,
+) -> RecipeScheduler:
+    """Resume a run from ``sched.checkpoint()`` on a fresh instance of the original model.
+
+    In this order: transform ``model`` with the checkpoint's masks (no mask scoring, no LRsI: the
+    weights are loaded anyway), replay the removals that had happened, load the module's weights,
+    then build the optimizer with ``make_optimizer`` (default: the recipe's) and load its state,
+    and the lr scheduler's if there was one. Returns the scheduler; ``sched.gm`` is the module and
+    ``sched.optimizer`` / ``sched.lr_scheduler`` are ready to continue.
+    """
+    from .passes.mask import mask_buffer_name
+
+    state = checkpoint["scheduler"]
+    if recipe is None:
+        recipe = from_dict(state["recipe"], name=state.get("recipe_name", "recipe"))
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    prefix = mask_buffer_name("")
+    masks = {k[len(prefix):]: v for k, v in checkpoint["model"].items() if k.startswith(prefix)}
+    skip = ["rescale"] + ([] if masks else ["masks"])
+    gm = transform(model, recipe, masks=masks or None, example_inputs=example_inputs, skip=skip)
+    sched = RecipeScheduler(gm, recipe, total_steps=state["total_steps"])
+    sched.load_state_dict(state)
+    gm.load_state_dict(checkpoint["model"])
+    if make_optimizer is not None and "optimizer" in checkpoint:
+        sched.optimizer = make_optimizer(sched)
+        if "lr_scheduler" in checkpoint:
+            # before the optimizer state: a new LambdaLR resets every group's lr to its step-0 value
+            sched.build_lr_scheduler().load_state_dict(checkpoint["lr_scheduler"])
+        sched.optimizer.load_state_dict(checkpoint["optimizer"])
+    return sched
