@@ -17,6 +17,7 @@ from .trace import trace  # noqa: E402
 # function fxsparse.export as soon as anything imports the submodule (``from fxsparse.export
 # import ...`` sets the package attribute to the module). Costs nothing: torch is loaded already.
 from .export import export, strip_masks  # noqa: E402
+from .transform import transform  # noqa: E402  (same reason: fxsparse.transform is also a submodule)
 
 # public name -> "module:attribute" (or "module" for a submodule), imported on first use
 _LAZY = {
@@ -28,12 +29,11 @@ _LAZY = {
     "data": "fxsparse.data",
     "passes": "fxsparse.passes",
     "remove_ghosts": "fxsparse.ghosts:remove_ghosts",
-    "transform": "fxsparse.transform:transform",
     "load_recipe": "fxsparse.recipe:load_recipe",
     "RecipeScheduler": "fxsparse.scheduler:RecipeScheduler",
 }
 
-__all__ = ["trace", "export", "strip_masks", "FxSparseError", "TraceError", "MaskError", "RecipeError", *_LAZY]
+__all__ = ["trace", "export", "strip_masks", "transform", "FxSparseError", "TraceError", "MaskError", "RecipeError", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
