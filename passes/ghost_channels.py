@@ -1,0 +1,527 @@
+"""Ghost channels: temporary extra width between a producer layer and its one consumer.
+
+For a producer layer P (conv or linear) whose output reaches exactly one consumer layer C only
+through channel-wise ops (BatchNorm, activation, dropout), ``GhostChannelPass`` adds a branch that
+behaves like k extra output channels of P feeding k extra input channels of C::
+
+    x ──► P ──► bn ──► act ──► C ──────────────────────► (+) ──► users of C
+    │                                                      ▲
+    └──► P' (k ch) ─► bn' ─► act' ─► C' (k in-ch) ─► gamma *
+
+``P'`` has P's kernel size, stride, padding and dilation; ``bn'``, ``act'`` are fresh copies of the
+chain's ops for k channels (their own parameters and running statistics); ``C'`` is the ghost
+slice of C's kernel, shape ``(C.out, k, *C.kernel)`` (``(C.out, k)`` for a linear C), applied with
+C's stride/padding/dilation and without C's bias. ``gamma`` is the gate ``fxsparse.gates.
+ghost_channels``; at 0 the graph computes ``C(x) + 0 * ghost``, exactly the original.
+
+Everything the branch owns lives in ``gm.fxsparse.ghost_channels.<site>`` (a ``GhostChannelBranch``);
+``<site>`` is the producer's module name with dots replaced by underscores (the producer's node
+name in the unmasked trace). With ``masked=True`` the ghost weights get random bool masks at the
+density of the producer's (for P') and the consumer's (for C') masks, multiplied in inside the
+graph like ``MaskPass`` does. ``RemoveGhostChannelsPass`` deletes the branch again. See
+docs/ghost-channels.md.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxsparse import gates
+from fxsparse.errors import PassError
+from fxsparse.graph import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, channel_chains
+from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
+
+__all__ = [
+    "GhostChannelPass", "RemoveGhostChannelsPass", "GhostChannelBranch", "remove_ghost_channels",
+    "GROUP", "INITS",
+]
+
+GROUP = "ghost_channels"
+INITS = ("kaiming", "default", "zero_slice")
+
+log = logging.getLogger("fxsparse.passes")
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+_TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout}
+# Functional norms read the original layer's statistics and affine tensors: a ghost copy of the
+# node would share (and update) them, so such chains are skipped.
+_FUNCTIONAL_NORMS = {F.batch_norm, F.instance_norm}
+# Per-channel tensors of modules without reset_parameters (FrozenBatchNorm2d and friends)
+_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+
+class _Skip(Exception):
+    """A candidate site that cannot get ghost channels: a short ``kind`` and the full reason."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------- layer geometry
+@dataclass(frozen=True)
+class _Geometry:
+    """How a conv/linear node applies its weight, enough to apply another weight the same way."""
+
+    kind: str  # "conv" | "linear"
+    fn: Callable  # F.conv2d, torch.conv2d, F.linear, ...
+    out_channels: int
+    in_channels: int  # total input channels (in per group * groups)
+    kernel: tuple[int, ...]  # () for linear
+    groups: int = 1
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+
+    def call(self, graph, x: Node, weight: Node, bias: Node | None, groups: int = 1) -> Node:
+        if self.kind == "linear":
+            return graph.call_function(self.fn, (x, weight, bias))
+        return graph.call_function(self.fn, (x, weight, bias, self.stride, self.padding, self.dilation, groups))
+
+
+def _geometry(gm: GraphModule, layer: Layer) -> _Geometry:
+    node = layer.node
+    w = gm.get_parameter(layer.weight)
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m).forward not in _PLAIN_FORWARDS:
+            raise _Skip("custom conv module", f"{layer.name} is a {type(m).__name__} with its own forward "
+                        f"(it may pad or transform the weight)")
+        if m._forward_hooks or m._forward_pre_hooks or len(node.args) != 1 or node.kwargs:
+            raise _Skip("hooked or unusual call", f"{layer.name} has hooks or is called with extra arguments")
+        if isinstance(m, nn.Linear):
+            return _Geometry("linear", F.linear, m.out_features, m.in_features, ())
+        if m.padding_mode != "zeros":
+            raise _Skip("padding_mode", f"{layer.name} uses padding_mode={m.padding_mode!r}")
+        return _Geometry("conv", _CONV_FN[len(m.kernel_size)], m.out_channels, m.in_channels,
+                         tuple(m.kernel_size), m.groups, m.stride, m.padding, m.dilation)
+    if node.op != "call_function" or node.target in _TRANSPOSED:
+        raise _Skip("not a plain conv/linear", f"{layer.name} is applied by {node.format_node()}")
+    if node.target in LINEAR_FUNCTIONS:
+        if w.dim() != 2:
+            raise _Skip("unexpected weight shape", f"{layer.weight} has shape {tuple(w.shape)}, not (out, in)")
+        return _Geometry("linear", node.target, w.shape[0], w.shape[1], ())
+    assert node.target in CONV_FUNCTIONS
+    bound = {**_CONV_DEFAULTS, **dict(zip(_CONV_ARGS, node.args)), **node.kwargs}
+    geo = {k: bound[k] for k in ("stride", "padding", "dilation", "groups")}
+    dynamic: list[Node] = []
+    torch.fx.node.map_arg(list(geo.values()), dynamic.append)
+    if dynamic:
+        raise _Skip("dynamic geometry", f"{layer.name}: stride/padding/dilation/groups are computed at run time")
+    if w.dim() < 3:
+        raise _Skip("unexpected weight shape", f"{layer.weight} has shape {tuple(w.shape)}, not a conv kernel")
+    return _Geometry("conv", node.target, w.shape[0], w.shape[1] * geo["groups"], tuple(w.shape[2:]), **geo)
+
+
+# --------------------------------------------------------------------------- chain ops
+def _is_dropout(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, (nn.modules.dropout._DropoutNd,)) or type(m).__name__ in ("DropPath", "DropBlock2d")
+    return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
+
+
+def _has_channel_state(gm: GraphModule, node: Node, channels: int) -> bool:
+    """A module with per-channel tensors (a norm, a PReLU): it indexes channels along dim 1."""
+    if node.op != "call_module":
+        return False
+    tensors = [*gm.get_submodule(node.target).parameters(), *gm.get_submodule(node.target).buffers()]
+    return any(t.dim() == 1 and t.shape[0] == channels for t in tensors)
+
+
+def _ghost_module(module: nn.Module, channels: int, k: int) -> nn.Module:
+    """A fresh copy of a channel-wise module for ``k`` ghost channels.
+
+    Per-channel tensors (1-d, ``channels`` long: BN weight/bias/running stats, PReLU slopes) are
+    re-created with ``k`` entries and re-initialized, so the copy shares no state with the original
+    and starts from the module type's defaults; everything else (eps, momentum, activation, p) is
+    kept.
+    """
+    m = copy.deepcopy(module)
+    for sub in m.modules():
+        resized = []
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.dim() != 1 or t.shape[0] != channels:
+                    continue
+                fresh = torch.empty(k, dtype=t.dtype, device=t.device)
+                store[name] = nn.Parameter(fresh, t.requires_grad) if isinstance(t, nn.Parameter) else fresh
+                resized.append(name)
+        if not resized:
+            continue
+        for attr in ("num_features", "num_parameters"):
+            if isinstance(getattr(sub, attr, None), int):
+                setattr(sub, attr, k)
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()  # BatchNorm: also zeroes running stats and num_batches_tracked
+        else:
+            unknown = [n for n in resized if n not in _FRESH]
+            if unknown:
+                raise _Skip("unknown per-channel state",
+                            f"cannot initialize {type(sub).__name__}.{unknown[0]} for ghost channels")
+            with torch.no_grad():
+                for name in resized:
+                    getattr(sub, name).fill_(_FRESH[name])
+    return m
+
+
+# --------------------------------------------------------------------------- branch state
+class GhostChannelBranch(nn.Module):
+    """What one ghost-channel site owns; the graph applies it (this module has no forward).
+
+    ``weight`` (+ ``bias``, ``weight_mask``, ``index`` for a grouped producer) computes the ghost
+    channels from the producer's input, ``ops`` are the fresh copies of the chain's channel-wise
+    modules, and ``slice_weight`` (+ ``slice_mask``) is the consumer's kernel slice for them.
+    """
+
+    def __init__(self, producer: str, consumer: str, channels: int):
+        super().__init__()
+        self.producer, self.consumer, self.channels = producer, consumer, channels
+        self.ops = nn.ModuleList()
+
+    def extra_repr(self) -> str:
+        return f"producer={self.producer}, consumer={self.consumer}, channels={self.channels}"
+
+
+@dataclass(eq=False)
+class _Site:
+    name: str
+    producer: Layer
+    consumer: Layer
+    pgeo: _Geometry
+    cgeo: _Geometry
+    ops: list[Node]
+    k: int
+    branch: GhostChannelBranch | None = None
+    op_modules: dict[Node, int] = field(default_factory=dict)  # chain node -> index in branch.ops
+
+
+def _site_name(layer: Layer) -> str:
+    return layer.name.replace(".", "_") or "root"
+
+
+def _chain_path(chain, producer: Layer, consumer: Layer) -> list[Node]:
+    """The chain's ops as a simple path P -> op -> ... -> C, each feeding only the next."""
+    prev, path, remaining = producer.node, [], set(chain.ops)
+    while True:
+        users = list(prev.users)
+        if len(users) != 1:
+            raise _Skip("chain branches", f"{prev.name} feeds {len(users)} nodes")
+        (nxt,) = users
+        others = [a for a in (*nxt.args[1:], *nxt.kwargs.values()) if a is prev]
+        if not nxt.args or nxt.args[0] is not prev or others:
+            raise _Skip("chain tensor used as a side input", f"{nxt.name} reads it other than as its first input")
+        if nxt is consumer.node:
+            break
+        if nxt not in remaining:
+            raise _Skip("chain branches", f"{nxt.name} is not a channel-wise op of the chain")
+        remaining.discard(nxt)
+        path.append(nxt)
+        prev = nxt
+    if remaining:
+        raise _Skip("chain branches", f"ops {[n.name for n in remaining]} are off the path to {consumer.name}")
+    return path
+
+
+def _density(gm: GraphModule, param: str) -> float:
+    """Kept fraction of ``param``'s mask (1.0 when it has none)."""
+    try:
+        mask = gm.get_buffer(f"{CONTAINER}.masks.{param}")
+    except AttributeError:
+        return 1.0
+    return float(mask.sum()) / mask.numel()
+
+
+def _random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask keeping exactly round(density * numel) entries (at least one), at random."""
+    numel = math.prod(shape)
+    keep = max(1, round(density * numel))
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=gen)[:keep]] = True
+    return mask.view(shape)
+
+
+def _init_(w: torch.Tensor, fan_in: int, init: str, gen: torch.Generator, zero: bool = False) -> None:
+    with torch.no_grad():
+        if zero:
+            w.zero_()
+        elif init == "default":  # torch's own conv/linear init: kaiming_uniform(a=sqrt(5))
+            bound = 1.0 / math.sqrt(fan_in)
+            w.uniform_(-bound, bound, generator=gen)
+        else:  # He normal for ReLU networks
+            w.normal_(0.0, math.sqrt(2.0 / fan_in), generator=gen)
+
+
+# --------------------------------------------------------------------------- the pass
+class GhostChannelPass(FxSparsePass):
+    """Give every eligible producer k = max(1, round(ratio * out_channels)) ghost channels.
+
+    Args:
+        ratio: ghost channels per producer output channel (> 0).
+        masked: mask the ghost weights at the producer's / consumer's density (random masks);
+            ``False`` makes them dense. Layers without a mask give dense ghosts either way.
+        initial_gate: start value of the gate ``gamma`` (1 = ghost fully on, 0 = identity).
+        init: ``"kaiming"`` (He normal; the slice uses the fan-in of the widened consumer,
+            ``(C.in + k) * kernel``), ``"default"`` (torch's own layer init, same fans), or
+            ``"zero_slice"`` (producer He normal, slice zeros: the ghost contributes nothing until
+            the slice has learned something).
+        dropout: copy the chain's dropout ops into the branch (same p). A ghost dropout draws from
+            the global RNG, which shifts the draws of random ops that run after it; ``False``
+            leaves them out so train-mode outputs at gate 0 stay bit-identical in every model.
+        seed: seeds the ghost weights and masks (each site draws from its own generator).
+
+    Sites: producers whose ``fxsparse.graph.channel_chains`` entry has a single consumer. Skipped,
+    with the reason logged: grouped/depthwise consumers, custom conv modules (their own
+    ``forward``), transposed convs, kind mismatches (conv -> linear), functional norms in the
+    chain, chains that branch. Grouped producers are handled: ghost channel j is one more filter
+    of group ``j % groups`` (reading that group's input channels).
+
+    Stats: ``sites``, ``channels`` (ghost channels added in total), ``skipped``.
+    """
+
+    group = GROUP
+
+    def __init__(self, ratio: float = 0.25, *, masked: bool = True, initial_gate: float = 1.0,
+                 init: str = "kaiming", dropout: bool = True, seed: int = 0):
+        super().__init__()
+        if not ratio > 0:
+            raise ValueError(f"ratio must be > 0 (ghost channels per producer channel); got {ratio}")
+        if not 0.0 <= initial_gate <= 1.0:
+            raise ValueError(f"initial_gate must lie in [0, 1]; got {initial_gate}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {init!r}")
+        self.ratio, self.masked, self.initial_gate = float(ratio), masked, float(initial_gate)
+        self.init, self.dropout, self.seed = init, dropout, seed
+        self.sites: list[dict[str, Any]] = []  # what the last call added
+        self.skipped: list[tuple[str, str, str]] = []  # (producer, kind, reason) of the last call
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        if tagged_nodes(gm, group=GROUP) or container(gm, GROUP, create=False) is not None:
+            raise PassError(
+                "GhostChannelPass: this graph already has ghost channels. Remove them first "
+                "(fxsparse.passes.ghost_channels.remove_ghost_channels(gm)) to apply them again."
+            )
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        for merge in tagged_nodes(gm, group=GROUP, role="merge"):
+            if merge.args[0].meta.get("fxsparse", {}).get("group") == GROUP:
+                raise PassError(f"GhostChannelPass: {merge.name} merges into a ghost node, not a layer")
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, gm: GraphModule, chain) -> _Site:
+        P, C = chain.producer, chain.single_consumer
+        pgeo, cgeo = _geometry(gm, P), _geometry(gm, C)
+        if P.weight == C.weight:
+            raise _Skip("shared weight", f"{P.weight} is both producer and consumer")
+        if pgeo.kind != cgeo.kind or len(pgeo.kernel) != len(cgeo.kernel):
+            raise _Skip("layout mismatch", f"{P.kind} {P.name} feeds {C.kind} {C.name}: channels are another dim")
+        if cgeo.groups != 1:
+            raise _Skip("grouped consumer", f"{C.name} (groups={cgeo.groups}) has no room for extra input channels")
+        if cgeo.in_channels != pgeo.out_channels:
+            raise _Skip("channel mismatch", f"{C.name} reads {cgeo.in_channels} channels, {P.name} makes "
+                        f"{pgeo.out_channels}")
+        ops = _chain_path(chain, P, C)
+        for op in ops:
+            if op.op == "call_function" and op.target in _FUNCTIONAL_NORMS:
+                raise _Skip("functional norm", f"{op.name}: a copy would share the original's statistics")
+            if pgeo.kind == "linear" and _has_channel_state(gm, op, pgeo.out_channels):
+                # per-channel modules index dim 1; a linear's features are the last dim
+                shape = getattr(op.meta.get("tensor_meta"), "shape", None)
+                if shape is None or len(shape) != 2:
+                    raise _Skip("layout mismatch", f"{op.name} after linear {P.name} indexes dim 1, not the features")
+        k = max(1, round(self.ratio * pgeo.out_channels))
+        site = _Site(_site_name(P), P, C, pgeo, cgeo, ops, k)
+        self._build_branch(gm, site)
+        return site
+
+    def _build_branch(self, gm: GraphModule, site: _Site) -> None:
+        """Create the site's parameters, masks and op copies (nothing touches the graph yet)."""
+        P, C, pgeo, cgeo, k = site.producer, site.consumer, site.pgeo, site.cgeo, site.k
+        pw, cw = gm.get_parameter(P.weight), gm.get_parameter(C.weight)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(site.name.encode()))
+        branch = GhostChannelBranch(P.name, C.name, k)
+        kernel = math.prod(pgeo.kernel)
+        per_group = pgeo.in_channels // pgeo.groups
+
+        weight = torch.empty(k, per_group, *pgeo.kernel, dtype=pw.dtype)
+        _init_(weight, per_group * kernel, self.init, gen)
+        branch.weight = nn.Parameter(weight.to(pw.device))
+        if self.masked:
+            branch.register_buffer("weight_mask", _random_mask(weight.shape, _density(gm, P.weight), gen).to(pw.device))
+        if self._has_bias(gm, P):
+            bias = torch.zeros(k, dtype=pw.dtype)
+            if self.init == "default":
+                _init_(bias, per_group * kernel, "default", gen)
+            branch.bias = nn.Parameter(bias.to(pw.device))
+        if pgeo.groups > 1:
+            # ghost channel j is one more filter of group j % groups: select that group's inputs
+            g = torch.arange(k) % pgeo.groups
+            index = (g[:, None] * per_group + torch.arange(per_group)).flatten()
+            branch.register_buffer("index", index.to(pw.device))
+
+        slice_weight = torch.empty(cgeo.out_channels, k, *cgeo.kernel, dtype=cw.dtype)
+        _init_(slice_weight, (cgeo.in_channels + k) * math.prod(cgeo.kernel), self.init, gen,
+               zero=self.init == "zero_slice")
+        branch.slice_weight = nn.Parameter(slice_weight.to(cw.device))
+        if self.masked:
+            branch.register_buffer(
+                "slice_mask", _random_mask(slice_weight.shape, _density(gm, C.weight), gen).to(cw.device))
+
+        for op in site.ops:
+            if op.op != "call_module" or (_is_dropout(gm, op) and not self.dropout):
+                continue
+            site.op_modules[op] = len(branch.ops)
+            branch.ops.append(_ghost_module(gm.get_submodule(op.target), pgeo.out_channels, k))
+        site.branch = branch
+
+    @staticmethod
+    def _has_bias(gm: GraphModule, layer: Layer) -> bool:
+        node = layer.node
+        if node.op == "call_module":
+            return gm.get_submodule(node.target).bias is not None
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return bias is not None
+
+    # ------------------------------------------------------------------ rewrite
+    def call(self, gm: GraphModule) -> PassResult:
+        self.sites, self.skipped = [], []
+        planned = []
+        for chain in channel_chains(gm):
+            if chain.single_consumer is None:
+                continue
+            try:
+                planned.append(self._plan(gm, chain))
+            except _Skip as e:
+                self.skipped.append((chain.producer.name, e.kind, str(e)))
+                log.debug("GhostChannelPass: skipping %s: %s", chain.producer.name, e)
+        if self.skipped:
+            self.stats["skipped"] = len(self.skipped)
+            reasons = Counter(kind for _, kind, _ in self.skipped)
+            log.info("GhostChannelPass skipped %d candidate sites: %s", len(self.skipped),
+                     ", ".join(f"{r} ({n})" for r, n in reasons.most_common()))
+        if not planned:
+            return PassResult(gm, False)
+
+        gate = gates.register(gm, GROUP, self.initial_gate)
+        root = container(gm, GROUP)
+        for site in planned:
+            root.add_module(site.name, site.branch)
+            self._insert(gm, site, gate)
+            self.stats["sites"] += 1
+            self.stats["channels"] += site.k
+            self.sites.append({"site": site.name, "producer": site.producer.name,
+                               "consumer": site.consumer.name, "channels": site.k})
+        return PassResult(gm, True)
+
+    def _insert(self, gm: GraphModule, site: _Site, gate_target: str) -> None:
+        graph, branch = gm.graph, site.branch
+        prefix = f"{CONTAINER}.{GROUP}.{site.name}"
+        P, C = site.producer.node, site.consumer.node
+        tag = lambda node, role, **kw: self.tag(node, role, site=site.name, **kw)  # noqa: E731
+
+        def weight(name: str, mask: str, role: str) -> Node:
+            w = tag(graph.get_attr(f"{prefix}.{name}"), role, part="weight")
+            if mask in branch._buffers:
+                m = tag(graph.get_attr(f"{prefix}.{mask}"), role, part="mask")
+                w = tag(graph.call_function(operator.mul, (w, m)), role, part="masked_weight")
+            return w
+
+        # The ghost producer reads P's input right after P does (an in-place op later in the
+        # graph could otherwise change what it reads).
+        with graph.inserting_before(P.next):
+            x = P.args[0]
+            if "index" in branch._buffers:
+                idx = tag(graph.get_attr(f"{prefix}.index"), "branch", part="index")
+                x = tag(graph.call_function(torch.index_select, (x, 1, idx)), "branch", part="select")
+            w = weight("weight", "weight_mask", "branch")
+            b = tag(graph.get_attr(f"{prefix}.bias"), "branch", part="bias") if "bias" in branch._parameters else None
+            groups = site.k if site.pgeo.groups > 1 else 1
+            ghost = tag(site.pgeo.call(graph, x, w, b, groups), "branch", part="producer")
+
+        # The chain copies run after C, so a ghost dropout draws after every original draw up to C.
+        with graph.inserting_before(C.next):
+            for op in site.ops:
+                if _is_dropout(gm, op) and not self.dropout:
+                    continue
+                if op.op == "call_module":
+                    target = f"{prefix}.ops.{site.op_modules[op]}"
+                    ghost = graph.call_module(target, (ghost, *op.args[1:]), dict(op.kwargs))
+                else:
+                    ghost = graph.create_node(op.op, op.target, (ghost, *op.args[1:]), dict(op.kwargs))
+                tag(ghost, "branch", part="op", copy_of=op.name)
+            sw = weight("slice_weight", "slice_mask", "slice")
+            contribution = tag(site.cgeo.call(graph, ghost, sw, None), "slice", part="consumer")
+            g = tag(graph.get_attr(gate_target), "gate")
+            scaled = tag(graph.call_function(operator.mul, (g, contribution)), "scaled")
+            merge = tag(graph.call_function(operator.add, (C, scaled)), "merge",
+                        producer=site.producer.weight, consumer=site.consumer.weight, channels=site.k)
+        C.replace_all_uses_with(merge, delete_user_cb=lambda user: user is not merge)
+
+
+
+# --------------------------------------------------------------------------- removal
+class RemoveGhostChannelsPass(FxSparsePass):
+    """Delete every ghost-channel branch, its container and the gate.
+
+    Each consumer's users read the consumer again; the graph is then structurally equal to the
+    graph before ``GhostChannelPass`` ran. Untagged nodes left without users that read a deleted
+    node (e.g. another pass's rewrite inside a branch) go with it.
+
+    Stats: ``sites`` (branches removed), ``nodes`` (graph nodes deleted).
+    """
+
+    group = GROUP
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph = gm.graph
+        for merge in tagged_nodes(gm, group=GROUP, role="merge"):
+            merge.replace_all_uses_with(merge.args[0])
+            self.stats["sites"] += 1
+        doomed = set(tagged_nodes(gm, group=GROUP))
+        for node in reversed(list(graph.nodes)):
+            if node not in doomed and not (not node.users and any(i in doomed for i in node.all_input_nodes)):
+                continue
+            if node.users:
+                raise PassError(f"RemoveGhostChannelsPass: {node.format_node()} is still used by "
+                                f"{[u.name for u in node.users]}; was the graph edited after GhostChannelPass?")
+            doomed.add(node)
+            graph.erase_node(node)
+            self.stats["nodes"] += 1
+        had_state = container(gm, GROUP, create=False) is not None or GROUP in gates.get(gm)
+        delete_container(gm, GROUP)
+        gates.unregister(gm, GROUP)
+        return PassResult(gm, bool(self.stats) or had_state)
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        left = tagged_nodes(gm, group=GROUP)
+        if left:
+            raise PassError(f"RemoveGhostChannelsPass left ghost nodes behind: {[n.name for n in left[:10]]}")
+
+
+GhostChannelPass.removal = RemoveGhostChannelsPass
+
+
+def remove_ghost_channels(gm: GraphModule) -> GraphModule:
+    """Remove every ghost channel from ``gm`` now (in place); returns ``gm``."""
+    return RemoveGhostChannelsPass()(gm).graph_module
