@@ -23,7 +23,8 @@ from torch.fx import GraphModule, Node
 __all__ = [
     "Layer", "ActivationSite", "Chain", "to_networkx", "parameterized_layers", "layer_of",
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
-    "node_signatures", "owner_module", "leaf_call_target",
+    "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
+    "activation_reach", "is_residual_add",
 ]
 
 
@@ -522,3 +523,206 @@ def structure_diff(gm_a: GraphModule, gm_b: GraphModule, limit: int = 20) -> lis
 def same_structure(gm_a: GraphModule, gm_b: GraphModule) -> bool:
     """Structural equality of two graphs: ops, targets, constant arguments and edges, modulo node names."""
     return Counter(node_signatures(gm_a).values()) == Counter(node_signatures(gm_b).values())
+
+
+# --------------------------------------------------------------------------- layer calls
+_CONV_T_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                     torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
+
+
+@dataclass(frozen=True, eq=False)
+class LayerCall:
+    """A node that applies one conv/linear weight to one data input, with the layer's geometry.
+
+    ``node`` is a call_module of the conv/linear itself, a functional conv/linear (also the masked
+    form ``F.conv2d(x, w * mask, ...)``) or MaskPass's ``torch.func.functional_call`` of a
+    conv/linear module kept as a leaf (timm's Conv2dSame). ``weight_shape`` is the weight's shape
+    (``(out, in // groups, *kernel)`` for a conv, ``(in, out // groups, *kernel)`` transposed,
+    ``(out, in)`` for a linear); ``stride`` is ``()`` for a linear.
+    """
+
+    layer: Layer
+    node: Node
+    input: Node
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...] = ()
+    groups: int = 1
+    transposed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    @property
+    def in_channels(self) -> int:
+        if self.transposed:
+            return self.weight_shape[0]
+        return self.weight_shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        if self.transposed:
+            return self.weight_shape[1] * self.groups
+        return self.weight_shape[0]
+
+
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _arg(node: Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def layer_call(gm: GraphModule, node: Node) -> LayerCall | None:
+    """How ``node`` applies a single conv/linear layer (see ``LayerCall``), else None.
+
+    Nodes applying several layers at once (a leaf module holding a block) and layers whose weight
+    or data input is not a graph value are not layer calls.
+    """
+    if node.op == "call_module" or leaf_call_target(node) is not None:
+        target = node.target if node.op == "call_module" else leaf_call_target(node)
+        m = gm.get_submodule(target)
+        kind = _module_kind(m)
+        if kind is None or not _is_traced_leaf(m) or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            return None
+        if node.op == "call_module":
+            args = node.args
+        else:
+            args = node.args[2] if len(node.args) > 2 else ()
+            args = args if isinstance(args, (tuple, list)) else (args,)
+        x = args[0] if args else None
+        if not isinstance(x, Node):
+            return None
+        style = "module" if node.op == "call_module" else "leaf"
+        layer = Layer(target, f"{target}.weight", kind, node, style, target if style == "leaf" else None)
+        shape = tuple(m.weight.shape)
+        if kind == "linear":
+            return LayerCall(layer, node, x, shape)
+        return LayerCall(layer, node, x, shape, _ntuple(m.stride, len(shape) - 2), int(m.groups), bool(m.transposed))
+    if node.op != "call_function" or not (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
+        return None
+    layer = layer_of(gm, node)
+    x = _arg(node, 0, "input", None)
+    w = _arg(node, 1, "weight", None)
+    if not isinstance(layer, Layer) or not isinstance(x, Node) or not isinstance(w, Node):
+        return None
+    shape = _shape(w)
+    if shape is None:
+        try:
+            shape = tuple(_resolve_attr(gm, layer.weight).shape)
+        except AttributeError:
+            return None
+    if layer.kind == "linear":
+        return LayerCall(layer, node, x, shape)
+    transposed = node.target in _CONV_T_FUNCTIONS
+    groups = _arg(node, 6, "groups", 1)  # index 6 in both conv and conv_transpose signatures
+    stride = _ntuple(_arg(node, 3, "stride", 1), len(shape) - 2)
+    return LayerCall(layer, node, x, shape, stride, int(groups), transposed)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    """The static shape propagated into ``node.meta["tensor_meta"]``, if any."""
+    tm = node.meta.get("tensor_meta") if isinstance(node, Node) else None
+    shape = getattr(tm, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+# --------------------------------------------------------------------------- pre-activation points
+_ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def is_residual_add(node: Node, operand: Node) -> bool:
+    """True when ``node`` adds ``operand`` to another tensor of the same shape (``f(x) + x``).
+
+    In-place adds are excluded (the sum is then ``operand`` itself, mutated); both operands and the
+    sum must have known, equal shapes, so a broadcast add of a bias or a scale never counts.
+    """
+    if node.op == "call_function":
+        if node.target not in _ADD_FUNCTIONS:
+            return False
+    elif not (node.op == "call_method" and node.target == "add"):
+        return False
+    tensors = [a for a in node.args[:2] if isinstance(a, Node)]
+    if len(tensors) != 2 or operand not in tensors:
+        return False
+    shapes = {_shape(n) for n in (node, *tensors)}
+    return len(shapes) == 1 and None not in shapes
+
+
+@dataclass(frozen=True, eq=False)
+class PreActivation:
+    """Where a node's output reaches an activation: the activation and the value it reads.
+
+    ``value`` is the point just before the activation (its data input). ``site`` is the
+    ``ActivationSite`` found there (None when a caller's ``is_activation`` predicate matched);
+    ``inside_leaf`` means the activation sits inside a channel-wise leaf module (timm's
+    BatchNormAct2d), so the point just before it is inside that module and ``value`` is the leaf's
+    input. ``path`` lists the nodes crossed from the start in order (channel-wise ops and residual
+    adds), ``adds`` the residual adds among them.
+    """
+
+    activation: Node
+    value: Node
+    site: ActivationSite | None
+    path: tuple[Node, ...] = ()
+    adds: tuple[Node, ...] = ()
+
+    @property
+    def inside_leaf(self) -> bool:
+        return self.site is not None and self.site.style == "leaf"
+
+
+def activation_reach(
+    gm: GraphModule,
+    node: Node,
+    *,
+    max_adds: int = 1,
+    is_activation: Callable[[Node], bool] | None = None,
+) -> list[PreActivation]:
+    """The activations ``node``'s output reaches through channel-wise ops and residual adds.
+
+    Follows the output forward through channel-wise ops (``is_channelwise``: BatchNorm, dropout,
+    identity, DropPath, norm+act leaves without an activation), through at most ``max_adds``
+    residual adds (``is_residual_add``), and stops at the first activation on each path: an
+    activation node, a channel-wise leaf holding an activation (BatchNormAct2d), or a node
+    ``is_activation`` accepts (e.g. a node another pass put in place of an activation). Used to
+    find where ToST's skip edges land: for the second conv of a residual block,
+    ``conv2 -> bn2 -> add -> relu`` gives the add as ``value``.
+
+    Returns one ``PreActivation`` per activation reached, in graph order.
+    """
+    found: dict[Node, PreActivation] = {}
+    stack: list[tuple[Node, tuple[Node, ...], tuple[Node, ...]]] = [(node, (), ())]
+    while stack:
+        cur, path, adds = stack.pop()
+        for user in cur.users:
+            main = user.args[0] if user.args else None
+            if main is cur and user not in found:
+                site = _activation_site(gm, user)
+                if site is not None or (is_activation is not None and is_activation(user)):
+                    found[user] = PreActivation(user, cur, site, path, adds)
+                    continue
+                if is_channelwise(gm, user):
+                    stack.append((user, path + (user,), adds))
+                    continue
+            if len(adds) < max_adds and is_residual_add(user, cur):
+                stack.append((user, path + (user,), adds + (user,)))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(found.values(), key=lambda p: order[p.activation])
+
+
+def _activation_site(gm: GraphModule, node: Node) -> ActivationSite | None:
+    """The activation ``node`` applies to its input: its own, or that of a channel-wise leaf."""
+    sites = list(_sites_at(gm, node))
+    if not sites:
+        return None
+    if sites[0].style == "leaf" and not is_channelwise(gm, node):
+        return None  # a leaf block with an activation somewhere inside: not the next op
+    return sites[0]

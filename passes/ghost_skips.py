@@ -1,0 +1,570 @@
+"""Ghost skip connections (ToST's GSC) on any traced graph, and their removal.
+
+ToST (VITA-Group/ToST, ``skip_connection/models/resnet_modified2.py``) hand-writes two extra
+branches into ResNet's BasicBlock: a 1x1 convolution (stride of the main conv, no bias, weights
+filled with the constant 1e-4) followed by its own BatchNorm, from a 3x3 conv's *input* to the
+point just before the next activation::
+
+    out = relu(bn1(conv1(x))      + alpha * bn_j1(jump1(x)))          # jump1: 1x1, conv1's stride
+    out = relu(bn2(conv2(out)) + shortcut(x) + alpha * bn_j2(jump2(out)))
+
+``GhostSkipPass`` finds those places in any graph: every 2-D conv with a kernel larger than
+``min_kernel - 1`` in some dimension (depthwise and grouped convs included) whose output reaches
+an activation through channel-wise ops (BatchNorm, dropout, identity, DropPath) and at most one
+residual add (``fxsparse.graph.activation_reach``). Each gets a ``GhostSkipBranch`` (a dense 1x1
+conv from the conv's input channels to its output channels, the conv's stride, the padding that
+makes the spatial shapes agree, then BatchNorm2d) and the graph computes, at the point just
+before the activation::
+
+    merge = main + alpha * branch(x)          # alpha: the gate fxsparse.gates.ghost_skips
+
+At ``alpha == 0`` this is exactly ``main`` (``main + 0 * b == main`` for finite ``b``; the branch
+is a 1x1 conv and a BatchNorm with ``eps > 0``, finite for finite inputs) and the gradient that
+reaches the original parameters is exactly the original one: ``add`` passes it through unchanged
+and the branch sends back exact zeros. In train mode the branch's BatchNorm updates only its own
+running statistics.
+
+timm's ``BatchNormAct2d`` keeps BatchNorm and activation in one leaf module, so the point just
+before its activation is inside the leaf. The pass then *unfolds* the leaf into the three calls
+its forward makes (BatchNorm2d's forward, ``.drop``, ``.act``; role ``unfold``), which compute
+bit-for-bit what the leaf computed, and merges between them; removal folds them back.
+
+With ``include_linear=True``, pointwise layers in MLP blocks (a ``Linear`` or 1x1 conv followed
+by an activation whose output reaches one other pointwise layer: ViT/Swin MLPs, ConvNeXt's
+ConvMlp) get the analogous branch into the point before the activation. See
+docs/ghost-skips.md for the choice of the token branch's normalization.
+
+Everything the pass adds lives in ``gm.fxsparse.ghost_skips.<site>`` (``<site>``: the main
+layer's module name with dots as underscores, which is its node name in the unmasked trace)
+and the gate ``gm.fxsparse.gates.ghost_skips``; every node it adds is tagged (roles ``gate``,
+``branch``, ``scaled``, ``merge``, ``unfold``; each with ``site``). ``RemoveGhostSkipsPass``
+deletes them and leaves a graph structurally identical to the one before the pass.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from fxsparse import gates
+from fxsparse.errors import PassError
+from fxsparse.graph import (
+    LayerCall, PreActivation, activation_reach, channel_chains, layer_call,
+)
+from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
+
+__all__ = [
+    "GhostSkipPass", "RemoveGhostSkipsPass", "GhostSkipBranch", "remove_ghost_skips", "GROUP",
+    "LINEAR_NORMS",
+]
+
+GROUP = "ghost_skips"
+LINEAR_NORMS = ("batch", "layer", "none")
+
+log = logging.getLogger("fxsparse.passes")
+
+
+# --------------------------------------------------------------------------- the branch
+class GhostSkipBranch(nn.Module):
+    """One site's ghost branch: a dense 1x1 conv (or a linear) filled with ``init``, then a norm.
+
+    The weight is a parameter of this module, not an ``nn.Conv2d`` child, so that graph queries
+    (``parameterized_layers``, ``layer_of``) never take a ghost for a layer of the model: masks,
+    mask scores and ghost channels only ever see the original layers. ``mask`` (optional bool
+    buffer) makes the branch sparse (``masked_branch=True``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        kind: str = "conv",
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        init: float = 1e-4,
+        norm: str = "batch",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if kind not in ("conv", "linear"):
+            raise ValueError(f"kind must be 'conv' or 'linear'; got {kind!r}")
+        if norm not in LINEAR_NORMS:
+            raise ValueError(f"norm must be one of {LINEAR_NORMS}; got {norm!r}")
+        self.kind = kind
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        shape = (out_features, in_features, 1, 1) if kind == "conv" else (out_features, in_features)
+        # ToST fills the jump convs with the constant 1e-4 (weight.data.fill_(0.0001)), no bias
+        self.weight = nn.Parameter(torch.full(shape, float(init), device=device, dtype=dtype))
+        factory = {"device": device, "dtype": dtype}
+        if norm == "batch":
+            self.norm = nn.BatchNorm2d(out_features, **factory) if kind == "conv" else nn.BatchNorm1d(out_features, **factory)
+        elif norm == "layer":
+            self.norm = nn.LayerNorm(out_features, **factory)
+        else:
+            self.norm = nn.Identity()
+        self.register_buffer("mask", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.mask is None else self.weight * self.mask
+        if self.kind == "conv":
+            return self.norm(F.conv2d(x, w, None, self.stride, self.padding))
+        y = F.linear(x, w)
+        if isinstance(self.norm, nn.BatchNorm1d):
+            # per-feature statistics over every token, as BatchNorm2d takes them over every pixel
+            return self.norm(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+        return self.norm(y)
+
+    def extra_repr(self) -> str:
+        masked = "" if self.mask is None else f", density={self.mask.float().mean().item():.3f}"
+        return f"kind={self.kind}, weight={tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}{masked}"
+
+
+def batch_norm_part(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """What timm's ``BatchNormAct2d.forward`` computes before its drop and activation.
+
+    Its forward is a copy of ``nn.BatchNorm2d.forward`` followed by ``self.drop`` and
+    ``self.act``; calling BatchNorm2d's forward on the same module runs the same ``F.batch_norm``
+    with the same running-statistics update. A module-level function so that the graph pickles.
+    """
+    return nn.BatchNorm2d.forward(bn, x)
+
+
+def _unfoldable(m: nn.Module) -> str | None:
+    """None when ``m`` is a norm+act leaf the pass can unfold, else why not."""
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return f"activation inside a {type(m).__name__} leaf (timm missing)"
+    if type(m).forward is not BatchNormAct2d.forward:
+        return f"activation inside a {type(m).__name__} leaf, which the pass cannot split"
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+        return f"activation inside a {type(m).__name__} leaf with hooks"
+    return None
+
+
+# --------------------------------------------------------------------------- planning
+class _Skip(Exception):
+    """A candidate site that cannot get a skip edge: a short ``kind`` and the full reason."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass
+class _Point:
+    """One merge point: the activations reading ``value`` (or the leaf that holds one)."""
+
+    value: Node
+    activations: list[Node]
+    leaf: Node | None = None  # a BatchNormAct2d call to unfold first
+
+
+@dataclass
+class _Site:
+    name: str
+    call: LayerCall
+    kind: str  # "conv" (spatial conv), "pointwise" (1x1 conv in an MLP), "linear"
+    in_features: int
+    out_features: int
+    points: list[_Point] = field(default_factory=list)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+
+def _shape(node: Node) -> tuple[int, ...] | None:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _branch_padding(in_hw, out_hw, stride, kernel) -> tuple[int, int] | None:
+    """The padding a 1x1 conv of ``stride`` needs to map ``in_hw`` to ``out_hw``, if any."""
+    pads = []
+    for h, o, s, k in zip(in_hw, out_hw, stride, kernel):
+        p = next((p for p in range(max(k, 1)) if (h + 2 * p - 1) // s + 1 == o), None)
+        if p is None:
+            return None
+        pads.append(p)
+    return tuple(pads)
+
+
+def _is_ghost_neuron(node: Node) -> bool:
+    # GhostNeuronPass (run before this pass) reads the pre-activation value with its own nodes;
+    # the skip edge must feed them too, or the soft and the hard activation would see different inputs
+    return (node.meta.get("fxsparse") or {}).get("group") == "ghost_neurons"
+
+
+def _site_name(call: LayerCall, taken: set[str]) -> str:
+    base = call.layer.name.replace(".", "_") or "root"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+# --------------------------------------------------------------------------- the pass
+class GhostSkipPass(FxSparsePass):
+    """Add ToST's ghost skip connections to every matching conv (and, optionally, MLP) site.
+
+    Args:
+        init: the constant the branch weights start at (ToST: 1e-4).
+        masked_branch: mask each branch weight with a random bool mask at the density of the
+            main layer's mask (``fxsparse.masks.<weight>``; density 1 when it has none), stored as
+            the ``mask`` buffer of the branch. ToST's branches are dense.
+        include_linear: also add branches around the activation of MLP blocks (``Linear`` or 1x1
+            conv -> activation -> ``Linear`` or 1x1 conv, on more than one position per sample).
+        initial_gate: the value the gate ``fxsparse.gates.ghost_skips`` starts at (1 = on).
+        min_kernel: a conv is spatial (gets a branch) when some kernel dimension is at least this.
+        linear_norm: the norm after a ``Linear`` branch: ``"batch"`` (per-feature statistics over
+            all tokens, ToST's BatchNorm applied to tokens; default), ``"layer"`` or ``"none"``.
+        seed: seeds the random branch masks (per site, independent of graph order).
+
+    Stats: ``edges`` (merge points added), ``conv_edges``, ``mlp_edges``, ``unfolded``
+    (BatchNormAct2d leaves split), ``skipped`` (candidates refused; reasons in ``self.skipped``
+    and the log), ``nodes``. ``self.sites`` maps each site to its layer, merge points and branch.
+    """
+
+    group = GROUP
+
+    def __init__(
+        self,
+        *,
+        init: float = 1e-4,
+        masked_branch: bool = False,
+        include_linear: bool = False,
+        initial_gate: float = 1.0,
+        min_kernel: int = 2,
+        linear_norm: str = "batch",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not math.isfinite(init):
+            raise ValueError(f"init must be finite; got {init}")
+        if not 0.0 <= initial_gate <= 1.0:
+            raise ValueError(f"initial_gate must lie in [0, 1]; got {initial_gate}")
+        if min_kernel < 1:
+            raise ValueError(f"min_kernel must be at least 1; got {min_kernel}")
+        if linear_norm not in LINEAR_NORMS:
+            raise ValueError(f"linear_norm must be one of {LINEAR_NORMS}; got {linear_norm!r}")
+        self.init = float(init)
+        self.masked_branch = masked_branch
+        self.include_linear = include_linear
+        self.initial_gate = float(initial_gate)
+        self.min_kernel = min_kernel
+        self.linear_norm = linear_norm
+        self.seed = seed
+        self.sites: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ checks
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        if tagged_nodes(gm, group=GROUP) or container(gm, GROUP, create=False) is not None:
+            raise PassError(
+                "GhostSkipPass: this graph already has ghost skip connections; remove them first "
+                "(fxsparse.passes.ghost_skips.remove_ghost_skips(gm)) or keep the ones it has."
+            )
+        if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+            raise PassError(
+                "GhostSkipPass needs the tensor shapes fxsparse.trace records (node.meta['tensor_meta']) "
+                "to match branch shapes; trace with example inputs: fxsparse.trace(model, example_inputs)."
+            )
+
+    def ensures(self, gm: GraphModule) -> None:
+        super().ensures(gm)
+        sub = container(gm, GROUP, create=False)
+        for node in tagged_nodes(gm, group=GROUP, role="branch"):
+            site = node.meta["fxsparse"]["site"]
+            if sub is None or site not in sub._modules:
+                raise PassError(f"GhostSkipPass: branch node {node.name} calls a missing module {site!r}")
+        for node in tagged_nodes(gm, group=GROUP, role="merge"):
+            if not node.users:
+                raise PassError(f"GhostSkipPass: merge node {node.name} feeds nothing")
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, gm: GraphModule) -> list[_Site]:
+        sites, taken = [], set()
+        for node in list(gm.graph.nodes):
+            call = layer_call(gm, node)
+            if call is None:
+                continue
+            kind = self._candidate_kind(call)
+            if kind is None:
+                continue
+            reaches = activation_reach(gm, node, max_adds=1 if kind == "conv" else 0, is_activation=_is_ghost_neuron)
+            if not reaches:
+                continue  # no activation next: not a skip-edge site
+            if kind != "conv":
+                why = self._not_mlp(gm, call)
+                if why:
+                    log.debug("GhostSkipPass: %s is not in an MLP block: %s", call.layer.name, why)
+                    continue
+            name = _site_name(call, taken)
+            try:
+                sites.append(self._site(gm, name, call, kind, reaches))
+            except _Skip as skip:
+                self.skipped[name] = f"{skip.kind}: {skip}"
+                self.stats["skipped"] += 1
+                log.info("GhostSkipPass: no edge at %s (%s): %s", name, skip.kind, skip)
+        return sites
+
+    def _candidate_kind(self, call: LayerCall) -> str | None:
+        if call.kind == "conv":
+            if call.transposed or len(call.kernel_size) != 2:
+                return None  # ToST's branch is a 1x1 Conv2d + BatchNorm2d: 2-D convolutions only
+            if max(call.kernel_size) >= self.min_kernel:
+                return "conv"
+            if self.include_linear and call.stride == (1, 1):
+                return "pointwise"
+            return None
+        return "linear" if self.include_linear else None
+
+    def _site(self, gm: GraphModule, name: str, call: LayerCall, kind: str, reaches: list[PreActivation]) -> _Site:
+        x_shape, out_shape = _shape(call.input), _shape(call.node)
+        if x_shape is None or out_shape is None:
+            raise _Skip("no_shape", f"no tensor shapes recorded at {call.node.name}")
+        site = _Site(name, call, kind, call.in_channels, call.out_channels)
+        if kind == "linear":
+            if x_shape[-1] != call.in_channels or x_shape[:-1] != out_shape[:-1]:
+                raise _Skip("shape", f"linear input {x_shape} and output {out_shape} do not fit a token-wise branch")
+        else:
+            if len(x_shape) != 4 or x_shape[1] != call.in_channels:
+                raise _Skip("shape", f"conv input of shape {x_shape}, expected N x {call.in_channels} x H x W")
+            padding = _branch_padding(x_shape[2:], out_shape[2:], call.stride, call.kernel_size)
+            if padding is None:
+                raise _Skip("shape", f"no 1x1 conv of stride {call.stride} maps {x_shape[2:]} to {out_shape[2:]} "
+                                     f"(kernel {call.kernel_size})")
+            site.stride, site.padding = tuple(call.stride), padding
+        for point in self._points(gm, reaches):
+            if _shape(point.value) != out_shape:
+                raise _Skip("shape", f"the value before {point.activations[0].name} has shape "
+                                     f"{_shape(point.value)}, the branch would give {out_shape}")
+            site.points.append(point)
+        return site
+
+    def _not_mlp(self, gm: GraphModule, call: LayerCall) -> str | None:
+        """None when a pointwise layer sits in an MLP block (layer -> act -> pointwise layer), else why not."""
+        out_shape = _shape(call.node)
+        if out_shape is None:
+            return "no tensor shapes recorded"
+        positions = math.prod(out_shape[2:]) if call.kind == "conv" else math.prod(out_shape[1:-1])
+        if positions <= 1:
+            # squeeze-excitation gates and classifier heads: one position per sample, not a token MLP
+            return f"one position per sample (output {out_shape})"
+        chains = channel_chains(gm, [call.layer]) if not call.layer.inside_leaf else []
+        consumer = chains[0].single_consumer if chains else None
+        nxt = layer_call(gm, consumer.node) if consumer is not None else None
+        if nxt is None or not (nxt.kind == "linear" or (
+                len(nxt.kernel_size) == 2 and max(nxt.kernel_size) == 1 and not nxt.transposed)):
+            return "its activation does not feed exactly one pointwise layer"
+        return None
+
+    def _points(self, gm: GraphModule, reaches: list[PreActivation]) -> list[_Point]:
+        """Group the activations reached by the value they read; check each can take a merge."""
+        points: dict[Node, _Point] = {}
+        for r in reaches:
+            if r.inside_leaf:
+                reason = _unfoldable(gm.get_submodule(r.activation.target)) if r.activation.op == "call_module" else (
+                    f"activation inside {r.activation.format_node()}")
+                if reason is not None:
+                    raise _Skip("leaf", reason)
+                points[r.activation] = _Point(r.value, [r.activation], leaf=r.activation)
+            else:
+                points.setdefault(r.value, _Point(r.value, [])).activations.append(r.activation)
+        for p in points.values():
+            if p.leaf is not None:
+                continue
+            others = [u for u in p.value.users if u not in p.activations]
+            inplace = [a for a in p.activations if _inplace(gm, a)]
+            if inplace and others:
+                raise _Skip("inplace", f"{inplace[0].name} works in place on {p.value.name}, which "
+                                       f"{others[0].name} also reads")
+        return list(points.values())
+
+    # ------------------------------------------------------------------ rewrite
+    def call(self, gm: GraphModule) -> PassResult:
+        self.sites, self.skipped = {}, {}
+        plan = self._plan(gm)
+        if not plan:
+            log.info("GhostSkipPass: no conv reaches an activation through channel-wise ops; nothing to add")
+            return PassResult(gm, False)
+        gate_target = gates.register(gm, GROUP, self.initial_gate)
+        gate_meta = _extract_tensor_metadata(gm.get_buffer(gate_target))
+        sub = container(gm, GROUP)
+        unfolded: dict[Node, tuple[Node, Node]] = {}  # leaf call -> (act node, value before it)
+        for site in plan:
+            # an earlier site may have unfolded the leaf that produces this conv's input
+            x = site.call.input
+            x = unfolded[x][0] if x in unfolded else x
+            branch_node = self._add_branch(gm, sub, site, x)
+            merges = []
+            for point in site.points:
+                if point.leaf is not None:
+                    if point.leaf not in unfolded:
+                        unfolded[point.leaf] = self._unfold(gm, point.leaf, site.name)
+                    act, value = unfolded[point.leaf]
+                    activations = [act]
+                else:
+                    activations, value = point.activations, point.value
+                merges.append(self._merge(gm, site, branch_node, value, activations, gate_target, gate_meta))
+            self.stats["edges"] += len(merges)
+            self.stats["conv_edges" if site.kind == "conv" else "mlp_edges"] += len(merges)
+            self.sites[site.name] = {
+                "layer": site.call.layer.name, "kind": site.kind, "branch": branch_node.name,
+                "merges": [m.name for m in merges],
+                "before": [a.name for m in merges for a in m.users],
+            }
+            log.debug("GhostSkipPass: %s: %s -> %s", site.name, site.call.input.name, self.sites[site.name]["before"])
+        self.stats["nodes"] = len(tagged_nodes(gm, group=GROUP))
+        return PassResult(gm, True)
+
+    def _add_branch(self, gm: GraphModule, sub: nn.Module, site: _Site, x: Node) -> Node:
+        w = gm.get_parameter(site.call.layer.weight) if _is_param(gm, site.call.layer.weight) else None
+        factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
+        branch = GhostSkipBranch(
+            site.in_features, site.out_features, kind="linear" if site.kind == "linear" else "conv",
+            stride=site.stride, padding=site.padding, init=self.init,
+            norm=self.linear_norm if site.kind == "linear" else "batch", **factory,
+        )
+        if self.masked_branch:
+            branch.mask = self._random_mask(gm, site, branch.weight)
+        sub.add_module(site.name, branch)
+        graph = gm.graph
+        # read the conv's input where the conv reads it: a later in-place op cannot have changed it
+        with graph.inserting_before(site.call.node):
+            node = graph.call_module(f"{CONTAINER}.{GROUP}.{site.name}", (x,))
+        self.tag(node, "branch", site=site.name)
+        return node
+
+    def _random_mask(self, gm: GraphModule, site: _Site, weight: torch.Tensor) -> torch.Tensor:
+        from fxsparse.passes.mask import get_mask
+
+        main = get_mask(gm, site.call.layer.weight)
+        density = float(main.float().mean()) if main is not None else 1.0
+        keep = max(1, round(density * weight.numel()))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(site.name.encode()))
+        mask = torch.zeros(weight.numel(), dtype=torch.bool)
+        mask[torch.randperm(weight.numel(), generator=gen)[:keep]] = True
+        return mask.view(weight.shape).to(weight.device)
+
+    def _merge(self, gm, site: _Site, branch: Node, value: Node, activations: list[Node], gate_target: str, gate_meta) -> Node:
+        """``value + gate * branch``, read by ``activations`` (and ghost-neuron nodes) instead of ``value``."""
+        graph = gm.graph
+        # a previous site may already have merged here: chain onto what the activation reads now
+        cur = activations[0].args[0]
+        readers = [u for u in cur.users if u in activations or _is_ghost_neuron(u)]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min(readers, key=order.__getitem__)
+        with graph.inserting_before(first):
+            gate = self.tag(graph.get_attr(gate_target), "gate", site=site.name)
+            scaled = self.tag(graph.call_function(operator.mul, (gate, branch)), "scaled", site=site.name)
+            merge = self.tag(graph.call_function(operator.add, (cur, scaled)), "merge", site=site.name)
+        gate.meta["tensor_meta"] = gate_meta
+        for n in (branch, scaled, merge):
+            n.meta["tensor_meta"] = value.meta.get("tensor_meta")
+        for reader in readers:
+            reader.replace_input_with(cur, merge)
+        return merge
+
+    def _unfold(self, gm: GraphModule, leaf: Node, site: str) -> tuple[Node, Node]:
+        """Split a BatchNormAct2d call into BatchNorm, drop and act calls; (act node, its input)."""
+        graph, m, target = gm.graph, gm.get_submodule(leaf.target), leaf.target
+        (x,) = leaf.args
+        extra = {"site": site, "leaf": target}
+        with graph.inserting_before(leaf):
+            mod = self.tag(graph.get_attr(target), "unfold", part="module", **extra)
+            value = self.tag(graph.call_function(batch_norm_part, (mod, x)), "unfold", part="norm", **extra)
+            parts = [value]
+            if not isinstance(m.drop, nn.Identity):
+                value = self.tag(graph.call_module(f"{target}.drop", (value,)), "unfold", part="drop", **extra)
+                parts.append(value)
+            act = self.tag(graph.call_module(f"{target}.act", (value,)), "unfold", part="act", **extra)
+        for n in (*parts, act):
+            n.meta["tensor_meta"] = leaf.meta.get("tensor_meta")  # norm, drop and act keep the shape
+        act.meta["nn_module_stack"] = leaf.meta.get("nn_module_stack")
+        leaf.replace_all_uses_with(act)
+        graph.erase_node(leaf)
+        self.stats["unfolded"] += 1
+        return act, value
+
+
+def _is_param(gm: nn.Module, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _inplace(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        if getattr(node.target, "__name__", "").endswith("_") or node.kwargs.get("inplace", False):
+            return True
+        return any(a is True for a in node.args[1:])
+    return False
+
+
+# --------------------------------------------------------------------------- removal
+class RemoveGhostSkipsPass(FxSparsePass):
+    """Delete every ghost skip connection: tagged nodes, unfolded leaves, branch modules, gate.
+
+    The graph afterwards is structurally identical (``fxsparse.graph.same_structure``) to the one
+    ``GhostSkipPass`` started from and computes what the ghosted graph computed at gate 0.
+    """
+
+    group = GROUP
+
+    def call(self, gm: GraphModule) -> PassResult:
+        graph = gm.graph
+        nodes = tagged_nodes(gm, group=GROUP)
+        for node in nodes:
+            tag = node.meta["fxsparse"]
+            if tag["role"] == "merge":
+                node.replace_all_uses_with(node.args[0])
+                self.stats["edges"] += 1
+            elif tag["role"] == "unfold" and tag.get("part") == "norm":
+                self._fold(gm, node)
+        for node in reversed(nodes):
+            if node.users:
+                raise PassError(f"RemoveGhostSkipsPass: {node.format_node()} is still used by "
+                                f"{[u.name for u in node.users]}; the graph was edited after GhostSkipPass")
+            graph.erase_node(node)
+            self.stats["nodes_removed"] += 1
+        had = container(gm, GROUP, create=False) is not None
+        delete_container(gm, GROUP)
+        gates.unregister(gm, GROUP)
+        return PassResult(gm, bool(nodes) or had)
+
+    def _fold(self, gm: GraphModule, norm: Node) -> None:
+        """Put the BatchNormAct2d call back in place of its unfolded norm/drop/act nodes."""
+        leaf = norm.meta["fxsparse"]["leaf"]
+        act = next(n for n in tagged_nodes(gm, group=GROUP, role="unfold")
+                   if n.meta["fxsparse"].get("part") == "act" and n.meta["fxsparse"]["leaf"] == leaf)
+        with gm.graph.inserting_before(norm):
+            restored = gm.graph.call_module(leaf, (norm.args[1],))
+        restored.meta.update({k: v for k, v in act.meta.items() if k != "fxsparse"})
+        act.replace_all_uses_with(restored)
+        self.stats["folded"] += 1
+
+
+def remove_ghost_skips(gm: GraphModule) -> GraphModule:
+    """Remove every ghost skip connection from ``gm`` in place (see ``RemoveGhostSkipsPass``)."""
+    return RemoveGhostSkipsPass()(gm).graph_module
