@@ -38,7 +38,7 @@ SMOOTHING_FORMS = ("tost", "torch")  # eps/(C-1) on every other class, or torch'
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine", "constant")
 # Used when fxsparse.masks does not say which methods it has (it states them as METHODS).
-MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "file")
+MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp", "file")
 MASK_DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 _TOP = ("name", "description", "extends", "masks", "label_smoothing", "training")
@@ -357,7 +357,8 @@ def _mask_spec(source: str, table: Any) -> PassSpec:
     enabled = c.bool("enabled", True)
     method = c.choice("method", "random", methods)
     sparsity = c.number("sparsity", 0.9, 0.0, 1.0, hi_open=True)
-    distribution = c.choice("distribution", "erk", distributions)
+    # no distribution: the method's own default (fxsparse.masks: erk for random, global otherwise)
+    distribution = c.choice("distribution", None, distributions) if "distribution" in c.table else None
     path = c.string("path", None)
     if method == "file" and not path:
         c.fail("path", path, "a path to a mask file (fxsparse.masks.save) when method = 'file'")

@@ -237,10 +237,7 @@ def transform(
 def _compute_masks(gm: GraphModule, recipe, data, loss_fn) -> dict[str, torch.Tensor]:
     import fxsparse.masks as masks_mod
 
-    options = dict(recipe.masks.options)
-    if options.get("method") == "file":
-        return masks_mod.load(options["path"])
-    options.pop("path", None)
-    method, sparsity, distribution = options.pop("method"), options.pop("sparsity"), options.pop("distribution")
-    return masks_mod.compute(gm, method=method, sparsity=sparsity, distribution=distribution,
-                             data=data, loss_fn=loss_fn, **options)
+    options = dict(recipe.masks.options)  # method, sparsity, distribution, path (file), method options
+    if loss_fn is not None:
+        options["loss_fn"] = loss_fn
+    return masks_mod.compute(gm, data=data, **options)

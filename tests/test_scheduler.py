@@ -34,6 +34,9 @@ class ToySkipPass(FxSparsePass):
 
     group = GROUP
 
+    def __init__(self, *, init: float = 1e-4, masked_branch: bool = False):  # tost.toml's ghost_skips options
+        super().__init__()
+
     def call(self, gm):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         logits, x = out.args[0], next(n for n in gm.graph.nodes if n.op == "placeholder")
