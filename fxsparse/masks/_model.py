@@ -1,0 +1,105 @@
+"""What the scorers share: the private copy they run on, data batches, forward passes, seeding.
+
+Scoring never touches the user's model: every score that needs a forward pass runs on a deep copy
+whose selected weights are the leaves autograd differentiates. Gradients are taken with respect to
+the copy's own ``nn.Parameter`` objects, so weights held inside modules the tracer keeps as leaves
+(CondConv2d, NormFreeBlock, ``nn.MultiheadAttention.in_proj_weight``) are scored like any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import MaskError
+
+Batch = tuple[Any, Any]
+
+
+def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """A deep copy of ``model`` in train or eval mode and its parameters named ``names``.
+
+    Only those parameters require grad on the copy: backward then skips every other weight.
+    """
+    work = copy.deepcopy(model)
+    work.train(train)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    params = {}
+    for name in names:
+        p = work.get_parameter(name)
+        p.requires_grad_(True)
+        params[name] = p
+    return work, params
+
+
+def as_batches(data: Iterable[Batch] | None, method: str) -> list[Batch]:
+    """The (inputs, targets) batches as a list, so that a method can pass over them twice."""
+    if data is None:
+        raise MaskError(
+            f"method {method!r} scores weights with gradients of the loss and needs data: pass "
+            f"data=an iterable of (inputs, targets) batches (a DataLoader or a list)."
+        )
+    batches = list(data)
+    if not batches:
+        raise MaskError(f"method {method!r} got an empty data iterable; pass at least one (inputs, targets) batch.")
+    for i, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise MaskError(
+                f"data batch {i} is a {type(batch).__name__}, not an (inputs, targets) pair; "
+                f"method {method!r} needs targets to compute the loss."
+            )
+    return batches
+
+
+def device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on a batch's inputs (a tensor, or a tuple/list of positional inputs)."""
+    device = device_of(model)
+    if isinstance(inputs, (tuple, list)):
+        return model(*(_to(x, device) for x in inputs))
+    return model(_to(inputs, device))
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def targets_on(targets: Any, model: nn.Module) -> Any:
+    return _to(targets, device_of(model))
+
+
+def output_sum(out: Any) -> torch.Tensor:
+    """The sum of every tensor in a model output (a tensor, a tuple/list or a dict of tensors)."""
+    if isinstance(out, torch.Tensor):
+        return out.sum()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        parts = [output_sum(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, dict))]
+        if parts:
+            return torch.stack(parts).sum()
+    raise MaskError(f"cannot sum a model output of type {type(out).__name__}; SynFlow needs tensor outputs.")
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout/drop-path during scoring without disturbing the caller's global RNG state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def grads(loss: torch.Tensor, params: dict[str, nn.Parameter], *, create_graph: bool = False) -> dict[str, torch.Tensor]:
+    """d loss / d param for each parameter; a parameter the loss does not reach gets zeros."""
+    got = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), got)}

@@ -1,0 +1,215 @@
+"""``compute``: masks for a model by any method, at exactly the requested sparsity."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule
+
+from ..errors import MaskError
+from ..graph import Layer
+from . import io, scores, synflow
+from .distribution import DISTRIBUTIONS, logical_shape
+from .imp import imp_masks
+from .ranking import make_budget
+from .report import MaskReport
+from .selection import select_layers, traced
+
+__all__ = ["compute", "score", "METHODS"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp", "file")
+DATA_METHODS = ("taylor", "snip", "grasp")
+# the distribution each method uses when none is given: ToST prunes every score with one global
+# threshold (scope="global"); random pruning defaults to ERK (Liu et al. 2022's best)
+DEFAULT_DISTRIBUTION = {m: "global" for m in METHODS} | {"random": "erk"}
+# the options each method accepts as keyword arguments of compute()
+OPTIONS = {
+    "random": (), "magnitude": (),
+    "taylor": ("train_mode",), "snip": ("train_mode",), "grasp": ("train_mode", "temperature", "eps"),
+    "synflow": ("rounds", "input_shape", "dtype"),
+    "imp": ("train_fn", "rounds", "rate", "rewind_state"),
+    "file": ("path",),
+}
+
+
+def compute(
+    model_or_gm: nn.Module,
+    method: str,
+    sparsity: float | None = None,
+    distribution: str | None = None,
+    data: Iterable | None = None,
+    loss_fn: Callable = F.cross_entropy,
+    *,
+    seed: int = 0,
+    min_per_layer: int = 0,
+    layers: Sequence[Layer | str] | None = None,
+    **method_opts: Any,
+) -> dict[str, torch.Tensor]:
+    """Masks (``{parameter name: bool tensor shaped like the weight}``) keeping ``1 - sparsity``
+    of the selected weights, exactly.
+
+    Args:
+        model_or_gm: the model (traced here to find its layers) or its GraphModule. Never
+            modified: scores that run the model run a deep copy.
+        method: ``random``, ``magnitude``, ``taylor``, ``snip``, ``grasp``, ``synflow``, ``imp`` or
+            ``file`` (see docs/masks.md for each formula and its source).
+        sparsity: fraction of the selected weights removed, in [0, 1). Optional for ``file``
+            (checked against the file's when given).
+        distribution: ``global`` (one threshold over all layers), ``uniform``, ``er`` or ``erk``
+            (per-layer counts). Default: ``erk`` for random, ``global`` for the others (ToST).
+        data: iterable of (inputs, targets) batches, for taylor, snip and grasp (and synflow's
+            input shape). Passed over once (twice for grasp).
+        loss_fn: ``loss_fn(outputs, targets)``, cross-entropy by default.
+        seed: seeds random scores and any dropout while scoring.
+        min_per_layer: keep at least this many weights in every layer (all of a smaller layer),
+            taken from the globally lowest-ranked kept weights so the total stays exact.
+        layers: the layers to mask (Layers or weight names); default ``select_layers(model)``.
+        method_opts: ``train_mode`` (taylor/snip/grasp, default True), ``temperature``/``eps``
+            (grasp, 200 / 1e-10), ``rounds``/``input_shape``/``dtype`` (synflow, 100 rounds),
+            ``train_fn``/``rounds``/``rate``/``rewind_state`` (imp), ``path`` (file).
+
+    Raises ``MaskError`` for impossible requests. Warns (``LayerCollapseWarning``) when a layer
+    keeps no weights.
+    """
+    method, distribution = _check_request(method, sparsity, distribution, min_per_layer, method_opts)
+    gm = traced(model_or_gm)
+    names = _layer_names(gm, layers)
+    if method == "file":
+        masks = _from_file(gm, sparsity, **method_opts)
+        _finish(masks, method, None, sparsity)
+        return masks
+    budget = make_budget(_shapes(gm, names), sparsity, distribution, min_per_layer)
+    runner = model_or_gm  # the user's own module (or GraphModule) runs the forward passes
+    if method == "synflow":
+        opts = dict(method_opts)
+        opts["input_shape"] = _input_shape(opts.get("input_shape"), data, gm, model_or_gm)
+        masks = synflow.synflow_masks(runner, names, budget, **opts)
+    elif method == "imp":
+        masks = imp_masks(runner, names, budget, **method_opts)
+    else:
+        raw = score(runner, method, data, loss_fn, layers=names, seed=seed, **method_opts)
+        masks = budget.select(raw)
+    _finish(masks, method, distribution, sparsity)
+    return masks
+
+
+def score(
+    model_or_gm: nn.Module,
+    method: str,
+    data: Iterable | None = None,
+    loss_fn: Callable = F.cross_entropy,
+    *,
+    layers: Sequence[Layer | str] | None = None,
+    seed: int = 0,
+    **method_opts: Any,
+) -> dict[str, torch.Tensor]:
+    """The raw scores of a one-shot method (higher = kept): ``{parameter name: scores}``.
+
+    ``synflow`` gives its first round's scores (nothing pruned yet).
+    """
+    if method not in ("random", "magnitude", *DATA_METHODS, "synflow"):
+        raise MaskError(f"score() computes one-shot scores: random, magnitude, {', '.join(DATA_METHODS)}, synflow; got {method!r}.")
+    _check_options(method, method_opts)
+    if layers is None:
+        names = [l.weight for l in select_layers(model_or_gm)]
+    else:
+        names = [l.weight if isinstance(l, Layer) else l for l in layers]
+    if method == "random":
+        return scores.random_scores(model_or_gm, names, seed=seed)
+    if method == "magnitude":
+        return scores.magnitude_scores(model_or_gm, names)
+    if method == "synflow":
+        opts = dict(method_opts)
+        opts.pop("rounds", None)
+        opts["input_shape"] = _input_shape(opts.get("input_shape"), data, None, model_or_gm)
+        return synflow.synflow_scores(model_or_gm, names, **opts)
+    fn = {"taylor": scores.taylor_scores, "snip": scores.snip_scores, "grasp": scores.grasp_scores}[method]
+    return fn(model_or_gm, names, data, loss_fn, seed=seed, **method_opts)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_request(method, sparsity, distribution, min_per_layer, opts) -> tuple[str, str]:
+    if method not in METHODS:
+        raise MaskError(f"unknown mask method {method!r}; choose one of {', '.join(METHODS)}.")
+    distribution = DEFAULT_DISTRIBUTION[method] if distribution is None else distribution
+    if distribution not in DISTRIBUTIONS:
+        raise MaskError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
+    if sparsity is None and method != "file":
+        raise MaskError(f"method {method!r} needs a sparsity (fraction of weights removed, in [0, 1)).")
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise MaskError(
+                f"sparsity is the fraction of weights removed and must be in [0, 1); got {sparsity!r}"
+                + (" (did you pass a percentage? use 0.9 for 90%)" if isinstance(sparsity, (int, float)) and 1 < sparsity <= 100 else "")
+                + "."
+            )
+    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
+        raise MaskError(f"min_per_layer must be a non-negative int, got {min_per_layer!r}.")
+    _check_options(method, opts)
+    return method, distribution
+
+
+def _check_options(method: str, opts: dict[str, Any]) -> None:
+    unknown = sorted(set(opts) - set(OPTIONS[method]))
+    if unknown:
+        allowed = ", ".join(OPTIONS[method]) or "none"
+        raise MaskError(f"method {method!r} takes no option(s) {', '.join(unknown)} (its options: {allowed}).")
+
+
+def _layer_names(gm: GraphModule, layers: Sequence[Layer | str] | None) -> list[str]:
+    if layers is None:
+        names = [l.weight for l in select_layers(gm)]
+    else:
+        names = [l.weight if isinstance(l, Layer) else l for l in layers]
+        params = dict(gm.named_parameters())
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise MaskError(f"layers names parameters the model does not have: {unknown[:10]}.")
+    if not names:
+        raise MaskError("no conv/linear weights selected: there is nothing to mask.")
+    return names
+
+
+def _shapes(gm: GraphModule, names: list[str]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for n in names:
+        owner, _, _ = n.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        out[n] = logical_shape(module, tuple(gm.get_parameter(n).shape))
+    return out
+
+
+def _input_shape(given, data, gm: GraphModule | None, model: nn.Module) -> tuple[int, ...]:
+    """SynFlow's input shape (without batch): given, else the first data batch's, else the trace's."""
+    if given is not None:
+        return tuple(given)
+    if data is not None:
+        for inputs, _ in data:
+            first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+            return tuple(first.shape[1:])
+    info = (gm.meta if gm is not None else getattr(model, "meta", {})).get("fxsparse")
+    if info is not None and getattr(info, "input_shapes", None):
+        return tuple(info.input_shapes[0][1:])
+    from ..trace import default_example_inputs
+
+    return tuple(default_example_inputs(model)[0].shape[1:])
+
+
+def _from_file(gm: GraphModule, sparsity: float | None, *, path) -> dict[str, torch.Tensor]:
+    masks = io.load(path, gm)
+    if sparsity is not None:
+        achieved = MaskReport.from_masks(masks).achieved_sparsity
+        if abs(achieved - sparsity) > 1e-3:
+            raise MaskError(f"{path!r} has sparsity {achieved:.4f}, not the requested {sparsity:.4f}.")
+    return masks
+
+
+def _finish(masks: dict[str, torch.Tensor], method: str, distribution: str | None, sparsity: float | None) -> None:
+    report = MaskReport.from_masks(masks, requested_sparsity=sparsity, method=method, distribution=distribution)
+    log.info("%s", report.summary())
+    report.warn_collapse(stacklevel=4)

@@ -1,0 +1,160 @@
+"""From scores to masks: keep exactly the requested number of highest-scored weights.
+
+ToST's pruner thresholds with ``torch.kthvalue`` and keeps ``score > threshold``; with tied scores
+that keeps fewer weights than asked. Here the count is exact: the weights strictly above the
+k-th largest score are kept, then as many tied weights as still fit, lowest index first (layers
+in graph order, each flattened row-major), so the same scores always give the same mask.
+
+A :class:`Budget` says how many weights to keep: one global count (``global`` distribution: one
+threshold over all layers, the original's ``scope="global"``) or exact per-layer counts (uniform,
+ER, ERK), plus a per-layer minimum. ``Budget.at_fraction(t)`` is the budget of an iterative
+method's intermediate round, density ``d ** t`` (SynFlow's exponential schedule).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import MaskError
+from .distribution import apportion, layer_densities
+
+__all__ = ["Budget", "top_k", "make_budget"]
+
+
+def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of a 1-D tensor, ties going to the lower index."""
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    threshold = values.kthvalue(n - k + 1).values  # the k-th largest value
+    keep = values > threshold
+    missing = k - int(keep.sum())
+    tied = (values == threshold).nonzero().squeeze(1)[:missing]
+    keep[tied] = True
+    return keep
+
+
+def rankable(score: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
+    """Flat float scores safe to rank: NaN ranks lowest among live weights, dead weights below all."""
+    s = score.detach().flatten()
+    s = s.double() if s.dtype == torch.float64 else s.float()
+    low = torch.finfo(s.dtype).min
+    s = torch.nan_to_num(s, nan=low, posinf=torch.finfo(s.dtype).max, neginf=low)
+    if alive is not None:
+        s = s.masked_fill(~alive.flatten().to(s.device), float("-inf"))
+    return s
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many weights to keep: in all (``keep``), and per layer unless the threshold is global."""
+
+    numels: dict[str, int]
+    keep: int
+    per_layer: dict[str, int] | None = None  # None: one global threshold
+    min_per_layer: int = 0
+    floors: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "floors", {n: min(self.min_per_layer, v) for n, v in self.numels.items()})
+
+    @property
+    def total(self) -> int:
+        return sum(self.numels.values())
+
+    def at_fraction(self, t: float) -> Budget:
+        """The budget of density ``d ** t`` (``t`` in (0, 1]; ``t = 1`` is this budget)."""
+        if t >= 1:
+            return self
+        if self.per_layer is None:
+            keep = max(self.keep, round(self.total * (self.keep / self.total) ** t))
+            return Budget(self.numels, keep, None, self.min_per_layer)
+        per_layer = {
+            n: max(c, round(self.numels[n] * (c / self.numels[n]) ** t)) for n, c in self.per_layer.items()
+        }
+        return Budget(self.numels, sum(per_layer.values()), per_layer, self.min_per_layer)
+
+    def select(self, scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Bool masks (shaped like the scores) keeping the highest scores within this budget.
+
+        ``alive`` masks of an earlier round rank every weight they pruned below all live ones, so
+        an iterative method never revives a pruned weight while live ones remain.
+        """
+        ranked = {n: rankable(scores[n], None if alive is None else alive[n]) for n in self.numels}
+        if self.per_layer is None:
+            device = next(iter(ranked.values())).device
+            flat = torch.cat([r.to(device) for r in ranked.values()])
+            chosen = torch.split(top_k(flat, self.keep), list(self.numels.values()))
+            keep = {n: c.to(ranked[n].device) for n, c in zip(self.numels, chosen)}
+            keep = self._raise_to_floors(keep, ranked)
+        else:
+            keep = {n: top_k(ranked[n], self.per_layer[n]) for n in self.numels}
+        return {n: keep[n].view(scores[n].shape) for n in self.numels}
+
+    def _raise_to_floors(self, keep: dict[str, torch.Tensor], ranked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Give every layer at least its floor, taking the weights from the lowest-ranked kept ones
+        of layers above their floor, so the total stays exact."""
+        kept = {n: int(k.sum()) for n, k in keep.items()}
+        short = {n: self.floors[n] - kept[n] for n in keep if kept[n] < self.floors[n]}
+        if not short:
+            return keep
+        keep = {n: k.clone() for n, k in keep.items()}
+        for n, need in short.items():
+            free = (~keep[n]).nonzero().squeeze(1)
+            keep[n][free[top_k(ranked[n][free], need)]] = True
+        # candidates to drop: in each donor layer, its lowest-ranked kept weights above the floor
+        donors, idx, vals = [], [], []
+        for n in keep:
+            spare = kept[n] - self.floors[n] if n not in short else 0
+            if spare > 0:
+                held = keep[n].nonzero().squeeze(1)
+                lowest = held[top_k(-ranked[n][held], spare)]
+                donors += [n] * lowest.numel()
+                idx.append(lowest.cpu())
+                vals.append(ranked[n][lowest].cpu())
+        idx_all, vals_all = torch.cat(idx), torch.cat(vals)
+        drop = top_k(-vals_all, sum(short.values())).nonzero().squeeze(1).tolist()
+        for i in drop:
+            keep[donors[i]][idx_all[i]] = False
+        return keep
+
+
+def make_budget(
+    shapes: dict[str, tuple[int, ...]], sparsity: float, distribution: str, min_per_layer: int = 0
+) -> Budget:
+    """The budget for ``sparsity`` (fraction of weights removed) spread by ``distribution``.
+
+    ``shapes`` are ER/ERK's logical weight shapes (see ``distribution.logical_shape``).
+    """
+    numels = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numels.values())
+    keep = total - round(sparsity * total)
+    floors = {n: min(min_per_layer, v) for n, v in numels.items()}
+    if sum(floors.values()) > keep:
+        raise MaskError(
+            f"min_per_layer={min_per_layer} is impossible at sparsity {sparsity:g}: {len(numels)} layers "
+            f"need at least {sum(floors.values()):,} kept weights but only {keep:,} of {total:,} are "
+            f"kept. Lower min_per_layer (at most {keep // max(1, len(numels)):,} here) or the sparsity."
+        )
+    if distribution == "global":
+        return Budget(numels, keep, None, min_per_layer)
+    counts = apportion(numels, layer_densities(shapes, keep, distribution), keep)
+    return Budget(numels, keep, _raise_counts(counts, floors, numels), min_per_layer)
+
+
+def _raise_counts(counts: dict[str, int], floors: dict[str, int], numels: dict[str, int]) -> dict[str, int]:
+    """Per-layer counts lifted to their floors; the extra weights come from the other layers in
+    proportion to how far each is above its floor, so the total is unchanged."""
+    deficit = sum(max(0, floors[n] - c) for n, c in counts.items())
+    if not deficit:
+        return counts
+    lifted = {n: max(c, floors[n]) for n, c in counts.items()}
+    slack = {n: lifted[n] - floors[n] for n in lifted}
+    total_slack = sum(slack.values())
+    share = {n: slack[n] / numels[n] * (1 - deficit / total_slack) for n in slack}  # kept slack density
+    kept_slack = apportion(numels, share, total_slack - deficit)
+    return {n: floors[n] + min(kept_slack[n], slack[n]) for n in lifted}

@@ -1,0 +1,71 @@
+"""SynFlow (Tanaka et al. 2020, "Pruning neural networks without any data by iteratively
+conserving synaptic flow"), as ToST's ``SynFlow`` pruner runs it.
+
+Each round scores ``|w * dR/dw|`` where ``R = sum(f(1; |theta|))``: the model output on a single
+all-ones input with every parameter and buffer replaced by its absolute value, and the weights
+pruned so far set to zero. The round then keeps the top weights at density ``d ** ((e + 1) / rounds)``
+(``e = 0 .. rounds - 1``), so the last round lands exactly on the requested density. No data is
+needed; the input shape comes from ``input_shape``, the first data batch, or the trace.
+
+The model runs in eval mode (BatchNorm uses its running statistics, made absolute like every other
+state entry): in train mode a single constant input has zero batch variance. Tanaka's code also
+prunes in eval mode by default; ToST's example calls the same loop with ``train_mode=True``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import MaskError
+from . import _model
+from .ranking import Budget
+
+__all__ = ["synflow_scores", "synflow_masks"]
+
+
+class _LinearizedCopy:
+    """An eval-mode copy of the model with |theta| everywhere, ready to score rounds on."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], input_shape: Sequence[int], dtype: torch.dtype | None):
+        self.work, self.params = _model.scoring_copy(model, names, train=False)
+        if dtype is not None:
+            self.work.to(dtype)
+        with torch.no_grad():
+            for t in self.work.state_dict().values():  # parameters and buffers, as the original
+                if t.is_floating_point():
+                    t.abs_()
+        self.magnitudes = {n: p.detach().clone() for n, p in self.params.items()}
+        p0 = next(iter(self.params.values()))
+        self.input = torch.ones((1, *input_shape), dtype=p0.dtype, device=p0.device)
+
+    def scores(self, alive: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            if alive is not None:
+                for n, p in self.params.items():
+                    p.copy_(self.magnitudes[n] * alive[n])
+        r = _model.output_sum(self.work(self.input))
+        grads = _model.grads(r, self.params)
+        out = {n: (grads[n] * p.detach()).abs() for n, p in self.params.items()}
+        if not all(torch.isfinite(s).all() for s in out.values()):
+            raise MaskError(
+                "SynFlow scores overflowed (the product of |weights| over the depth of the model is "
+                "not representable in this dtype). Pass dtype=torch.float64 to score in double precision."
+            )
+        return out
+
+
+def synflow_scores(model, names, *, input_shape, dtype=None) -> dict[str, torch.Tensor]:
+    """The scores of SynFlow's first round (nothing pruned yet)."""
+    return _LinearizedCopy(model, names, input_shape, dtype).scores(None)
+
+
+def synflow_masks(model, names, budget: Budget, *, input_shape, rounds: int = 100, dtype=None) -> dict[str, torch.Tensor]:
+    if rounds < 1:
+        raise MaskError(f"synflow needs rounds >= 1, got {rounds}.")
+    linearized = _LinearizedCopy(model, names, input_shape, dtype)
+    alive = None
+    for e in range(rounds):
+        alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
+    return alive

@@ -1,0 +1,528 @@
+"""fxsparse.masks scoring: reference formulas, distributions, exact sparsity, collapse, IMP."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import fxsparse
+from fxsparse.errors import MaskError
+from fxsparse.masks import LayerCollapseWarning, MaskReport, compute, score, select_layers
+from zoo_models import ZOO
+
+TEMP = 200.0
+
+
+# --------------------------------------------------------------------------- tiny models
+class MLP(nn.Module):
+    def __init__(self, d_in=6, hidden=10, classes=4):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """Weights inside a leaf module: nn.MultiheadAttention's in_proj_weight."""
+
+    def __init__(self, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h.mean(1))
+
+
+def mlp_data(n_batches=3, batch=5, d_in=6, classes=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, d_in, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n_batches)]
+
+
+def image_data(n_batches=2, batch=4, size=64, classes=1000, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n_batches)]
+
+
+def seeded(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    return cls(**kw)
+
+
+WEIGHTS = ["fc1.weight", "fc2.weight"]
+
+
+def _loss(model, params, x, y, scale=1.0):
+    return F.cross_entropy(functional_call(model, params, (x,)) / scale, y)
+
+
+def _assert_kept_are_top(masks, ref):
+    """Every kept weight has a reference score >= every pruned one (up to float noise)."""
+    kept = torch.cat([ref[n][masks[n]].flatten() for n in masks])
+    pruned = torch.cat([ref[n][~masks[n]].flatten() for n in masks])
+    scale = torch.cat([r.flatten() for r in ref.values()]).abs().max()
+    assert kept.min() >= pruned.max() - 1e-5 * scale
+
+
+def _global_sparsity(masks):
+    return MaskReport.from_masks(masks).achieved_sparsity
+
+
+# --------------------------------------------------------------------------- reference scores
+def test_taylor_matches_formula():
+    model, data = seeded(MLP), mlp_data()
+    params = dict(model.named_parameters())
+    g = {n: torch.zeros_like(params[n]) for n in WEIGHTS}
+    for x, y in data:  # |(sum over batches of dL_b/dw) * w|
+        grads = torch.autograd.grad(_loss(model, params, x, y), [params[n] for n in WEIGHTS])
+        for n, gr in zip(WEIGHTS, grads):
+            g[n] += gr
+    ref = {n: (g[n] * params[n]).abs().detach() for n in WEIGHTS}
+    got = score(model, "taylor", data)
+    assert set(got) == set(WEIGHTS)
+    for n in WEIGHTS:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+    masks = compute(model, "taylor", 0.7, data=data)
+    _assert_kept_are_top(masks, ref)
+
+
+def test_snip_matches_connection_sensitivity():
+    """SNIP's definition: |dL/dm| at m = 1 for weights w * m, summed over batches, normalized."""
+    model, data = seeded(MLP), mlp_data()
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    m = {n: torch.ones_like(base[n], requires_grad=True) for n in WEIGHTS}
+    for x, y in data:
+        params = {**base, **{n: base[n] * m[n] for n in WEIGHTS}}
+        _loss(model, params, x, y).backward()
+    raw = {n: m[n].grad.abs() for n in WEIGHTS}
+    total = sum(r.sum() for r in raw.values())
+    ref = {n: raw[n] / total for n in WEIGHTS}
+    got = score(model, "snip", data)
+    for n in WEIGHTS:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-9)
+    assert math.isclose(sum(float(s.sum()) for s in got.values()), 1.0, rel_tol=1e-5)
+    _assert_kept_are_top(compute(model, "snip", 0.8, data=data), ref)
+
+
+def test_grasp_matches_hessian_gradient_product():
+    """(H g) * w with logits / 200, H and g of the summed loss; Hg from autograd.functional.hvp."""
+    model, data = seeded(MLP), mlp_data()
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [base[n].shape for n in WEIGHTS]
+    sizes = [base[n].numel() for n in WEIGHTS]
+    theta = torch.cat([base[n].flatten() for n in WEIGHTS])
+
+    def total_loss(flat):
+        ws = dict(zip(WEIGHTS, (c.view(s) for c, s in zip(flat.split(sizes), shapes))))
+        return sum(_loss(model, {**base, **ws}, x, y, TEMP) for x, y in data)
+
+    g = torch.autograd.functional.jacobian(total_loss, theta)
+    _, hg = torch.autograd.functional.hvp(total_loss, theta, g)
+    raw = theta * hg
+    raw = raw / (raw.sum().abs() + 1e-10)
+    ref = {n: c.view(s) for n, c, s in zip(WEIGHTS, raw.split(sizes), shapes)}
+    got = score(model, "grasp", data)
+    for n in WEIGHTS:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7)
+    masks = compute(model, "grasp", 0.6, data=data)
+    _assert_kept_are_top(masks, ref)  # the highest (Hg)*w are kept: the lowest are pruned
+
+
+def _synflow_mlp_scores(model, alive=None):
+    """SynFlow on a ReLU MLP in closed form: R = 1'(|W2| (|W1| 1 + |b1|) + |b2|) (all positive)."""
+    w1, b1 = model.fc1.weight.detach().abs(), model.fc1.bias.detach().abs()
+    w2 = model.fc2.weight.detach().abs()
+    if alive is not None:
+        w1, w2 = w1 * alive["fc1.weight"], w2 * alive["fc2.weight"]
+    h = w1.sum(1) + b1  # hidden activations on the all-ones input
+    return {"fc1.weight": w1 * w2.sum(0)[:, None], "fc2.weight": w2 * h[None, :]}
+
+
+def test_synflow_first_round_matches_closed_form():
+    model = seeded(MLP)
+    got = score(model, "synflow", input_shape=(6,))
+    ref = _synflow_mlp_scores(model)
+    for n in WEIGHTS:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_synflow_iterative_matches_reference_loop():
+    model, sparsity, rounds = seeded(MLP), 0.8, 7
+    total = sum(getattr(model, n.split(".")[0]).weight.numel() for n in WEIGHTS)
+    keep = total - round(sparsity * total)
+    alive = None
+    for e in range(rounds):  # density d^((e+1)/rounds), pruned weights score 0 and stay pruned
+        k = keep if e == rounds - 1 else round(total * (keep / total) ** ((e + 1) / rounds))
+        s = _synflow_mlp_scores(model, alive)
+        flat = torch.cat([s[n].flatten() for n in WEIGHTS])
+        kept = torch.zeros_like(flat, dtype=torch.bool)
+        kept[flat.topk(k).indices] = True
+        alive = dict(zip(WEIGHTS, (c.view(s[n].shape) for c, n in zip(kept.split([s[n].numel() for n in WEIGHTS]), WEIGHTS))))
+    got = compute(model, "synflow", sparsity, rounds=rounds, input_shape=(6,))
+    for n in WEIGHTS:
+        assert torch.equal(got[n], alive[n]), n
+
+
+def test_synflow_conv_bn_eval_mode_matches_functional_reference():
+    """Conv + BN: every parameter and buffer made absolute, BN in eval mode, all-ones input."""
+    model = seeded(TinyConv)
+    model.bn.running_mean.normal_()  # non-trivial running statistics: abs() must reach them
+    model.bn.running_var.uniform_(0.5, 2.0)
+    state = {k: v.detach().abs() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    names = ["conv1.weight", "conv2.weight", "fc.weight"]
+    weights = {n: state[n].clone().requires_grad_(True) for n in names}
+    ref_model = copy.deepcopy(model).eval()
+    out = functional_call(ref_model, {**state, **weights}, (torch.ones(1, 3, 8, 8),))
+    grads = torch.autograd.grad(out.sum(), [weights[n] for n in names])
+    ref = {n: (g * state[n]).abs() for n, g in zip(names, grads)}
+    model.train()
+    got = score(model, "synflow", input_shape=(3, 8, 8))
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6)
+    assert model.training, "the user's model mode must not change"
+
+
+def test_magnitude_and_random():
+    model = seeded(MLP)
+    mags = score(model, "magnitude")
+    for n in WEIGHTS:
+        assert torch.equal(mags[n], model.get_parameter(n).detach().abs())
+    masks = compute(model, "magnitude", 0.5)
+    _assert_kept_are_top(masks, mags)
+    a, b, c = (compute(model, "random", 0.5, seed=s) for s in (0, 0, 1))
+    assert all(torch.equal(a[n], b[n]) for n in WEIGHTS)  # seeded
+    assert not all(torch.equal(a[n], c[n]) for n in WEIGHTS)
+
+
+# --------------------------------------------------------------------------- distributions
+class Stack(nn.Module):
+    """Layers of very different shapes, one so small that ERK must make it dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)   # 108 weights, raw ERK density 13/108
+        self.mid = nn.Conv2d(4, 64, 3, padding=1)   # 2304
+        self.big = nn.Conv2d(64, 64, 3, padding=1)  # 36864
+        self.fc = nn.Linear(64, 10)                 # 640
+
+    def forward(self, x):
+        return self.fc(self.big(self.mid(self.stem(x))).mean((2, 3)))
+
+
+def _rigl_densities(shapes, density, kernel=True):
+    """ER/ERK as Evci et al.'s RigL: eps * raw, layers over density 1 made dense and eps re-solved."""
+    raw = {n: (sum(s) / math.prod(s)) if kernel else (s[0] + s[1]) / (s[0] * s[1]) for n, s in shapes.items()}
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    dense = set()
+    while True:
+        rhs = sum(numel[n] * density for n in shapes if n not in dense) - sum(numel[n] * (1 - density) for n in dense)
+        eps = rhs / sum(raw[n] * numel[n] for n in shapes if n not in dense)
+        worst = max(raw[n] for n in shapes if n not in dense)
+        if eps * worst <= 1:
+            return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
+        dense |= {n for n in shapes if raw[n] == worst and n not in dense}
+
+
+@pytest.mark.parametrize("distribution", ["er", "erk"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_er_erk_densities_match_formula(distribution, sparsity):
+    model = seeded(Stack)
+    shapes = {n + ".weight": tuple(m.weight.shape) for n, m in model.named_children()}
+    expected = _rigl_densities(shapes, 1 - sparsity, kernel=distribution == "erk")
+    masks = compute(model, "random", sparsity, distribution)
+    report = MaskReport.from_masks(masks, requested_sparsity=sparsity)
+    for n, d in expected.items():
+        assert abs(report.density[n] - d) * math.prod(shapes[n]) <= 1.0, (n, report.density[n], d)
+    assert report.kept == report.total - round(sparsity * report.total)
+    dense = [n for n, d in expected.items() if d == 1.0]
+    assert [n for n in dense if report.density[n] == 1.0] == dense
+    if sparsity <= 0.9:
+        assert "stem.weight" in dense  # the redistribution case: eps * raw would exceed 1
+
+
+def test_uniform_and_global_distributions():
+    model = seeded(Stack)
+    uniform = MaskReport.from_masks(compute(model, "random", 0.75, "uniform"))
+    for stats in uniform.layers:
+        assert abs(stats.density - 0.25) * stats.numel <= 1.0
+    magnitude = compute(model, "magnitude", 0.75, "global")
+    _assert_kept_are_top(magnitude, score(model, "magnitude"))
+
+
+def test_data_scores_with_layerwise_distribution():
+    model, data = seeded(MLP), mlp_data()
+    masks = compute(model, "snip", 0.5, "uniform", data=data)
+    for n in WEIGHTS:
+        assert int(masks[n].sum()) == round(0.5 * masks[n].numel())
+
+
+# --------------------------------------------------------------------------- exact sparsity
+def _build(spec, seed=0):
+    torch.manual_seed(seed)
+    return fxsparse.models.create(spec)
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_achieved_sparsity_zoo_cheap_methods(zoo_entry, method):
+    spec, _ = zoo_entry
+    model = _build(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        masks = compute(model, method, 0.9)
+    params = dict(model.named_parameters())
+    assert set(masks) == {l.weight for l in select_layers(model)}
+    for n, m in masks.items():
+        assert m.dtype == torch.bool and m.shape == params[n].shape
+    assert abs(_global_sparsity(masks) - 0.9) < 1e-3
+
+
+DATA_ZOO = ["lcnet_050", "mobilenetv3_small_100", "efficientnet_cc_b0_4e", "nf_resnet26", "regnetx_002"]
+
+
+@pytest.mark.parametrize("spec", DATA_ZOO)
+@pytest.mark.parametrize("method", ["taylor", "snip", "grasp", "synflow"])
+def test_achieved_sparsity_zoo_data_methods(spec, method):
+    model = _build(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = {"rounds": 3} if method == "synflow" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        masks = compute(model, method, 0.9, data=image_data(n_batches=1), **opts)
+    assert abs(_global_sparsity(masks) - 0.9) < 1e-3
+    assert set(masks) == {l.weight for l in select_layers(model)}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "scoring changed the user's model"
+
+
+def test_leaf_held_weights_get_gradient_scores():
+    """CondConv2d, NormFreeBlock and nn.MultiheadAttention hold weights inside leaf modules."""
+    nf = _build("nf_resnet26")
+    with torch.no_grad():  # timm starts each residual branch at gain 0, which zeroes its gradients
+        for n, p in nf.named_parameters():
+            if n.endswith("conv3.gain"):
+                p.fill_(1.0)
+    cases = [
+        (_build("efficientnet_cc_b0_4e"), image_data(n_batches=1), "blocks.4.0.conv_pw.weight"),
+        (nf, image_data(n_batches=1), "stages.0.0.conv1.weight"),
+        (seeded(TinyAttention), [(torch.randn(3, 5, 4), torch.tensor([0, 1, 2]))], "attn.in_proj_weight"),
+    ]
+    for model, data, name in cases:
+        layers = {l.weight: l for l in select_layers(model)}
+        assert layers[name].inside_leaf
+        s = score(model, "taylor", data)
+        assert s[name].shape == model.get_parameter(name).shape
+        assert s[name].abs().sum() > 0, name
+    model = seeded(TinyAttention)
+    masks = compute(model, "grasp", 0.5, data=[(torch.randn(3, 5, 4), torch.tensor([0, 1, 2]))])
+    assert "attn.in_proj_weight" in masks and "attn.out_proj.weight" in masks
+
+
+def test_scoring_never_touches_the_model_or_global_rng():
+    model, data = seeded(TinyConv), [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    for method in ("taylor", "snip", "grasp", "synflow", "magnitude", "random"):
+        compute(model, method, 0.5, data=data, **({"rounds": 2} if method == "synflow" else {}))
+    assert torch.equal(torch.rand(1), expected_next)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_graph_module_input_and_ties_are_deterministic():
+    model = seeded(MLP)
+    gm = fxsparse.trace(model, torch.randn(2, 6))
+    with torch.no_grad():
+        model.fc1.weight.fill_(0.5)  # every fc1 score ties
+    a, b = compute_quiet(gm, "magnitude", 0.5), compute_quiet(model, "magnitude", 0.5)
+    assert all(torch.equal(a[n], b[n]) for n in WEIGHTS)
+    assert abs(_global_sparsity(a) - 0.5) < 1e-9
+
+
+# --------------------------------------------------------------------------- selection
+def test_select_layers_options():
+    model = seeded(Stack)
+    names = lambda **kw: [l.weight for l in select_layers(model, **kw)]  # noqa: E731
+    assert names() == ["stem.weight", "mid.weight", "big.weight", "fc.weight"]  # ToST: all layers
+    assert names(include_first=False, include_last=False) == ["mid.weight", "big.weight"]
+    assert names(types=("linear",)) == ["fc.weight"]
+    assert names(include=r"^(mid|big)\.") == ["mid.weight", "big.weight"]
+    assert names(exclude=[r"^big", "fc"]) == ["stem.weight", "mid.weight"]
+    with pytest.raises(MaskError, match="types"):
+        select_layers(model, types=("embedding",))
+    with pytest.raises(MaskError, match="regular expression"):
+        select_layers(model, include="(")
+    masks = compute(model, "magnitude", 0.5, layers=select_layers(model, include_first=False))
+    assert "stem.weight" not in masks
+
+
+# --------------------------------------------------------------------------- collapse, minimum
+def _collapsing_model():
+    model = seeded(MLP)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-4)  # every fc2 weight is smaller than every fc1 weight
+    return model
+
+
+def test_collapse_is_detected_and_reported():
+    model = _collapsing_model()
+    with pytest.warns(LayerCollapseWarning, match="fc2.weight"):
+        masks = compute(model, "magnitude", 0.6)
+    report = MaskReport.from_masks(masks, requested_sparsity=0.6, method="magnitude")
+    assert report.collapsed == ["fc2.weight"]
+    assert "collapsed" in str(report) and "collapsed" in report.summary()
+
+
+def test_min_per_layer_keeps_k_and_the_global_count():
+    model, k, sparsity = _collapsing_model(), 5, 0.6
+    plain = compute_quiet(model, "magnitude", sparsity)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayerCollapseWarning)
+        masks = compute(model, "magnitude", sparsity, min_per_layer=k)
+    assert int(masks["fc2.weight"].sum()) == k
+    assert MaskReport.from_masks(masks).kept == MaskReport.from_masks(plain).kept
+    w2 = model.fc2.weight.detach().abs().flatten()
+    assert set(masks["fc2.weight"].flatten().nonzero().flatten().tolist()) == set(w2.topk(k).indices.tolist())
+    # the k weights came from the lowest-magnitude weights fc1 had kept
+    w1 = model.fc1.weight.detach().abs()
+    dropped = plain["fc1.weight"] & ~masks["fc1.weight"]
+    assert int(dropped.sum()) == k and not (masks["fc1.weight"] & ~plain["fc1.weight"]).any()
+    assert w1[dropped].max() <= w1[masks["fc1.weight"]].min()
+
+
+def test_min_per_layer_with_layerwise_distribution():
+    model = seeded(Stack)
+    masks = compute(model, "random", 0.99, "uniform", min_per_layer=50)
+    report = MaskReport.from_masks(masks)
+    assert all(l.kept >= 50 for l in report.layers)
+    assert report.kept == report.total - round(0.99 * report.total)
+
+
+def compute_quiet(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        return compute(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="magnitude", sparsity=1.0), r"\[0, 1\)"),
+        (dict(method="magnitude", sparsity=-0.1), r"\[0, 1\)"),
+        (dict(method="magnitude", sparsity=90), "percentage"),
+        (dict(method="magnitude"), "needs a sparsity"),
+        (dict(method="magnitude", sparsity=0.5, min_per_layer=40), "min_per_layer=40 is impossible"),
+        (dict(method="magnitude", sparsity=0.5, min_per_layer=-1), "non-negative"),
+        (dict(method="prune_it", sparsity=0.5), "unknown mask method"),
+        (dict(method="random", sparsity=0.5, distribution="erk2"), "unknown distribution"),
+        (dict(method="snip", sparsity=0.5), "needs data"),
+        (dict(method="magnitude", sparsity=0.5, temperature=3), "takes no option"),
+        (dict(method="imp", sparsity=0.5), "train_fn"),
+        (dict(method="imp", sparsity=0.5, train_fn=lambda m, k: None, rounds=2, rate=0.2), "not both"),
+    ],
+)
+def test_impossible_requests_raise(kwargs, match):
+    with pytest.raises(MaskError, match=match):
+        compute(seeded(MLP), **kwargs)
+
+
+def test_sparsity_zero_keeps_everything():
+    masks = compute(seeded(MLP), "magnitude", 0.0)
+    assert all(m.all() for m in masks.values())
+
+
+# --------------------------------------------------------------------------- IMP
+class Recorder:
+    """A stand-in trainer: records what it is given and 'trains' by a deterministic update."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, masks):
+        self.calls.append(({k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in masks.items()}))
+        with torch.no_grad():
+            for n, m in masks.items():
+                p = model.get_parameter(n)
+                p.add_(torch.linspace(-1, 1, p.numel()).view_as(p) * 0.1 * m)
+
+
+def test_imp_rounds_rewinding_and_schedule():
+    model, trainer = seeded(MLP), Recorder()
+    init = copy.deepcopy(model.state_dict())
+    masks = compute(model, "imp", 0.8, train_fn=trainer, rate=0.2)
+    rounds = math.ceil(math.log(0.2) / math.log(0.8))
+    assert len(trainer.calls) == rounds
+    total = sum(m.numel() for m in masks.values())
+    for r, (state, given) in enumerate(trainer.calls):
+        kept = sum(int(m.sum()) for m in given.values())
+        assert kept == (total if r == 0 else max(round(total * 0.8 ** r), total - round(0.8 * total)))
+        for n in WEIGHTS:  # rewound to the initialization, pruned weights zeroed
+            torch.testing.assert_close(state[n], init[n] * given[n])
+        if r:
+            prev = trainer.calls[r - 1][1]
+            assert all(not (given[n] & ~prev[n]).any() for n in WEIGHTS)  # nested masks
+    assert abs(_global_sparsity(masks) - 0.8) < 1e-9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, init[k])
+
+
+def test_imp_fixed_rounds_and_rewind_state():
+    model, trainer = seeded(MLP), Recorder()
+    rewind = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    masks = compute(model, "imp", 0.9, train_fn=trainer, rounds=3, rewind_state=rewind)
+    assert len(trainer.calls) == 3
+    assert abs(_global_sparsity(masks) - 0.9) < 1e-9
+    state, given = trainer.calls[1]
+    torch.testing.assert_close(state["fc1.weight"], rewind["fc1.weight"] * given["fc1.weight"])
+    with pytest.raises(MaskError, match="rewind_state"):
+        compute(model, "imp", 0.5, train_fn=trainer, rewind_state={"nope": torch.zeros(1)})
+
+
+def test_imp_one_round_equals_magnitude_after_training():
+    model, trainer = seeded(MLP), Recorder()
+    masks = compute(model, "imp", 0.5, train_fn=trainer, rounds=1)
+    trained = copy.deepcopy(model)
+    Recorder()(trained, {n: torch.ones_like(p, dtype=torch.bool) for n, p in trained.named_parameters() if n in WEIGHTS})
+    expected = compute(trained, "magnitude", 0.5)
+    assert all(torch.equal(masks[n], expected[n]) for n in WEIGHTS)
+
+
+# --------------------------------------------------------------------------- full sweep
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp"])
+def test_full_zoo_all_methods(zoo_entry, method):
+    spec, size = zoo_entry
+    model = _build(spec)
+    data = [(torch.randn(2, *size), torch.randint(0, 1000, (2,)))]
+    opts = {"synflow": {"rounds": 5}, "imp": {"train_fn": lambda m, k: None, "rounds": 2}}.get(method, {})
+    masks = compute_quiet(model, method, 0.9, data=data, **opts)
+    assert abs(_global_sparsity(masks) - 0.9) < 1e-3
