@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .pass_infra import CONTAINER, container
+from .pass_infra import CONTAINER, container, delete_container
 
 __all__ = ["get", "set", "set_identity", "register", "target", "IDENTITY"]
 
@@ -36,6 +36,9 @@ def unregister(gm: nn.Module, group: str) -> None:
     gates = container(gm, _GATES, create=False)
     if gates is not None and group in gates._buffers:
         del gates._buffers[group]
+    if gates is not None and not gates._buffers:
+        # the last gate gone: drop the empty container so removal leaves the module tree as it was
+        delete_container(gm, _GATES)
 
 
 def _buffers(gm: nn.Module) -> dict[str, torch.Tensor]:
