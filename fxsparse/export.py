@@ -14,6 +14,8 @@ weights equal to the effective ones.
 from __future__ import annotations
 
 import copy
+import importlib
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -73,7 +75,7 @@ def _leftovers(gm: nn.Module) -> list[str]:
     return sorted(groups - {"masks"})
 
 
-def export(gm: nn.Module) -> dict[str, torch.Tensor]:
+def export(gm: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The ``state_dict`` of the original model: masks folded into the weights, ``fxsparse.*`` dropped.
 
     Refuses (``ExportError``) while ghosts or other fxsparse additions are still in the graph:
@@ -94,10 +96,40 @@ def export(gm: nn.Module) -> dict[str, torch.Tensor]:
     # by identity, so that a weight shared under two names is folded under both
     mask_of = {id(params[name]): mask for name, mask in masks.items()}
     prefix = CONTAINER + "."
-    state = {}
-    for key, value in gm.state_dict().items():
+    full = gm.state_dict()
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in full.items():
         if key.startswith(prefix):
             continue
         mask = mask_of.get(id(params[key])) if key in params else None
         state[key] = value.detach() * mask if mask is not None else value.detach().clone()
+    # keep the per-module versions state_dict() records: some modules' _load_from_state_dict
+    # need them (torchvision's MNASNet refuses a state_dict without)
+    metadata = OrderedDict(
+        (k, v) for k, v in getattr(full, "_metadata", {}).items() if k != CONTAINER and not k.startswith(prefix)
+    )
+    version = _original_class_version(gm)
+    if version is not None:  # the root entry is GraphModule's, not the original class's
+        metadata[""] = {**metadata.get("", {}), "version": version}
+    state._metadata = metadata  # type: ignore[attr-defined]
     return state
+
+
+def _original_class_version(gm: nn.Module) -> int | None:
+    """``_version`` of the class ``gm`` was traced from (recorded by fxsparse.trace), if importable."""
+    info = getattr(gm, "meta", {}).get("fxsparse")
+    qualified = getattr(info, "model_class", None)
+    if not qualified:
+        return None
+    mod_name, _, qualname = qualified.rpartition(".")
+    # nested classes: walk the qualname from the deepest importable module
+    while mod_name:
+        try:
+            obj = importlib.import_module(mod_name)
+            for atom in qualname.split("."):
+                obj = getattr(obj, atom)
+            return getattr(obj, "_version", None)
+        except (ImportError, AttributeError):
+            mod_name, _, head = mod_name.rpartition(".")
+            qualname = f"{head}.{qualname}"
+    return None
