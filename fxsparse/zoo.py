@@ -279,6 +279,7 @@ def sweep(
     workers: int = 2,
     numeric: bool = False,
     max_params: int = DEFAULT_MAX_PARAMS,
+    time_budget: float | None = None,
     progress: bool = True,
     on_result: Callable[[ModelResult], None] | None = None,
 ) -> list[ModelResult]:
@@ -286,9 +287,11 @@ def sweep(
 
     A model that takes longer than ``timeout`` seconds, or whose worker dies, is recorded as
     ``"timeout"`` / ``"crashed"`` and its worker replaced. ``workers=0`` runs everything in this
-    process: no isolation and no timeout, but easy to debug.
+    process: no isolation and no timeout, but easy to debug. After ``time_budget`` seconds no
+    new model is started: the models not reached are left out of the results.
     """
-    specs = list(specs)
+    specs = list(dict.fromkeys(specs))  # each model once
+    stop_at = time.monotonic() + time_budget if time_budget is not None else math.inf
     bar = _progress_bar(len(specs), progress)
     results: dict[str, ModelResult] = {}
 
@@ -304,10 +307,13 @@ def sweep(
     try:
         if workers <= 0:
             for spec in specs:
+                if time.monotonic() >= stop_at:
+                    break
                 record(check_model(spec, numeric=numeric, max_params=max_params))
         else:
             options = {"numeric": numeric, "max_params": max_params}
-            _run_pool(specs, record, timeout=timeout, workers=min(workers, max(len(specs), 1)), options=options)
+            _run_pool(specs, record, timeout=timeout, workers=min(workers, max(len(specs), 1)),
+                      options=options, stop_at=stop_at)
     finally:
         if bar is not None:
             bar.close()
@@ -315,15 +321,15 @@ def sweep(
 
 
 def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeout: float,
-              workers: int, options: dict[str, Any]) -> None:
+              workers: int, options: dict[str, Any], stop_at: float = math.inf) -> None:
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
     pending = collections.deque(specs)
     pool = [_Worker(ctx, options) for _ in range(workers)]
     failed_starts = 0
     try:
-        while pending or any(w.spec is not None for w in pool):
+        while (pending and time.monotonic() < stop_at) or any(w.spec is not None for w in pool):
             for w in pool:
-                if w.ready and w.spec is None and pending:
+                if w.ready and w.spec is None and pending and time.monotonic() < stop_at:
                     w.submit(pending.popleft(), timeout)
             now = time.monotonic()
             deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in pool]

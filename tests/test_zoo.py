@@ -149,6 +149,18 @@ def test_select_matches_torchvision_names_with_or_without_prefix():
     assert zoo.select(specs, limit=0) == []
 
 
+def test_models_from_file_and_time_budget(tmp_path):
+    listing = tmp_path / "models.txt"
+    listing.write_text("# small first\ntest_zoo:tiny_net\n\ntest_zoo:untraceable_net  # fails\ntest_zoo:tiny_net\n")
+    out = tmp_path / "r.json"
+    assert main(["zoo", "--models-from", str(listing), "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [m["model"] for m in report["models"]] == ["test_zoo:tiny_net", "test_zoo:untraceable_net"]
+    assert report["summary"]["traced"] == 1
+    # a spent budget starts nothing
+    assert zoo.sweep(["test_zoo:tiny_net"], workers=0, time_budget=0, progress=False) == []
+
+
 def test_an_empty_selection_is_a_readable_error(capsys):
     assert main(["zoo", "--filter", "no_such_model_*", "--no-progress"]) == 2
     assert "no models to sweep" in capsys.readouterr().err

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from ..errors import ModelSpecError
 
@@ -21,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which models to sweep (default: timm)")
     p.add_argument("--model", action="append", default=[], metavar="MODEL",
                    help="sweep these MODEL specs instead of a whole source; repeatable")
+    p.add_argument("--models-from", metavar="FILE",
+                   help="sweep the MODEL specs listed in FILE (one per line, '#' comments), in that order")
     p.add_argument("--filter", metavar="GLOB", help="only models whose name matches GLOB (e.g. 'resnet*')")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N models (after --filter)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
@@ -32,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "graph's eval output equals the module's")
     p.add_argument("--max-params", type=float, default=30e6, metavar="M",
                    help="--numeric only checks models with at most M parameters (default: 30e6)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="start no new model after S seconds; the report covers the models done by then")
     p.add_argument("--out", default="zoo-report.json", metavar="PATH",
                    help="JSON report; the markdown summary goes beside it with a .md suffix (default: zoo-report.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.timeout <= 0:
         raise ModelSpecError(f"--timeout must be positive; got {args.timeout:g}.")
-    if args.model:
-        specs = zoo.select(args.model, filter=args.filter, limit=args.limit)
+    explicit = list(args.model)
+    if args.models_from:
+        explicit += _read_model_list(args.models_from)
+    if explicit:
+        specs = zoo.select(explicit, filter=args.filter, limit=args.limit)
     else:
         specs = zoo.list_specs(args.source, filter=args.filter, limit=args.limit)
     if not specs:
@@ -53,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
             f"check the --filter glob."
         )
     settings = {
-        "source": "explicit" if args.model else args.source,
+        "source": "explicit" if explicit else args.source,
+        "models_from": args.models_from,
         "filter": args.filter,
         "limit": args.limit,
         "timeout_s": args.timeout,
         "workers": args.workers,
+        "requested": len(specs),
+        "time_budget_s": args.time_budget,
         "numeric": args.numeric,
         "max_params": int(args.max_params) if args.numeric else None,
         "device": "meta",
@@ -69,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         numeric=args.numeric,
         max_params=int(args.max_params),
+        time_budget=args.time_budget,
         progress=not args.no_progress,
     )
     title = f"fxsparse zoo: {settings['source']} on the meta device"
     json_path, md_path = zoo.write_report(results, args.out, settings=settings, title=title)
     s = zoo.summarize(results)
     t = s["trace_s"]
+    if len(results) < len(specs):
+        print(f"time budget reached: {len(results)} of {len(specs)} models done")
     print(f"traced {s['traced']} / {s['models']} models ({100 * (s['success_rate'] or 0):.1f}%)", end="")
     print(f"; trace time median {t['median']:.3f} s, p90 {t['p90']:.3f} s" if t["median"] is not None else "")
     if "numeric" in s:
@@ -86,3 +98,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {len(models)} failed: {key}  [{shown}]")
     print(f"report: {json_path}, {md_path}")
     return 0
+
+
+def _read_model_list(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except OSError as e:
+        raise ModelSpecError(f"--models-from {path!r}: cannot read it ({e.strerror}).") from None
+    return [line for line in lines if line]
