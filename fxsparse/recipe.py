@@ -132,7 +132,7 @@ class Recipe:
     passes: Mapping[str, PassSpec]
     label_smoothing: LabelSmoothing
     training: Training
-    source: str = ""
+    source: str = field(default="", compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -335,7 +335,7 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
         for key, value in options.items():
             if key not in allowed:
                 raise RecipeError(
-                    f"{c._where()}unknown key {name}.{key!r} = {value!r}; allowed keys in [{name}]: "
+                    f"{c._where()}unknown key {name + '.' + key!r} = {value!r}; allowed keys in [{name}]: "
                     f"{', '.join((*reserved, *sorted(allowed)))}"
                 )
     schedule = None
@@ -367,7 +367,7 @@ def _mask_spec(source: str, table: Any) -> PassSpec:
         for key, value in extra.items():
             if key not in option_names:
                 raise RecipeError(
-                    f"{c._where()}unknown key masks.{key!r} = {value!r}; allowed keys in [masks]: "
+                    f"{c._where()}unknown key {'masks.' + key!r} = {value!r}; allowed keys in [masks]: "
                     f"{', '.join((*_MASK_KEYS, *sorted(option_names)))}"
                 )
     options = {"method": method, "sparsity": sparsity, "distribution": distribution, **extra}

@@ -1,0 +1,223 @@
+"""Recipes: the shipped ones load, malformed ones fail naming key, value and what is allowed."""
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+
+import fxsparse
+from fxsparse.errors import RecipeError
+from fxsparse.recipe import Recipe, Schedule, from_dict, load_recipe
+from fxsparse.recipes import available
+from fxsparse.transform import pass_names, register_pass
+
+SHIPPED = ("tost", "baseline", "ghost_neurons", "ghost_skips", "ghost_channels", "lrsi", "label_smoothing")
+TECHNIQUES = {"ghost_neurons": "ghost_neurons", "ghost_skips": "ghost_skips", "ghost_channels": "ghost_channels",
+              "lrsi": "rescale"}
+
+
+def test_shipped_recipes_all_load():
+    assert set(SHIPPED) <= set(available())
+    for name in available():
+        r = load_recipe(name)
+        assert isinstance(r, Recipe) and r.name == name and r.description
+        assert r.masks.enabled and r.masks.options["sparsity"] == 0.95
+
+
+def test_tost_enables_everything_with_spec_defaults():
+    r = fxsparse.load_recipe("tost")
+    assert [p.name for p in r.enabled_passes()] == ["masks", "rescale", "ghost_neurons", "ghost_skips", "ghost_channels"]
+    assert r.passes["rescale"].options == {"iters": 180, "eta": 0.1, "gamma": 1.0, "lr": 0.01, "min_scale": 0.01,
+                                           "grad_clip": 1.0, "normalize_grad": True}
+    for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
+        assert r.ghosts[group].schedule == Schedule(hold_until=0.1, anneal_until=0.3, shape="cosine", remove_at=0.3)
+    ls = r.label_smoothing
+    assert (ls.enabled, ls.eps, ls.form, ls.schedule.shape) == (True, 0.1, "tost", "constant")
+    assert ls.eps_at(0.0) == ls.eps_at(0.99) == 0.1
+    t = r.training
+    assert (t.optimizer, t.momentum, t.weight_decay, t.lr, t.epochs, t.batch_size) == ("sgd", 0.9, 2e-4, 0.1, 182, 128)
+    assert t.lr_schedule == "step" and t.lr_gamma == 0.1
+    assert [round(m * 182) for m in t.lr_milestones] == [90, 135]
+
+
+def test_baseline_and_ablations_differ_by_one_technique():
+    base = load_recipe("baseline")
+    assert [p.name for p in base.enabled_passes()] == ["masks"] and not base.label_smoothing.enabled
+    for name, technique in TECHNIQUES.items():
+        r = load_recipe(name)
+        assert [p.name for p in r.enabled_passes()] == ["masks", technique], name
+        assert r.training == base.training and not r.label_smoothing.enabled
+        # inherited from tost through baseline: the same options and schedule as in the full recipe
+        assert r.passes[technique].options == load_recipe("tost").passes[technique].options
+    ls = load_recipe("label_smoothing")
+    assert [p.name for p in ls.enabled_passes()] == ["masks"] and ls.label_smoothing.enabled
+
+
+def test_schedule_factor_linear_and_cosine():
+    lin = Schedule(0.2, 0.6, "linear", 0.6)
+    cos = Schedule(0.2, 0.6, "cosine", 0.6)
+    assert lin.factor(0.0) == lin.factor(0.2) == cos.factor(0.2) == 1.0
+    assert lin.factor(0.4) == pytest.approx(0.5) and cos.factor(0.4) == pytest.approx(0.5)
+    assert lin.factor(0.3) == pytest.approx(0.75)
+    assert cos.factor(0.3) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lin.factor(0.6) == cos.factor(0.6) == cos.factor(1.0) == 0.0
+    assert Schedule(0.3, 0.3, "cosine").factor(0.3) == 0.0  # a step: on, then off
+    assert Schedule(shape="constant").factor(0.7) == 1.0
+
+
+def test_extends_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.toml").write_text('extends = "tost"\n[masks]\nsparsity = 0.8\n')
+    (tmp_path / "child.toml").write_text(textwrap.dedent("""
+        extends = "sub/parent.toml"
+        [ghost_skips.schedule]
+        anneal_until = 0.5
+        remove_at = 0.6
+    """))
+    r = load_recipe(tmp_path / "child.toml")
+    assert r.name == "child" and r.masks.options["sparsity"] == 0.8 and r.masks.options["method"] == "random"
+    assert r.ghosts["ghost_skips"].schedule == Schedule(0.1, 0.5, "cosine", 0.6)
+    assert r.ghosts["ghost_neurons"].schedule.anneal_until == 0.3  # untouched tables stay
+
+
+def test_overrides_and_round_trip():
+    r = load_recipe("tost", overrides={"masks.sparsity": 0.98, "ghost_neurons.enabled": False})
+    assert r.masks.options["sparsity"] == 0.98 and "ghost_neurons" not in r.ghosts
+    assert from_dict(r.to_dict(), name="tost") == r
+    r2 = r.replace({"training.lr_schedule": "cosine"})
+    assert r2.training.lr_schedule == "cosine" and r.training.lr_schedule == "step"
+    assert load_recipe(r) is r
+
+
+# --------------------------------------------------------------------------- malformed recipes
+def _error(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    return str(info.value)
+
+
+BAD = {
+    "unknown top-level key": ('extends = "tost"\nmask_method = "snip"\n',
+                              ["mask_method", "'snip'", "allowed keys", "masks", "ghost_skips", "training"]),
+    "unknown training key": ('[training]\nepoch = 10\n', ["training.epoch", "10", "epochs", "batch_size"]),
+    "unknown schedule key": ('extends = "tost"\n[ghost_neurons.schedule]\nhold = 0.1\n',
+                             ["ghost_neurons.schedule.hold", "hold_until", "anneal_until", "remove_at"]),
+    "unknown label smoothing key": ('[label_smoothing]\nepsilon = 0.1\n', ["label_smoothing.epsilon", "eps", "form"]),
+    "unknown pass option": ('extends = "tost"\n[rescale]\niterations = 10\n',
+                            ["'rescale.iterations'", "10", "iters", "eta", "min_scale"]),
+    "bad mask method": ('[masks]\nmethod = "magic"\n', ["masks.method", "'magic'", "'random'", "'snip'", "'synflow'"]),
+    "bad distribution": ('[masks]\ndistribution = "layerwise"\n', ["masks.distribution", "'layerwise'", "'erk'"]),
+    "sparsity out of range": ('[masks]\nsparsity = 1.0\n', ["masks.sparsity", "1.0", "[0, 1)"]),
+    "file without path": ('[masks]\nmethod = "file"\n', ["masks.path", "method = 'file'"]),
+    "wrong type": ('[training]\nlr = "fast"\n', ["training.lr", "'fast'", "a number"]),
+    "bool as number": ('[training]\nepochs = true\n', ["training.epochs", "True", "integer"]),
+    "bad optimizer": ('[training]\noptimizer = "adam"\n', ["training.optimizer", "'adam'", "'sgd'", "'adamw'"]),
+    "bad lr schedule": ('[training]\nlr_schedule = "poly"\n', ["training.lr_schedule", "'step'", "'cosine'"]),
+    "milestones out of order": ('[training]\nlr_milestones = [0.7, 0.5]\n',
+                                ["training.lr_milestones", "[0.7, 0.5]", "increasing fractions"]),
+    "bad shape": ('extends = "tost"\n[ghost_skips.schedule]\nshape = "exp"\n',
+                  ["ghost_skips.schedule.shape", "'exp'", "'linear'", "'cosine'"]),
+    "anneal before hold": ('extends = "tost"\n[ghost_skips.schedule]\nhold_until = 0.5\nanneal_until = 0.2\n',
+                           ["ghost_skips.schedule.anneal_until", "0.2", "hold_until", "in order"]),
+    "removal before anneal ends": ('extends = "tost"\n[ghost_channels.schedule]\nremove_at = 0.2\n',
+                                   ["ghost_channels.schedule.remove_at", "0.2", "anneal_until (0.3)"]),
+    "fraction above 1": ('extends = "tost"\n[ghost_neurons.schedule]\nanneal_until = 1.5\n',
+                         ["ghost_neurons.schedule.anneal_until", "1.5", "[0, 1]"]),
+    "ghost without schedule": ('[ghost_skips]\nenabled = true\n', ["ghost_skips.schedule", "hold_until"]),
+    "missing schedule key": ('[ghost_skips]\nenabled = true\n[ghost_skips.schedule]\nhold_until = 0.1\n',
+                             ["ghost_skips.schedule.anneal_until", "required"]),
+    "schedule on a non-ghost": ('[rescale]\nenabled = true\n[rescale.schedule]\nhold_until = 0.1\n',
+                                ["rescale.schedule", "not a ghost"]),
+    "enabled not bool": ('[ghost_neurons]\nenabled = "yes"\n', ["ghost_neurons.enabled", "'yes'", "true or false"]),
+    "eps out of range": ('[label_smoothing]\neps = 1.5\n', ["label_smoothing.eps", "1.5"]),
+    "bad smoothing form": ('[label_smoothing]\nform = "uniform"\n', ["label_smoothing.form", "'tost'", "'torch'"]),
+    "table expected": ('training = 3\n', ["training", "3", "a table"]),
+    "extends missing": ('extends = "nope"\n', ["'nope'", "tost", "baseline"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_recipe_names_key_value_and_allowed(tmp_path, case):
+    text, needles = BAD[case]
+    message = _error(tmp_path, text)
+    for needle in needles:
+        assert needle in message, f"{case}: {needle!r} not in {message!r}"
+    assert "bad.toml" in message or "nope" in message
+
+
+def test_invalid_toml_and_inheritance_loop(tmp_path):
+    assert "not valid TOML" in _error(tmp_path, "[masks\n")
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(RecipeError, match="loops"):
+        load_recipe(tmp_path / "a.toml")
+    with pytest.raises(RecipeError, match="no recipe"):
+        load_recipe("definitely_not_a_recipe")
+
+
+def test_bad_override_names_key():
+    with pytest.raises(RecipeError, match=r"ghost_skips\.schedule\.shape = 'step'"):
+        load_recipe("tost", overrides={"ghost_skips.schedule.shape": "step"})
+
+
+# --------------------------------------------------------------------------- transform
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_transform_baseline_masks_and_attaches_recipe():
+    model = _Small()
+    masks = {"conv.weight": torch.rand(4, 3, 3, 3) > 0.5, "fc.weight": torch.rand(2, 4) > 0.5}
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxsparse.transform(model, "baseline", masks=masks, example_inputs=x)
+    assert gm.meta["fxsparse.recipe"].name == "baseline"
+    assert all(torch.equal(gm.get_buffer(f"fxsparse.masks.{k}"), v) for k, v in masks.items())
+    assert model.conv.weight is not gm.conv.weight  # copy=True leaves the user's model alone
+    assert gm(x).shape == (2, 2)
+
+
+def test_transform_lrsi_needs_data():
+    with pytest.raises(RecipeError, match="data="):
+        fxsparse.transform(_Small(), "lrsi", masks={}, example_inputs=torch.randn(2, 3, 8, 8))
+
+
+def test_transform_skip_and_registry():
+    calls = []
+
+    class Marker(fxsparse.pass_infra.FxSparsePass):
+        group = "marker"
+
+        def __init__(self, *, note: str = ""):
+            super().__init__()
+            self.note = note
+
+        def call(self, gm):
+            calls.append(self.note)
+            return fxsparse.pass_infra.PassResult(gm, False)
+
+    register_pass("marker", lambda options, ctx: Marker(**options), pass_class=Marker)
+    try:
+        assert pass_names()[-1] == "marker"
+        with pytest.raises(RecipeError, match="'marker.nots'"):
+            load_recipe("baseline", overrides={"marker.enabled": True, "marker.nots": "x"})
+        r = load_recipe("baseline", overrides={"marker.enabled": True, "marker.note": "ran"})
+        fxsparse.transform(_Small(), r, masks={}, example_inputs=torch.randn(2, 3, 8, 8))
+        assert calls == ["ran"]
+        fxsparse.transform(_Small(), r, masks={}, example_inputs=torch.randn(2, 3, 8, 8), skip=["marker"])
+        assert calls == ["ran"]
+        with pytest.raises(RecipeError, match="names no pass"):
+            fxsparse.transform(_Small(), r, skip=["nothing"])
+    finally:
+        from fxsparse.transform import _REGISTRY
+
+        _REGISTRY.pop("marker", None)
