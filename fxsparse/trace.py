@@ -457,7 +457,39 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
                 fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
                 ShapeProp(gm, fake_mode=mode).propagate(*fake)
     except Exception as e:
+        if not on_meta and _data_dependent(e):
+            # a leaf that branches on tensor values (the fix trace errors suggest) cannot run on
+            # fake tensors: compute its shapes for real once instead
+            try:
+                _propagate_real(gm, inputs)
+                return
+            except Exception as real_error:
+                e = real_error
         raise ExampleInputError(_explain_shape_failure(gm, inputs, e), cause=e) from None
+
+
+def _data_dependent(e: BaseException) -> bool:
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    while e is not None:
+        if isinstance(e, DataDependentOutputException):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _propagate_real(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """ShapeProp on the real inputs, leaving buffers (BatchNorm running stats) and RNG untouched."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*inputs)
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 def _explain_shape_failure(gm: torch.fx.GraphModule, inputs: Sequence[Any], e: Exception) -> str:
