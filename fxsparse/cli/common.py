@@ -37,4 +37,6 @@ def build_model(args: argparse.Namespace, device: str = "cpu"):
     if args.input_size:
         model.fxsparse_input_size = tuple(args.input_size)
     inputs = default_example_inputs(model, batch_size=args.batch_size)
+    if args.input_size:  # timm's pretrained_cfg input size would otherwise win over --input-size
+        inputs = (torch.randn(args.batch_size, *args.input_size, device=inputs[0].device, dtype=inputs[0].dtype),)
     return model, inputs, [resolve_type(t) for t in args.leaf]
