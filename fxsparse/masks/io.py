@@ -90,6 +90,9 @@ def load(
         from safetensors.torch import load_file
 
         masks = load_file(os.fspath(path))
+        order = read_metadata(path).get("layer_density")  # safetensors sorts keys; restore save order
+        if isinstance(order, dict) and set(order) == set(masks):
+            masks = {n: masks[n] for n in order}
     else:
         masks = _load_torch(path)
     if model is not None:

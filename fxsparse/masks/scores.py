@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ..errors import MaskError
 from . import _model
@@ -92,8 +93,9 @@ def grasp_scores(
     work, params = _model.scoring_copy(model, names, train=train_mode)
     stopped = {n: torch.zeros_like(p) for n, p in params.items()}
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
-    # the Hessian-vector product differentiates twice; CPU's fused attention kernels cannot
-    with _model.seeded(seed, _model.device_of(work)), sdpa_kernel([SDPBackend.MATH]):
+    # the Hessian-vector product differentiates twice, which CPU's fused attention kernels and
+    # hardsigmoid's backward do not support: use the math attention and an equal hardsigmoid
+    with _model.seeded(seed, _model.device_of(work)), sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
         for inputs, targets in batches:  # first pass: g, no graph kept
             loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
             for n, g in _model.grads(loss, params).items():
@@ -109,3 +111,14 @@ def grasp_scores(
     scores = {n: hg[n] * params[n].detach() for n in params}
     norm = torch.stack([s.sum() for s in scores.values()]).sum().abs() + eps
     return {n: s / norm for n, s in scores.items()}
+
+
+class _TwiceDifferentiable(TorchFunctionMode):
+    """Computes ``F.hardsigmoid(x)`` as ``relu6(x + 3) / 6`` (the same function), whose backward
+    PyTorch can differentiate again; ``aten::hardsigmoid_backward`` has no derivative."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            return F.relu6(args[0] + 3.0) / 6.0
+        return func(*args, **kwargs)

@@ -7,13 +7,18 @@ pruned so far set to zero. The round then keeps the top weights at density ``d *
 (``e = 0 .. rounds - 1``), so the last round lands exactly on the requested density. No data is
 needed; the input shape comes from ``input_shape``, the first data batch, or the trace.
 
+Scores are products of |weights| along every path, which overflow float32 in deep networks (an
+EfficientNet-B0 at init already does): when they do, scoring starts over in float64 (Tanaka's code
+has ``model.double()`` commented out for the same reason). ``dtype=`` fixes the precision.
+
 The model runs in eval mode (BatchNorm uses its running statistics, made absolute like every other
 state entry): in train mode a single constant input has zero batch variance. Tanaka's code also
 prunes in eval mode by default; ToST's example calls the same loop with ``train_mode=True``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -22,7 +27,14 @@ from ..errors import MaskError
 from . import _model
 from .ranking import Budget
 
-__all__ = ["synflow_scores", "synflow_masks"]
+__all__ = ["synflow_scores", "synflow_masks", "SynFlowOverflow"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SynFlowOverflow(MaskError):
+    """SynFlow's scores are not finite in the dtype they were computed in."""
 
 
 class _LinearizedCopy:
@@ -49,23 +61,37 @@ class _LinearizedCopy:
         grads = _model.grads(r, self.params)
         out = {n: (grads[n] * p.detach()).abs() for n, p in self.params.items()}
         if not all(torch.isfinite(s).all() for s in out.values()):
-            raise MaskError(
-                "SynFlow scores overflowed (the product of |weights| over the depth of the model is "
-                "not representable in this dtype). Pass dtype=torch.float64 to score in double precision."
+            raise SynFlowOverflow(
+                f"SynFlow scores overflowed in {self.input.dtype} (the product of |weights| over the depth of the model is "
+                "not representable). Prune fewer layers, or rescale the model's weights."
             )
         return out
 
 
+def _in_float64_if_needed(run: Callable[[torch.dtype | None], T], dtype: torch.dtype | None) -> T:
+    if dtype is not None:
+        return run(dtype)
+    try:
+        return run(None)
+    except SynFlowOverflow:
+        log.info("SynFlow scores overflowed in the model's dtype; scoring again in float64")
+        return run(torch.float64)
+
+
 def synflow_scores(model, names, *, input_shape, dtype=None) -> dict[str, torch.Tensor]:
     """The scores of SynFlow's first round (nothing pruned yet)."""
-    return _LinearizedCopy(model, names, input_shape, dtype).scores(None)
+    return _in_float64_if_needed(lambda dt: _LinearizedCopy(model, names, input_shape, dt).scores(None), dtype)
 
 
 def synflow_masks(model, names, budget: Budget, *, input_shape, rounds: int = 100, dtype=None) -> dict[str, torch.Tensor]:
     if rounds < 1:
         raise MaskError(f"synflow needs rounds >= 1, got {rounds}.")
-    linearized = _LinearizedCopy(model, names, input_shape, dtype)
-    alive = None
-    for e in range(rounds):
-        alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
-    return alive
+
+    def run(dt: torch.dtype | None) -> dict[str, torch.Tensor]:
+        linearized = _LinearizedCopy(model, names, input_shape, dt)
+        alive = None
+        for e in range(rounds):
+            alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
+        return alive
+
+    return _in_float64_if_needed(run, dtype)
