@@ -20,6 +20,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxsparse
+import fxsparse.ghosts
 from fxsparse import gates
 from fxsparse.pass_infra import FxSparsePass, container, delete_container, tagged_nodes
 from fxsparse.passes import GHOST_GROUPS
@@ -350,20 +351,31 @@ REAL = all(importlib.util.find_spec(f"fxsparse.passes.{GHOST_GROUPS[g][0].split(
 
 @pytest.mark.skipif(not REAL, reason="the ghost passes are not all installed yet")
 def test_tost_end_to_end():
-    """transform(tost) on a tiny CNN, train through every removal, export into the original class."""
+    """transform(tost) on a tiny CNN, train through every removal with a resume in the middle of
+    the ghost phase, export into the original class."""
     torch.manual_seed(0)
     model = Tiny()
-    data = _batches(2)
     recipe = fxsparse.load_recipe("tost", overrides={"rescale.iters": 2})
-    gm = fxsparse.transform(model, recipe, data=data)
-    assert set(fxsparse.ghosts.present(gm)) <= set(recipe.ghosts)
+    gm = fxsparse.transform(model, recipe, data=_batches(2))
+    present = fxsparse.ghosts.present(gm)
+    assert present and set(present) <= set(recipe.ghosts)
     sched = RecipeScheduler(gm, total_steps=10)
-    opt = sched.build_optimizer()
-    for x, y in _batches(10, seed=2):
-        opt.zero_grad()
-        sched.loss(gm(x), y).backward()
-        opt.step()
-        sched.step()
+    sched.build_optimizer()
+    sched.build_lr_scheduler()
+    batches = _batches(10, seed=2)
+    _train(sched, batches[:2])
+    ckpt = copy.deepcopy(sched.checkpoint())
+    _train(sched, batches[2:])
     assert not fxsparse.ghosts.present(gm) and not sched.gates
+    assert [e["group"] for e in sched.events] == present and all(e["step"] == 3 for e in sched.events)
+
+    resumed = restore(Tiny(), ckpt, example_inputs=batches[0][0])
+    assert set(resumed.gates) == set(present)
+    _train(resumed, batches[2:])
+    for k, v in sched.gm.state_dict().items():
+        assert torch.equal(v, resumed.gm.state_dict()[k]), k
+
     fresh = Tiny()
     fresh.load_state_dict(fxsparse.export(gm), strict=True)
+    x = batches[0][0]
+    assert torch.allclose(fresh(x), gm(x), atol=1e-6)
