@@ -57,7 +57,9 @@ class Box:
     shape: list[Any] | None = None  # output shape of the box's last node
     added: bool = False  # every node is new relative to the graph before the passes
     changed: bool = False  # some nodes are new
-    order: int = 0  # position of the box's first node in the graph
+    # position of the box's last node in the graph: a box is drawn below everything it reads
+    # (a ghost branch that merges back after the main path's layers sits below those layers)
+    order: int = 0
 
     @property
     def fill(self) -> str:
@@ -96,37 +98,82 @@ def _is_weight_helper(node: Node) -> bool:
     return isinstance(tag, dict) and tag.get("group") in WEIGHT_GROUPS and "original" not in tag
 
 
-def _home(node: Node, cache: dict[Node, Node | None]) -> Node | None:
-    """The node a weight helper feeds (transitively): the layer call it is drawn inside."""
-    if node in cache:
-        return cache[node]
-    cache[node] = None
-    found = None
-    for user in node.users:
-        found = _home(user, cache) if _is_weight_helper(user) else user
-        if found is not None:
-            break
-    cache[node] = found
-    return found
+def _is_added(node: Node) -> bool:
+    """A node a pass added as new computation (a ghost), drawn in a box of its own group."""
+    group = _group(node)
+    return group is not None and group not in WEIGHT_GROUPS
 
 
-def _anchor(node: Node, cache: dict[Node, Node | None]) -> Node | None:
-    """The nearest original node an added node hangs off (inputs first, then users)."""
-    if node in cache:
-        return cache[node]
-    cache[node] = None
-    frontier, seen = list(node.all_input_nodes), set()
+class _BoxKeys:
+    """Which box each node of a graph is drawn in, at any depth.
+
+    * get_attr reads are drawn inside their first user;
+    * weight helpers (mask multiplies, ...) inside the layer call they feed;
+    * added nodes by (group, site): all nodes a pass added for one site form one unit, drawn
+      beside the original node that unit hangs off (its anchor);
+    * every other node by its module path cut at the depth.
+    """
+
+    def __init__(self, gm: GraphModule):
+        self._homes: dict[Node, Node | None] = {}
+        self.anchors: dict[tuple[str, str], Node | None] = {}
+        for node in gm.graph.nodes:
+            unit = self._unit(node)
+            if unit is not None and unit not in self.anchors:  # the unit's first node decides
+                self.anchors[unit] = _anchor(node)
+
+    @staticmethod
+    def _unit(node: Node) -> tuple[str, str] | None:
+        if not _is_added(node) or node.op == "get_attr":
+            return None
+        tag = node.meta["fxsparse"]
+        return tag["group"], str(tag.get("site", node.name))
+
+    def key(self, node: Node, depth: int) -> tuple[str, str | None]:
+        """(box key, pass group of an added box) of ``node`` at ``depth``."""
+        if node.op == "get_attr" and node.users:
+            return self.key(next(iter(node.users)), depth)
+        unit = self._unit(node)
+        if unit is not None:
+            anchor = self.anchors.get(unit)
+            base = self.key(anchor, depth)[0] if anchor is not None else ""
+            return f"{unit[0]}@{base}", unit[0]
+        if _is_weight_helper(node):
+            home = self._home(node)
+            if home is not None:
+                return self.key(home, depth)
+        path = _path_of(node)
+        # a module call exactly at the cut stays one box per call (a shared ReLU called twice must
+        # not merge two places of the graph into one box)
+        if len(path) > depth or (len(path) == depth and node.op != "call_module" and path):
+            return "mod:" + ".".join(path[:depth]), None
+        return "node:" + node.name, None
+
+    def _home(self, node: Node) -> Node | None:
+        """The node a weight helper feeds (transitively): the layer call it is drawn inside."""
+        if node not in self._homes:
+            self._homes[node] = None
+            for user in node.users:
+                found = self._home(user) if _is_weight_helper(user) else user
+                if found is not None:
+                    self._homes[node] = found
+                    break
+        return self._homes[node]
+
+
+def _anchor(node: Node) -> Node | None:
+    """The nearest original computing node an added node hangs off (inputs first, then users)."""
+    seen: set[Node] = set()
     for direction in ("inputs", "users"):
+        frontier = list(node.all_input_nodes if direction == "inputs" else node.users)
         while frontier:
             n = frontier.pop(0)
             if n in seen:
                 continue
             seen.add(n)
-            if _group(n) is None or _group(n) in WEIGHT_GROUPS:
-                cache[node] = n
+            if not _is_added(n) and n.op != "get_attr":
                 return n
             frontier.extend(n.all_input_nodes if direction == "inputs" else n.users)
-        frontier = list(node.users)
     return None
 
 
@@ -135,50 +182,28 @@ def max_depth(gm: GraphModule) -> int:
     return max((len(_path_of(n)) for n in gm.graph.nodes), default=0)
 
 
-def _box_key(node: Node, depth: int, homes: dict, anchors: dict) -> tuple[str, str | None]:
-    """(box key, pass group of an added box) of a node at ``depth``."""
-    group = _group(node)
-    if group is not None and group not in WEIGHT_GROUPS:
-        anchor = _anchor(node, anchors)
-        base = _box_key(anchor, depth, homes, anchors)[0] if anchor is not None else ""
-        return f"{group}@{base}", group
-    if _is_weight_helper(node):
-        home = _home(node, homes)
-        if home is not None:
-            return _box_key(home, depth, homes, anchors)
-    path = _path_of(node)
-    # a module call exactly at the cut stays one box per call (a shared ReLU called twice must
-    # not merge two places of the graph into one box)
-    if len(path) > depth or (len(path) == depth and node.op != "call_module" and path):
-        return "mod:" + ".".join(path[:depth]), None
-    return "node:" + node.name, None
-
-
 def collapse(gm: GraphModule, depth: int | None = None, before: GraphModule | None = None,
              max_boxes: int = 150) -> BoxGraph:
     """Group the nodes of ``gm`` into boxes at module ``depth`` (None: ``auto_depth``).
 
-    Unused get_attr reads (parameters, constants) are drawn inside the box of their user. Given
-    the graph ``before`` the passes, boxes whose nodes are all new are marked ``added``.
+    Given the graph ``before`` the passes, boxes whose nodes are all new are marked ``added``.
     """
     if depth is None:
         depth = auto_depth(gm, max_boxes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     before_names = {n.name for n in before.graph.nodes} if before is not None else None
-    homes: dict[Node, Node | None] = {}
-    anchors: dict[Node, Node | None] = {}
+    keys = _BoxKeys(gm)
     key_of: dict[Node, str] = {}
     boxes: dict[str, Box] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and _group(node) is None and node.users:
-            key, group = _box_key(next(iter(node.users)), depth, homes, anchors)  # draw inside its user
-        else:
-            key, group = _box_key(node, depth, homes, anchors)
+        key, group = keys.key(node, depth)
         key_of[node] = key
         box = boxes.get(key)
         if box is None:
-            box = boxes[key] = Box(key, "", "", group=group, order=order[node])
+            box = boxes[key] = Box(key, "", "", group=group)
         box.nodes.append(node.name)
+        if node.op != "get_attr":
+            box.order = order[node]
         g = _group(node)
         if g in WEIGHT_GROUPS:
             box.groups.add(g)
@@ -243,12 +268,10 @@ def module_types(gm: GraphModule) -> dict[str, str]:
 
 def auto_depth(gm: GraphModule, max_boxes: int = 150) -> int:
     """The deepest module level whose drawing has at most ``max_boxes`` boxes (at least 1)."""
-    homes: dict = {}
-    anchors: dict = {}
+    keys = _BoxKeys(gm)
     best = 1
     for depth in range(1, max_depth(gm) + 2):
-        keys = {_box_key(n, depth, homes, anchors)[0] for n in gm.graph.nodes if n.op != "get_attr" or _group(n)}
-        if len(keys) > max_boxes:
+        if len({keys.key(n, depth)[0] for n in gm.graph.nodes}) > max_boxes:
             break
         best = depth
     return best
@@ -264,8 +287,8 @@ def layout(bg: BoxGraph) -> dict[str, tuple[float, float]]:
     pos = {k: i for i, k in enumerate(order)}
     g = nx.DiGraph()
     g.add_nodes_from(order)
-    # only edges that go forward in graph order rank boxes; the rest (a module revisited, e.g. an
-    # added branch merging back into the box it hangs off) are drawn as back edges
+    # only edges that go forward in graph order rank boxes; the rest (a box spanning a stretch of
+    # the graph that another box reads from midway) are drawn as back edges
     g.add_edges_from((a, b) for a, b in bg.edges if pos[a] < pos[b])
     rank: dict[str, int] = {}
     for k in nx.topological_sort(g):

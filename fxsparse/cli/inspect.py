@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "hierarchy; svg and html need no graphviz.",
     )
     add_model_args(p)
-    p.add_argument("--recipe", metavar="R", help="apply recipe R (a shipped name or a TOML path) and show the diff")
+    p.add_argument("--recipe", metavar="R", help="apply recipe R (a shipped name or a TOML path) and show the "
+                   "diff; LRsI is skipped, as it changes weight values only")
     p.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument("--depth", type=_positive_int, default=None, metavar="N",
@@ -50,13 +51,16 @@ def run(args: argparse.Namespace) -> int:
     gm = fxsparse.trace(model, inputs, leaf_modules=leaves)
     before = None
     if args.recipe:
-        before, gm = gm, _apply_recipe(model, args.recipe, inputs, leaves)
+        before, gm = gm, _apply_recipe(gm, args.recipe, inputs)
     report = inspect_graph(gm, before=before, all_nodes=args.all_nodes)
 
     if args.format == "text" and args.out is None:
         from rich.console import Console
 
-        print_report(report, Console())
+        console = Console()
+        if not console.is_terminal:  # piped: no terminal width to respect, keep rows on one line
+            console = Console(width=160)
+        print_report(report, console)
         return 0
     if args.format == "text":
         text = to_text(report)
@@ -80,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_recipe(model, recipe: str, inputs, leaves):
-    """``fxsparse.transform(model, load_recipe(recipe))`` with one synthetic batch for data-driven masks."""
+def _apply_recipe(gm, recipe: str, inputs):
+    """The traced ``gm`` rewritten by ``fxsparse.transform`` (on a copy; ``gm`` stays the original).
+
+    LRsI is skipped: it only rescales weight values (no node stays in the graph) and its search
+    costs many forward/backward passes. Data-driven mask scores get one synthetic batch.
+    """
     if importlib.util.find_spec("fxsparse.transform") is None:
         raise RecipeError(
             f"--recipe {recipe!r}: recipes are not available in this build of fxsparse "
@@ -92,9 +100,9 @@ def _apply_recipe(model, recipe: str, inputs, leaves):
     import fxsparse
 
     loaded = fxsparse.load_recipe(recipe)
-    with torch.no_grad():
-        logits = model(*inputs)
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    meta = getattr(output, "meta", {}).get("tensor_meta")
+    classes = meta.shape[-1] if hasattr(meta, "shape") else 10
     # inspect shows structure, not accuracy: random labels are enough for SNIP/GraSP-style scores
-    labels = torch.randint(logits.shape[-1], (logits.shape[0],))
-    kwargs = {"leaf_modules": leaves} if leaves else {}
-    return fxsparse.transform(model, loaded, data=[(inputs[0], labels)], example_inputs=inputs, **kwargs)
+    labels = torch.randint(classes, (inputs[0].shape[0],), generator=torch.Generator().manual_seed(0))
+    return fxsparse.transform(gm, loaded, data=[(inputs[0], labels)], example_inputs=inputs, skip=("rescale",))
