@@ -55,6 +55,8 @@ FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                    "Bag", "Ankle boot")
 TEST_SEED = 0  # test splits carved by fxsparse never move, whatever seed the run uses
+# Digits are not mirror-symmetric (a flipped 2 is no 2): loaders never flip these sets.
+NO_HFLIP = ("mnist5k", "mnist", "digits")
 
 
 class DataError(ValueError):
@@ -154,10 +156,14 @@ class Splits:
         """(train, val, test) loaders: the train one shuffles and augments, the others do not.
 
         ``recipe`` (a ``Recipe``) supplies batch size and augmentation from its ``[training]``.
+        Horizontal flips are never applied to digit sets (``NO_HFLIP``).
         """
         if recipe is not None:
             t = recipe.training
             batch_size, crop_padding, hflip = t.batch_size, t.crop_padding, t.hflip
+        if hflip and self.name in NO_HFLIP:
+            log.info("%s: no horizontal flips (digits are not mirror-symmetric)", self.name)
+            hflip = False
         common = dict(device=device, mean=self.mean, std=self.std, channels=channels)
         train = TensorLoader(self.train, batch_size, shuffle=True, drop_last=True, crop_padding=crop_padding,
                              hflip=hflip, seed=seed, **common)

@@ -183,8 +183,8 @@ def transform(
         masks: ``{parameter name: bool tensor}``; computed with ``fxsparse.masks.compute`` from the
             recipe's ``[masks]`` table (or loaded from its ``path``) when ``None``.
         data: an iterable of ``(inputs, targets)`` batches, for data-driven masks and for LRsI.
-        example_inputs: inputs for tracing; the first batch of ``data`` when ``None`` and ``data``
-            can be iterated more than once.
+        example_inputs: inputs for tracing (shapes only); when ``None``, the first batch's inputs
+            if ``data`` is a list, else ``fxsparse.trace``'s default for the model.
         loss_fn: ``loss_fn(logits, targets)`` for mask scoring and LRsI (cross-entropy by default).
         copy: transform a deep copy, leaving ``model`` untouched (LRsI rescales weights in place).
         skip: pass names not to run, e.g. ``("rescale",)`` when resuming from a checkpoint whose
@@ -202,8 +202,8 @@ def transform(
         raise RecipeError(f"skip={sorted(unknown)} names no pass; passes: {', '.join(pass_names())}")
     if copy:
         model = _copy.deepcopy(model)
-    if example_inputs is None and data is not None and iter(data) is not data:
-        first = next(iter(data), None)
+    if example_inputs is None and isinstance(data, (list, tuple)) and data:
+        first = data[0]  # only from a list: peeking into a loader would start an epoch or workers
         if isinstance(first, (tuple, list)) and first:
             example_inputs = first[0]
     gm = model if isinstance(model, GraphModule) else _trace(model, example_inputs)

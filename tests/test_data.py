@@ -133,6 +133,7 @@ def test_loader_augments_and_repeats_channels(mnist5k):
     x, y = next(iter(train))
     assert x.shape == (32, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2]) and y.shape == (32,)
     assert train.shuffle and train.crop_padding == 4 and not val.shuffle and val.crop_padding == 0
+    assert not train.hflip  # digits are never flipped
     xv, _ = next(iter(val))
     assert xv.mean().abs() < 0.3 and 0.7 < xv.std() < 1.3  # normalized with the train statistics
 
@@ -140,9 +141,22 @@ def test_loader_augments_and_repeats_channels(mnist5k):
 def test_loaders_follow_recipe(mnist5k):
     import fxsparse
 
-    recipe = fxsparse.load_recipe("tost", overrides={"training.batch_size": 50, "training.hflip": False})
+    recipe = fxsparse.load_recipe("tost", overrides={"training.batch_size": 50, "training.crop_padding": 2})
     train, _, _ = mnist5k.loaders(recipe=recipe)
-    assert train.batch_size == 50 and not train.hflip and train.crop_padding == 4
+    assert train.batch_size == 50 and train.crop_padding == 2
+    toy = data.Splits(_toy(), _toy(), _toy(), (0.5,) * 3, (0.25,) * 3, "toy")
+    assert toy.loaders(recipe=recipe)[0].hflip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loader_on_cuda(mnist5k):
+    train, val, _ = mnist5k.loaders(64, device="cuda", channels=3)
+    assert train.images.is_cuda and train.labels.is_cuda
+    x, y = next(iter(train))
+    assert x.is_cuda and y.is_cuda and x.shape == (64, 3, 28, 28)
+    xv = torch.cat([b for b, _ in val]).cpu()
+    assert torch.allclose(xv, torch.cat([b for b, _ in mnist5k.loaders(64, channels=3)[1]]), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- local formats
