@@ -42,7 +42,7 @@ __all__ = ["RecipeScheduler", "smoothed_cross_entropy", "restore", "drop_paramet
 
 MAIN_GROUP = "main"  # the optimizer param group of every parameter that is not a ghost's
 GROUP_KEY = "fxsparse_group"  # param-group key naming whose parameters a group holds
-_TOL = 1e-9  # a removal due at fraction f happens at the first step s with s/T >= f (float-safe)
+_TOL = 1e-9  # an lr milestone at fraction f applies from the first step s with s/T >= f (float-safe)
 
 
 def smoothed_cross_entropy(

@@ -228,6 +228,7 @@ def transform(
         except TypeError as e:  # an option the constructor does not take (not checkable at load time)
             raise RecipeError(f"recipe {recipe.name!r}: the options of [{name}] do not fit its pass: {e}") from None
 
+    log.info("recipe %r: running %s", recipe.name, ", ".join(p.name for p in passes) or "no pass")
     if passes:
         gm = run_passes(gm, passes).graph_module
     gm.meta[RECIPE_KEY] = recipe
