@@ -191,7 +191,7 @@ def rows(gm: GraphModule, *, all_nodes: bool = False) -> list[Row]:
             op=op_name(gm, node) + (f" ({len(layers)} layers)" if len(layers) > 1 else ""),
             kind=kind,
             shape=shape_of(node.args[0]) if node.op == "output" and isinstance(node.args[0], Node) else shape_of(node),
-            params=sum(params[p].numel() for p in applied if p in params),
+            params=sum(_numel(params[p]) for p in applied if p in params),
             density=density,
             tag=f"{tag['group']}/{tag['role']}" if tag and group not in WEIGHT_GROUPS else None,
         ))
@@ -214,8 +214,8 @@ def summary(gm: GraphModule) -> dict[str, Any]:
         "input_shapes": [list(s) for s in getattr(info, "input_shapes", [])],
         "nodes": len(gm.graph.nodes),
         "nodes_by_op": dict(Counter(n.op for n in gm.graph.nodes)),
-        "parameters": sum(p.numel() for n, p in params.items() if n not in added),
-        "parameters_added": sum(params[n].numel() for n in added),
+        "parameters": sum(_numel(p) for n, p in params.items() if n not in added),
+        "parameters_added": sum(_numel(params[n]) for n in added),
         "layers": len(layers),
         "layers_by_kind": dict(Counter(l.kind for l in layers)),
         "activation_sites": len(sites),
@@ -230,9 +230,14 @@ def summary(gm: GraphModule) -> dict[str, Any]:
         out["masks"] = {
             "tensors": len(masks),
             "density": sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values())),
-            "weights_masked": sum(p.numel() for p in masked_params),
+            "weights_masked": sum(_numel(p) for p in masked_params),
         }
     return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    # a lazy module's parameters have no size until its first forward
+    return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()
 
 
 def _gates(gm: GraphModule) -> dict[str, float]:
