@@ -424,7 +424,8 @@ class GhostSkipPass(FxSparsePass):
             self.stats["edges"] += len(merges)
             self.stats["conv_edges" if site.kind == "conv" else "mlp_edges"] += len(merges)
             self.sites[site.name] = {
-                "layer": site.call.layer.name, "kind": site.kind, "branch": branch_node.name,
+                "layer": site.call.layer.name, "weight": site.call.layer.weight, "kind": site.kind,
+                "branch": branch_node.name,
                 "merges": [m.name for m in merges],
                 "before": [a.name for m in merges for a in m.users],
             }

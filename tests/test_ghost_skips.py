@@ -339,19 +339,6 @@ def test_composes_with_ghost_neurons(first_removed):
 
 
 # --------------------------------------------------------------------------- the zoo
-def _branch_outputs_finite(gm, x) -> bool:
-    finite = []
-    hooks = [b.register_forward_hook(lambda m, i, o: finite.append(bool(torch.isfinite(o).all())))
-             for b in gm.fxsparse.ghost_skips.children()]
-    try:
-        with torch.no_grad():
-            gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return all(finite)
-
-
 def test_zoo(zoo_entry):
     spec, size = zoo_entry
     _, gm, x = masked(spec, size)
@@ -371,31 +358,41 @@ def test_zoo(zoo_entry):
         assert torch.equal(b.weight, torch.full_like(b.weight, 1e-4))
 
     # gate 0: outputs, original gradients and original running statistics bit-identical, train and eval
+    # (copies made here and compared in place: the zoo's largest models must fit in memory twice only)
     gates.set_identity(gm)
     a, b = copy.deepcopy(before), copy.deepcopy(gm)
     assert compare(a, b, x, exact=True, copy_modules=False) == []
     ours = dict(b.named_buffers())
     assert all(torch.equal(ours[n], t) for n, t in a.named_buffers())
     assert all(not g.grad.any() for g in fxsparse.ghosts.parameters(b, GROUP) if g.grad is not None)
+    del a, b
 
     # gate 1: the branches are live (finite, trainable) and conv edges change the output
     gates.set(gm, GROUP, 1.0)
-    gm.train()
-    assert _branch_outputs_finite(gm, x)
+    a, b = copy.deepcopy(before), copy.deepcopy(gm)
+    finite = []
+    for branch in b.fxsparse.ghost_skips.children():
+        branch.register_forward_hook(lambda m, i, o: finite.append(bool(torch.isfinite(o).all())))
+    changed = compare(a, b, x, exact=True, modes=("train",), copy_modules=False)
+    assert finite and all(finite)
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in fxsparse.ghosts.parameters(b, GROUP))
+    # every branch learns wherever its main layer does (not at all under torchvision ViT's zero head).
+    # MLP branches read a LayerNorm'd input in every zoo transformer: with ToST's constant weights
+    # they output ~0 at first (docs/ghost-skips.md), but they get gradients
+    params = dict(b.named_parameters())
+    for site, info in p.sites.items():
+        main = params[info["weight"]].grad
+        if main is not None and main.any():
+            assert params[f"fxsparse.ghost_skips.{site}.weight"].grad.any(), site
     if p.stats["conv_edges"]:
-        assert compare(before, gm, x, exact=True, modes=("train",), grads=False)
-    # MLP branches read a LayerNorm'd input in every zoo transformer: with ToST's constant
-    # weights they output ~0 at first (docs/ghost-skips.md) but get gradients
-    c = copy.deepcopy(gm)
-    sum(o.float().sum() for o in torch.utils._pytree.tree_leaves(c(x)) if isinstance(o, torch.Tensor)).backward()
-    grads = [q.grad for q in fxsparse.ghosts.parameters(c, GROUP)]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.any() for g in grads)
+        assert any("output" in m.what for m in changed)
+    del a, b
 
     # removal: the masked graph again, bit for bit
     remove_ghost_skips(gm)
     assert_same_structure(before, gm)
     assert set(gm.state_dict()) == set(before.state_dict())
-    assert compare(before, gm, x, exact=True, modes=("eval",), grads=False) == []
+    assert compare(before, gm, x, exact=True, modes=("eval",), grads=False, copy_modules=False) == []
 
 
 # --------------------------------------------------------------------------- torch.compile
