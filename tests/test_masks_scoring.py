@@ -465,6 +465,19 @@ def test_min_per_layer_with_layerwise_distribution():
     assert report.kept == report.total - round(0.99 * report.total)
 
 
+def test_min_per_layer_holds_in_every_round_of_iterative_methods():
+    model, trainer = _collapsing_model(), Recorder()
+    masks = compute_quiet(model, "imp", 0.6, train_fn=lambda m, k: None, rounds=3)
+    assert int(masks["fc2.weight"].sum()) == 0  # magnitude rounds cut fc2 without a minimum
+    masks = compute(model, "imp", 0.6, train_fn=trainer, rounds=3, min_per_layer=4)
+    assert int(masks["fc2.weight"].sum()) == 4
+    assert all(int(given["fc2.weight"].sum()) >= 4 for _, given in trainer.calls)
+    masks = compute(seeded(Stack), "synflow", 0.99, "erk", rounds=4, min_per_layer=20, input_shape=(3, 8, 8))
+    report = MaskReport.from_masks(masks)
+    assert min(l.kept for l in report.layers) >= 20
+    assert report.kept == report.total - round(0.99 * report.total)
+
+
 def compute_quiet(*args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayerCollapseWarning)
@@ -492,6 +505,18 @@ def compute_quiet(*args, **kwargs):
 def test_impossible_requests_raise(kwargs, match):
     with pytest.raises(MaskError, match=match):
         compute(seeded(MLP), **kwargs)
+
+
+def test_data_forms():
+    model, data = seeded(MLP), mlp_data()
+    from_list = score(model, "grasp", data)
+    from_generator = score(model, "grasp", (b for b in data))  # one-shot: read once, used twice
+    for n in WEIGHTS:
+        torch.testing.assert_close(from_generator[n], from_list[n])
+    with pytest.raises(MaskError, match="no data batches"):
+        compute(model, "taylor", 0.5, data=[])
+    with pytest.raises(MaskError, match="not an \\(inputs, targets\\) pair"):
+        compute(model, "snip", 0.5, data=[torch.randn(2, 6)])
 
 
 def test_sparsity_zero_keeps_everything():

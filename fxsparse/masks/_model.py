@@ -36,23 +36,33 @@ def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> tupl
     return work, params
 
 
-def as_batches(data: Iterable[Batch] | None, method: str) -> list[Batch]:
-    """The (inputs, targets) batches as a list, so that a method can pass over them twice."""
+def as_batches(data: Iterable[Batch] | None, method: str) -> Iterable[Batch]:
+    """``data`` as an iterable that can be passed over more than once (GraSP passes twice).
+
+    A DataLoader or a list is used as is, batch by batch; a one-shot iterator (a generator) is
+    read into a list first.
+    """
     if data is None:
         raise MaskError(
             f"method {method!r} scores weights with gradients of the loss and needs data: pass "
             f"data=an iterable of (inputs, targets) batches (a DataLoader or a list)."
         )
-    batches = list(data)
-    if not batches:
-        raise MaskError(f"method {method!r} got an empty data iterable; pass at least one (inputs, targets) batch.")
-    for i, batch in enumerate(batches):
+    return list(data) if iter(data) is data else data
+
+
+def pairs(batches: Iterable[Batch], method: str) -> Iterator[Batch]:
+    """The (inputs, targets) batches, checked one by one as they are used."""
+    count = 0
+    for batch in batches:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise MaskError(
-                f"data batch {i} is a {type(batch).__name__}, not an (inputs, targets) pair; "
+                f"data batch {count} is a {type(batch).__name__}, not an (inputs, targets) pair; "
                 f"method {method!r} needs targets to compute the loss."
             )
-    return batches
+        count += 1
+        yield batch[0], batch[1]
+    if not count:
+        raise MaskError(f"method {method!r} got no data batches; pass at least one (inputs, targets) batch.")
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -69,7 +70,7 @@ def imp_masks(
             "applied; compute() calls it once per pruning round."
         )
     work = copy.deepcopy(model)
-    rewind = {k: v.detach().clone() for k, v in (rewind_state or work.state_dict()).items()}
+    rewind = _snapshot(rewind_state if rewind_state is not None else work.state_dict(), work)
     _check_rewind_keys(work, rewind)  # before any training: a late failure would waste it all
     params = {n: work.get_parameter(n) for n in names}
     alive = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
@@ -86,6 +87,14 @@ def _zero_pruned(params: dict[str, nn.Parameter], alive: dict[str, torch.Tensor]
     with torch.no_grad():
         for n, p in params.items():
             p.mul_(alive[n])
+
+
+def _snapshot(state: Mapping[str, torch.Tensor], work: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """A copy of a state dict, with the per-module version metadata some modules' loading needs
+    (torchvision's MNASNet refuses a state dict without it)."""
+    snap = OrderedDict((k, v.detach().clone()) for k, v in state.items())
+    snap._metadata = getattr(state, "_metadata", None) or work.state_dict()._metadata
+    return snap
 
 
 def _check_rewind_keys(work: nn.Module, rewind: Mapping[str, torch.Tensor]) -> None:

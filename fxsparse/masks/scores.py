@@ -58,7 +58,7 @@ def summed_gradients(
     work, params = _model.scoring_copy(model, names, train=train_mode)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     with _model.seeded(seed, _model.device_of(work)):
-        for inputs, targets in batches:
+        for inputs, targets in _model.pairs(batches, method):
             loss = loss_fn(_model.forward(work, inputs), _model.targets_on(targets, work))
             for n, g in _model.grads(loss, params).items():
                 total[n] += g
@@ -96,11 +96,11 @@ def grasp_scores(
     # the Hessian-vector product differentiates twice, which CPU's fused attention kernels and
     # hardsigmoid's backward do not support: use the math attention and an equal hardsigmoid
     with _model.seeded(seed, _model.device_of(work)), sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
-        for inputs, targets in batches:  # first pass: g, no graph kept
+        for inputs, targets in _model.pairs(batches, "grasp"):  # first pass: g, no graph kept
             loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
             for n, g in _model.grads(loss, params).items():
                 stopped[n] += g
-        for inputs, targets in batches:  # second pass: H g = d(g_stop . g_b)/dw, batch by batch
+        for inputs, targets in _model.pairs(batches, "grasp"):  # second pass: H g = d(g_stop . g_b)/dw
             loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
             g_b = _model.grads(loss, params, create_graph=True)
             dot = sum((stopped[n] * g_b[n]).sum() for n in params)
