@@ -364,7 +364,7 @@ def _table(report: Report) -> Table:
     return table
 
 
-def _summary_lines(report: Report) -> list[str]:
+def summary_lines(report: Report) -> list[str]:
     s = report.summary
     lines = [
         f"{s['nodes']} nodes, {format_count(s['parameters'])} parameters"
@@ -398,7 +398,7 @@ def to_text(report: Report, *, width: int = 140, color: bool = False) -> str:
 
 def print_report(report: Report, console: Console) -> None:
     console.print(_table(report))
-    for line in _summary_lines(report):
+    for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)
 
 

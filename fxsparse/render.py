@@ -10,6 +10,7 @@ topological order) and rows are ordered by the mean position of their inputs.
 """
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import html
 from collections import Counter
@@ -21,7 +22,10 @@ from torch.fx import GraphModule, Node
 
 from .inspect import WEIGHT_GROUPS, Report, format_count, format_shape, module_path, op_name, shape_of
 
-__all__ = ["Box", "BoxGraph", "collapse", "auto_depth", "max_depth", "to_dot", "to_svg", "to_html", "GROUP_COLOURS"]
+__all__ = [
+    "Box", "BoxGraph", "collapse", "auto_depth", "max_depth", "module_types", "layout", "to_dot", "to_svg",
+    "to_html", "group_colour", "GROUP_COLOURS",
+]
 
 # Fill colour of boxes added by each pass group; unknown groups get a colour from their name.
 GROUP_COLOURS = {
@@ -39,8 +43,9 @@ _IO = "#e9ecef"
 def group_colour(group: str) -> str:
     if group in GROUP_COLOURS:
         return GROUP_COLOURS[group]
-    hue = int(hashlib.sha1(group.encode()).hexdigest()[:4], 16) % 360
-    return f"hsl({hue}, 70%, 82%)"
+    hue = int(hashlib.sha1(group.encode()).hexdigest()[:4], 16) / 0xFFFF
+    r, g, b = colorsys.hls_to_rgb(hue, 0.82, 0.7)  # a light, saturated colour (valid in DOT too)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 
 # --------------------------------------------------------------------------- collapse
@@ -426,7 +431,7 @@ pre { background: #f8f9fa; padding: 8px; font-size: 12px; overflow-x: auto; }
 
 def to_html(report: Report, bg: BoxGraph, *, title: str | None = None) -> str:
     """A self-contained page: summary, the drawing, the diff and the table (no external assets)."""
-    from .inspect import _summary_lines
+    from .inspect import summary_lines
 
     s = report.summary
     title = title or f"fxsparse inspect: {s['model']}"
@@ -435,7 +440,7 @@ def to_html(report: Report, bg: BoxGraph, *, title: str | None = None) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        "<ul>" + "".join(f"<li>{e(line)}</li>" for line in _summary_lines(report)) + "</ul>",
+        "<ul>" + "".join(f"<li>{e(line)}</li>" for line in summary_lines(report)) + "</ul>",
         f"<h2>Graph (depth {bg.depth}; hover a box for its nodes)</h2>",
         f'<div class="graph">{to_svg(bg, title=title)}</div>',
     ]
