@@ -2,7 +2,7 @@
 
 Every ReLU-family activation ``a = relu(x)`` becomes
 
-    blend = ghost_blend(a, soft(x), lam) = a - lam * (a - soft(x))        # = (1-lam)*a + lam*soft(x)
+    blend = ghost_blend(a, soft(x), lam) = (1 - lam) * a + lam * soft(x)
 
 with ``soft`` one of swish ``x*sigmoid(x)`` (default), mish ``x*tanh(softplus(x))`` or parametric
 swish ``x*sigmoid(beta*x)``, and ``lam`` the group's gate ``fxsparse.gates.ghost_neurons``
@@ -56,15 +56,18 @@ KINDS = ("relu", "relu6")  # the activation kinds (fxsparse.graph.activation_sit
 
 
 def ghost_blend(act: torch.Tensor, soft: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``(1 - gate) * act + gate * soft``, returning ``act`` bit for bit when ``gate == 0``.
+    """``(1 - gate) * act + gate * soft``: at ``gate == 0`` exactly ``act``, value and gradient.
 
-    Written ``act - gate * (act - soft)``: for finite ``x``, ``act >= soft`` (ReLU bounds swish,
-    mish and parametric swish from above), so at gate 0 the subtracted term is ``+0.0`` and
-    ``act - (+0.0)`` is ``act`` exactly, ``-0.0`` included (``relu(-0.0)`` is ``-0.0``; the
-    textbook ``act + gate * (soft - act)`` would turn it into ``+0.0``). Where ``act < soft``
-    (ReLU6 above 6) the term is ``-0.0`` and ``act`` is non-zero, so the result is still ``act``.
+    Forward: ``1 * act`` is ``act`` and ``0 * soft`` is a signed zero, so the sum is ``act`` for
+    every finite input; the one case where adding a zero could change a bit, ``act == -0.0``,
+    happens only at ``x == -0.0``, where ``soft(-0.0)`` is ``-0.0`` too and ``-0.0 + -0.0`` is
+    ``-0.0``. (``act + gate * (soft - act)`` would turn ``relu(-0.0) == -0.0`` into ``+0.0``.)
+    Backward: ``act`` is read once, so its gradient is ``g * 1``, bit for bit ``g``; the soft
+    branch adds ``(g * 0) * soft'(x)``, a zero that has the sign of ``g`` wherever ReLU's own
+    gradient can be ``-0.0`` (x > 0, where ``soft'(x) > 0``), so ``x``'s gradient is unchanged.
+    At ``x = +-inf`` the soft branch is ``inf`` or ``nan`` and ``0 * soft`` is ``nan``.
     """
-    return act - gate * (act - soft)
+    return (1 - gate) * act + gate * soft
 
 
 def parametric_swish(x: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
@@ -298,6 +301,20 @@ class RemoveGhostNeuronsPass(FxSparsePass):
     activation submodules are restored, the tagged nodes, the gate and the container go."""
 
     group = GROUP
+
+    def requires(self, graph_module: GraphModule) -> None:
+        super().requires(graph_module)
+        gate, params = gates.target(GROUP), f"{CONTAINER}.{GROUP}."
+        untagged = [n.name for n in graph_module.graph.nodes
+                    if n.op == "get_attr" and "fxsparse" not in n.meta
+                    and (n.target == gate or n.target.startswith(params))]
+        if untagged:
+            raise PassError(
+                f"RemoveGhostNeuronsPass: nodes {untagged[:3]} read ghost-neuron state but carry no "
+                f"fxsparse tag, so the ghost nodes cannot be told apart from the original graph. Node "
+                f"tags do not survive pickling a GraphModule (torch.save(gm)); save gm.state_dict() "
+                f"instead and rebuild the graph with the same passes."
+            )
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
