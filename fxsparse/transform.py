@@ -122,7 +122,10 @@ def _build_rescale(options: dict, ctx: Context) -> FxSparsePass:
             f"batches: pass data=<iterable of (inputs, targets)> to fxsparse.transform, or set "
             f"rescale.enabled = false."
         )
-    cls = _import_class("fxsparse.passes.rescale_init:RescaleInitPass")
+    cls = _import_class("fxsparse.passes.rescale_init:RescaleInitPass", missing_ok=True)
+    if cls is None:
+        raise RecipeError(f"recipe {ctx.recipe.name!r} enables [rescale] (LRsI), but its pass "
+                          f"(fxsparse.passes.rescale_init) is not installed; set rescale.enabled = false.")
     return cls(ctx.data, ctx.loss_fn, **options)
 
 
