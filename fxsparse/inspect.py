@@ -45,7 +45,7 @@ class Row:
     node: str  # fx node name
     layer: str  # module path ("layer1.0.conv1"); "" for top-level functions
     op: str  # module type ("Conv2d"), function ("add") or method (".relu()")
-    kind: str  # "input" | "layer" | "activation" | "module" | "added" | "function" | "output"
+    kind: str  # input, layer, activation, module, added, output (+ function, attribute with all_nodes)
     shape: list[Any] | None  # output shape(s) from node.meta["tensor_meta"]
     params: int  # parameters the node applies
     density: float | None  # kept fraction of its masked weights; None: no mask (dense)
