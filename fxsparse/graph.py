@@ -686,34 +686,45 @@ def activation_reach(
     max_adds: int = 1,
     is_activation: Callable[[Node], bool] | None = None,
 ) -> list[PreActivation]:
-    """The activations ``node``'s output reaches through channel-wise ops and residual adds.
+    """The next activations ``node``'s output reaches through channel-wise ops and residual adds.
 
     Follows the output forward through channel-wise ops (``is_channelwise``: BatchNorm, dropout,
-    identity, DropPath, norm+act leaves without an activation), through at most ``max_adds``
-    residual adds (``is_residual_add``), and stops at the first activation on each path: an
-    activation node, a channel-wise leaf holding an activation (BatchNormAct2d), or a node
-    ``is_activation`` accepts (e.g. a node another pass put in place of an activation). Used to
-    find where ToST's skip edges land: for the second conv of a residual block,
-    ``conv2 -> bn2 -> add -> relu`` gives the add as ``value``.
+    identity, DropPath, norm+act leaves without an activation) and stops at the first activation
+    on each path: an activation node, a channel-wise leaf holding an activation (BatchNormAct2d),
+    or a node ``is_activation`` accepts (e.g. a node another pass put in place of an activation).
+    Where no activation is reached that way, it goes on through residual adds
+    (``is_residual_add``), at most ``max_adds`` of them; a value that already reaches an
+    activation is the end of its block, so the adds after it (a pre-activation network's next
+    residual) are not followed. Used to find where ToST's skip edges land: for the second conv
+    of a residual block, ``conv2 -> bn2 -> add -> relu`` gives the add as ``value``; RepVGG's
+    ``conv3x3 + conv1x1 + identity`` gives the second add with ``max_adds=2``.
 
     Returns one ``PreActivation`` per activation reached, in graph order.
     """
     found: dict[Node, PreActivation] = {}
-    stack: list[tuple[Node, tuple[Node, ...], tuple[Node, ...]]] = [(node, (), ())]
-    while stack:
-        cur, path, adds = stack.pop()
-        for user in cur.users:
-            main = user.args[0] if user.args else None
-            if main is cur and user not in found:
+    frontier: list[tuple[Node, tuple[Node, ...], tuple[Node, ...]]] = [(node, (), ())]
+    while frontier:
+        start, start_path, adds = frontier.pop()
+        closure, stack, reached = [], [(start, start_path)], False
+        while stack:  # the channel-wise closure of ``start``
+            cur, path = stack.pop()
+            closure.append((cur, path))
+            for user in cur.users:
+                main = user.args[0] if user.args else None
+                if main is not cur:
+                    continue
                 site = _activation_site(gm, user)
                 if site is not None or (is_activation is not None and is_activation(user)):
-                    found[user] = PreActivation(user, cur, site, path, adds)
-                    continue
-                if is_channelwise(gm, user):
-                    stack.append((user, path + (user,), adds))
-                    continue
-            if len(adds) < max_adds and is_residual_add(user, cur):
-                stack.append((user, path + (user,), adds + (user,)))
+                    found.setdefault(user, PreActivation(user, cur, site, path, adds))
+                    reached = True
+                elif is_channelwise(gm, user):
+                    stack.append((user, path + (user,)))
+        if reached or len(adds) >= max_adds:
+            continue
+        for cur, path in closure:
+            for user in cur.users:
+                if is_residual_add(user, cur):
+                    frontier.append((user, path + (user,), adds + (user,)))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(found.values(), key=lambda p: order[p.activation])
 

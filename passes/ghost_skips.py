@@ -10,8 +10,8 @@ point just before the next activation::
 
 ``GhostSkipPass`` finds those places in any graph: every 2-D conv with a kernel larger than
 ``min_kernel - 1`` in some dimension (depthwise and grouped convs included) whose output reaches
-an activation through channel-wise ops (BatchNorm, dropout, identity, DropPath) and at most one
-residual add (``fxsparse.graph.activation_reach``). Each gets a ``GhostSkipBranch`` (a dense 1x1
+an activation through channel-wise ops (BatchNorm, dropout, identity, DropPath) and residual
+adds of the same block (``fxsparse.graph.activation_reach``). Each gets a ``GhostSkipBranch`` (a dense 1x1
 conv from the conv's input channels to its output channels, the conv's stride, the padding that
 makes the spatial shapes agree, then BatchNorm2d) and the graph computes, at the point just
 before the activation::
@@ -70,6 +70,9 @@ __all__ = [
 
 GROUP = "ghost_skips"
 LINEAR_NORMS = ("batch", "layer", "none")
+# Residual adds a conv's output may cross on its way to the activation: one in a ResNet block,
+# two in RepVGG's conv3x3 + conv1x1 + identity. activation_reach never crosses into the next block.
+MAX_ADDS = 2
 
 log = logging.getLogger("fxsparse.passes")
 
@@ -305,7 +308,8 @@ class GhostSkipPass(FxSparsePass):
             kind = self._candidate_kind(call)
             if kind is None:
                 continue
-            reaches = activation_reach(gm, node, max_adds=1 if kind == "conv" else 0, is_activation=_is_ghost_neuron)
+            reaches = activation_reach(gm, node, max_adds=MAX_ADDS if kind == "conv" else 0,
+                                       is_activation=_is_ghost_neuron)
             if not reaches:
                 continue  # no activation next: not a skip-edge site
             if kind != "conv":

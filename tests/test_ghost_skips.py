@@ -303,6 +303,32 @@ def test_linear_mlp_branch(norm):
     assert_same_structure(before, gm)
 
 
+class PreActNet(nn.Module):
+    """Two pre-activation blocks (bn -> relu -> conv, + x): a residual sum feeds the next block's BN."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, 1, 1) for _ in range(2))
+
+    def forward(self, x):
+        for bn, conv in zip(self.bns, self.convs):
+            x = x + conv(torch.relu(bn(x)))
+        return torch.relu(self.bns[2](x))
+
+
+def test_edges_stop_at_the_end_of_a_residual_block():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    gm = fxsparse.trace(PreActNet(), x)
+    reach = fxsparse.graph.activation_reach(gm, node_for(gm, "convs.0"), max_adds=2)
+    # convs.0 -> add -> bns.1 -> relu: the next block's activation only, not the one after the next add
+    assert [(r.value.target, [a.target for a in r.adds]) for r in reach] == [("bns.1", [operator.add])]
+    p = GhostSkipPass()
+    p(gm)
+    assert p.stats["edges"] == 2
+
+
 # --------------------------------------------------------------------------- errors and composition
 def test_errors():
     _, gm, _ = tiny()
