@@ -40,7 +40,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxsparse import gates
 from fxsparse.errors import PassError
-from fxsparse.graph import CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, channel_chains
+from fxsparse.graph import (
+    CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
+)
 from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
 
 __all__ = [
@@ -131,31 +133,147 @@ def _geometry(gm: GraphModule, layer: Layer) -> _Geometry:
     return _Geometry("conv", node.target, w.shape[0], w.shape[1] * geo["groups"], tuple(w.shape[2:]), **geo)
 
 
-# --------------------------------------------------------------------------- chain ops
-def _is_dropout(gm: GraphModule, node: Node) -> bool:
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return isinstance(m, (nn.modules.dropout._DropoutNd,)) or type(m).__name__ in ("DropPath", "DropBlock2d")
-    return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
+# --------------------------------------------------------------------------- the chain P -> C
+@dataclass(frozen=True, eq=False)
+class _Op:
+    """One channel-wise op of the original architecture on the path from P to C.
+
+    The ghost chain calls a fresh copy of ``module`` (a call_module target) or, when ``module`` is
+    None, the node's own function/method, on the ghost tensor followed by ``args``/``kwargs``.
+    """
+
+    node: Node  # the op in the graph (for an unfolded BatchNormAct2d leaf: its norm part)
+    module: str | None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, node: Node) -> "_Op":
+        module = node.target if node.op == "call_module" else None
+        return cls(node, module, tuple(node.args[1:]), dict(node.kwargs))
 
 
-def _has_channel_state(gm: GraphModule, node: Node, channels: int) -> bool:
+def _tag(node: Node) -> tuple[str | None, str | None]:
+    t = node.meta.get("fxsparse") or {}
+    return t.get("group"), t.get("role")
+
+
+def _reads_once(node: Node, value: Node, position: int = 0) -> bool:
+    """``node`` reads ``value`` exactly once, as its positional argument ``position``."""
+    seen: list[Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n) if n is value else None)
+    return len(node.args) > position and node.args[position] is value and len(seen) == 1
+
+
+def _readers(value: Node) -> list[Node]:
+    """The nodes reading ``value``, less ghost skip branches (they read a conv's input, which is
+    the end of some chain, as a side branch of their own)."""
+    return [u for u in value.users if _tag(u) != ("ghost_skips", "branch")]
+
+
+def _ghost_neuron_unit(value: Node) -> tuple[Node, Node] | None:
+    """(activation, blend) when ``value`` feeds GhostNeuronPass's blend of an activation and its
+    soft twin, ``ghost_blend(act(value), soft(value), lam)``, and nothing else."""
+    users = _readers(value)
+    blends = {b for u in users for b in u.users if _tag(b) == ("ghost_neurons", "blend")}
+    if len(users) != 2 or len(blends) != 1:
+        return None
+    (blend,) = blends
+    act, soft = blend.args[0], blend.args[1]
+    if set(users) != {act, soft} or _tag(soft) != ("ghost_neurons", "soft"):
+        return None
+    if not _reads_once(act, value) or len(act.users) != 1 or len(soft.users) != 1:
+        return None
+    return act, blend
+
+
+def _walk(gm: GraphModule, producer: Layer) -> tuple[Layer, list[_Op]] | None:
+    """Follow P's output through channel-wise ops to the one layer that reads it.
+
+    Returns (consumer, ops) or None when the output goes anywhere else (two readers, a residual
+    add, a concat, pooling, a leaf, the output). On a graph without other ghosts this finds what
+    ``fxsparse.graph.channel_chains`` reports as ``single_consumer`` (along a simple path). Other
+    ghosts' rewrites are seen through so that the ghost chain copies the *original* ops and never
+    depends on another ghost group's nodes or state: a ghost skip's merge is left out, a ghost
+    neuron's blend contributes its original activation, a BatchNormAct2d leaf that GhostSkipPass
+    unfolded contributes the whole leaf once, a ghost skip branch reading C's input is ignored.
+    """
+    value, ops, unfolded = producer.node, [], None
+    while True:
+        unit = _ghost_neuron_unit(value)
+        if unit is not None:
+            ops.append(_Op.of(unit[0]))
+            value = unit[1]
+            continue
+        users = _readers(value)
+        if len(users) != 1:
+            return None
+        (node,) = users
+        group, role = _tag(node)
+        if group == "ghost_skips" and role == "merge" and _reads_once(node, value):
+            value = node  # main + alpha * skip: the ghost channels get no skip
+            continue
+        if group == "ghost_skips" and role == "unfold":
+            t = node.meta["fxsparse"]
+            if t.get("part") == "norm" and _reads_once(node, value, 1):
+                ops.append(_Op(node, t["leaf"]))  # the whole leaf: norm, drop and act
+                unfolded = t["leaf"]
+            elif not (t.get("part") in ("drop", "act") and t["leaf"] == unfolded and _reads_once(node, value)):
+                return None
+            value = node
+            continue
+        found = layer_of(gm, node)
+        if found is not None:
+            if isinstance(found, Layer) and not found.inside_leaf and _reads_once(node, value):
+                return found, ops
+            return None
+        if group is not None or not is_channelwise(gm, node) or not _reads_once(node, value):
+            return None
+        ops.append(_Op.of(node))
+        value = node
+
+
+def _is_dropout(gm: GraphModule, op: _Op) -> bool:
+    if op.module is not None:
+        m = gm.get_submodule(op.module)
+        return isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ in ("DropPath", "DropBlock2d")
+    return op.node.op == "call_function" and op.node.target in _DROPOUT_FUNCTIONS
+
+
+def _has_channel_state(module: nn.Module, channels: int) -> bool:
     """A module with per-channel tensors (a norm, a PReLU): it indexes channels along dim 1."""
-    if node.op != "call_module":
-        return False
-    tensors = [*gm.get_submodule(node.target).parameters(), *gm.get_submodule(node.target).buffers()]
-    return any(t.dim() == 1 and t.shape[0] == channels for t in tensors)
+    return any(t.dim() == 1 and t.shape[0] == channels for t in (*module.parameters(), *module.buffers()))
 
 
-def _ghost_module(module: nn.Module, channels: int, k: int) -> nn.Module:
+def _ghost_activation_type() -> type | None:
+    try:
+        from fxsparse.passes.ghost_neurons import GhostActivation
+    except ImportError:
+        return None
+    return GhostActivation
+
+
+def _ghost_module(gm: GraphModule, module: nn.Module, channels: int, k: int) -> nn.Module:
     """A fresh copy of a channel-wise module for ``k`` ghost channels.
 
     Per-channel tensors (1-d, ``channels`` long: BN weight/bias/running stats, PReLU slopes) are
     re-created with ``k`` entries and re-initialized, so the copy shares no state with the original
     and starts from the module type's defaults; everything else (eps, momentum, activation, p) is
-    kept.
+    kept. A ghost neuron swapped into the module (``GhostActivation``) is copied as the original
+    activation it stands in for.
     """
-    m = copy.deepcopy(module)
+    # modules under gm.fxsparse (gates a GhostActivation refers to) are shared, never copied
+    shared = container(gm, create=False)
+    memo = {id(x): x for x in shared.modules()} if shared is not None else {}
+    m = copy.deepcopy(module, memo)
+    ghost_act = _ghost_activation_type()
+    if ghost_act is not None:
+        if isinstance(m, ghost_act):
+            m = m.act
+        for sub in m.modules():
+            for slot, child in sub._modules.items():
+                if isinstance(child, ghost_act):
+                    sub._modules[slot] = child.act
     for sub in m.modules():
         resized = []
         for store in (sub._parameters, sub._buffers):
@@ -208,37 +326,14 @@ class _Site:
     consumer: Layer
     pgeo: _Geometry
     cgeo: _Geometry
-    ops: list[Node]
+    ops: list[_Op]
     k: int
     branch: GhostChannelBranch | None = None
-    op_modules: dict[Node, int] = field(default_factory=dict)  # chain node -> index in branch.ops
+    op_modules: dict[_Op, int] = field(default_factory=dict)  # op -> index of its copy in branch.ops
 
 
 def _site_name(layer: Layer) -> str:
     return layer.name.replace(".", "_") or "root"
-
-
-def _chain_path(chain, producer: Layer, consumer: Layer) -> list[Node]:
-    """The chain's ops as a simple path P -> op -> ... -> C, each feeding only the next."""
-    prev, path, remaining = producer.node, [], set(chain.ops)
-    while True:
-        users = list(prev.users)
-        if len(users) != 1:
-            raise _Skip("chain branches", f"{prev.name} feeds {len(users)} nodes")
-        (nxt,) = users
-        others = [a for a in (*nxt.args[1:], *nxt.kwargs.values()) if a is prev]
-        if not nxt.args or nxt.args[0] is not prev or others:
-            raise _Skip("chain tensor used as a side input", f"{nxt.name} reads it other than as its first input")
-        if nxt is consumer.node:
-            break
-        if nxt not in remaining:
-            raise _Skip("chain branches", f"{nxt.name} is not a channel-wise op of the chain")
-        remaining.discard(nxt)
-        path.append(nxt)
-        prev = nxt
-    if remaining:
-        raise _Skip("chain branches", f"ops {[n.name for n in remaining]} are off the path to {consumer.name}")
-    return path
 
 
 def _density(gm: GraphModule, param: str) -> float:
@@ -288,11 +383,14 @@ class GhostChannelPass(FxSparsePass):
             leaves them out so train-mode outputs at gate 0 stay bit-identical in every model.
         seed: seeds the ghost weights and masks (each site draws from its own generator).
 
-    Sites: producers whose ``fxsparse.graph.channel_chains`` entry has a single consumer. Skipped,
-    with the reason logged: grouped/depthwise consumers, custom conv modules (their own
-    ``forward``), transposed convs, kind mismatches (conv -> linear), functional norms in the
-    chain, chains that branch. Grouped producers are handled: ghost channel j is one more filter
-    of group ``j % groups`` (reading that group's input channels).
+    Sites: conv/linear producers whose output reaches exactly one conv/linear consumer, as its
+    input, through channel-wise ops only (``fxsparse.graph.is_channelwise``; what
+    ``channel_chains`` reports as ``single_consumer``). Ghost neurons and ghost skips already in
+    the chain are seen through; the branch copies the original ops (see ``_walk``). Skipped, with
+    the reason logged: grouped/depthwise consumers, custom conv modules (their own ``forward``),
+    transposed convs, conv -> linear layouts, functional norms in the chain. Grouped producers
+    are handled: ghost channel j is one more filter of group ``j % groups`` (reading that
+    group's input channels).
 
     Stats: ``sites``, ``channels`` (ghost channels added in total), ``skipped``.
     """
@@ -328,8 +426,7 @@ class GhostChannelPass(FxSparsePass):
                 raise PassError(f"GhostChannelPass: {merge.name} merges into a ghost node, not a layer")
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, gm: GraphModule, chain) -> _Site:
-        P, C = chain.producer, chain.single_consumer
+    def _plan(self, gm: GraphModule, P: Layer, C: Layer, ops: list[_Op]) -> _Site:
         pgeo, cgeo = _geometry(gm, P), _geometry(gm, C)
         if P.weight == C.weight:
             raise _Skip("shared weight", f"{P.weight} is both producer and consumer")
@@ -340,17 +437,18 @@ class GhostChannelPass(FxSparsePass):
         if cgeo.in_channels != pgeo.out_channels:
             raise _Skip("channel mismatch", f"{C.name} reads {cgeo.in_channels} channels, {P.name} makes "
                         f"{pgeo.out_channels}")
-        ops = _chain_path(chain, P, C)
         for op in ops:
-            if op.op == "call_function" and op.target in _FUNCTIONAL_NORMS:
-                raise _Skip("functional norm", f"{op.name}: a copy would share the original's statistics")
-            if pgeo.kind == "linear" and _has_channel_state(gm, op, pgeo.out_channels):
+            if op.module is None and op.node.target in _FUNCTIONAL_NORMS:
+                raise _Skip("functional norm", f"{op.node.name}: a copy would share the original's statistics")
+            if pgeo.kind == "linear" and op.module is not None and _has_channel_state(
+                    gm.get_submodule(op.module), pgeo.out_channels):
                 # per-channel modules index dim 1; a linear's features are the last dim
-                shape = getattr(op.meta.get("tensor_meta"), "shape", None)
+                shape = getattr(op.node.meta.get("tensor_meta"), "shape", None)
                 if shape is None or len(shape) != 2:
-                    raise _Skip("layout mismatch", f"{op.name} after linear {P.name} indexes dim 1, not the features")
+                    raise _Skip("layout mismatch", f"{op.node.name} after linear {P.name} indexes dim 1, "
+                                f"not the features")
         k = max(1, round(self.ratio * pgeo.out_channels))
-        site = _Site(_site_name(P), P, C, pgeo, cgeo, ops, k)
+        site = _Site(_site_name(P), P, C, pgeo, cgeo, list(ops), k)
         self._build_branch(gm, site)
         return site
 
@@ -387,11 +485,12 @@ class GhostChannelPass(FxSparsePass):
             branch.register_buffer(
                 "slice_mask", _random_mask(slice_weight.shape, _density(gm, C.weight), gen).to(cw.device))
 
+        if not self.dropout:
+            site.ops = [op for op in site.ops if not _is_dropout(gm, op)]
         for op in site.ops:
-            if op.op != "call_module" or (_is_dropout(gm, op) and not self.dropout):
-                continue
-            site.op_modules[op] = len(branch.ops)
-            branch.ops.append(_ghost_module(gm.get_submodule(op.target), pgeo.out_channels, k))
+            if op.module is not None:
+                site.op_modules[op] = len(branch.ops)
+                branch.ops.append(_ghost_module(gm, gm.get_submodule(op.module), pgeo.out_channels, k))
         site.branch = branch
 
     @staticmethod
@@ -406,14 +505,17 @@ class GhostChannelPass(FxSparsePass):
     def call(self, gm: GraphModule) -> PassResult:
         self.sites, self.skipped = [], []
         planned = []
-        for chain in channel_chains(gm):
-            if chain.single_consumer is None:
+        for layer in parameterized_layers(gm):
+            if layer.inside_leaf or layer.weight.startswith(CONTAINER + "."):
+                continue  # layers inside leaves have no graph node of their own; never ghost a ghost
+            found = _walk(gm, layer)
+            if found is None:
                 continue
             try:
-                planned.append(self._plan(gm, chain))
+                planned.append(self._plan(gm, layer, *found))
             except _Skip as e:
-                self.skipped.append((chain.producer.name, e.kind, str(e)))
-                log.debug("GhostChannelPass: skipping %s: %s", chain.producer.name, e)
+                self.skipped.append((layer.name, e.kind, str(e)))
+                log.debug("GhostChannelPass: skipping %s: %s", layer.name, e)
         if self.skipped:
             self.stats["skipped"] = len(self.skipped)
             reasons = Counter(kind for _, kind, _ in self.skipped)
@@ -461,14 +563,12 @@ class GhostChannelPass(FxSparsePass):
         # The chain copies run after C, so a ghost dropout draws after every original draw up to C.
         with graph.inserting_before(C.next):
             for op in site.ops:
-                if _is_dropout(gm, op) and not self.dropout:
-                    continue
-                if op.op == "call_module":
+                if op.module is not None:
                     target = f"{prefix}.ops.{site.op_modules[op]}"
-                    ghost = graph.call_module(target, (ghost, *op.args[1:]), dict(op.kwargs))
+                    ghost = graph.call_module(target, (ghost, *op.args), dict(op.kwargs))
                 else:
-                    ghost = graph.create_node(op.op, op.target, (ghost, *op.args[1:]), dict(op.kwargs))
-                tag(ghost, "branch", part="op", copy_of=op.name)
+                    ghost = graph.create_node(op.node.op, op.node.target, (ghost, *op.args), dict(op.kwargs))
+                tag(ghost, "branch", part="op", copy_of=op.module or op.node.name)
             sw = weight("slice_weight", "slice_mask", "slice")
             contribution = tag(site.cgeo.call(graph, ghost, sw, None), "slice", part="consumer")
             g = tag(graph.get_attr(gate_target), "gate")

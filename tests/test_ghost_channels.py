@@ -13,7 +13,7 @@ from torch import nn
 import fxsparse
 from fxsparse import gates, ghosts
 from fxsparse.errors import PassError
-from fxsparse.graph import same_structure
+from fxsparse.graph import channel_chains, same_structure
 from fxsparse.pass_infra import tagged_nodes
 from fxsparse.passes.ghost_channels import GROUP, GhostChannelPass, RemoveGhostChannelsPass, remove_ghost_channels
 from fxsparse.passes.mask import MaskPass, get_mask
@@ -63,9 +63,12 @@ def test_zoo(zoo_entry):
     before = copy.deepcopy(gm)
     state_before = {k: v.clone() for k, v in gm.state_dict().items()}
 
+    single = {c.producer.name for c in channel_chains(gm) if c.single_consumer is not None}
     p = GhostChannelPass()
     gm = p(gm).graph_module
     assert p.stats["sites"] == EXPECTED_SITES[spec], (p.sites, p.skipped)
+    # every single-consumer chain is a site or skipped with a reason
+    assert {s["producer"] for s in p.sites} | {name for name, _, _ in p.skipped} == single
     assert p.stats["channels"] == sum(s["channels"] for s in p.sites)
     assert len(tagged_nodes(gm, group=GROUP, role="merge")) == p.stats["sites"]
     if not p.stats["sites"]:
@@ -94,7 +97,7 @@ def test_zoo(zoo_entry):
     remove_ghost_channels(gm)
     assert_same_structure(before, gm)
     assert set(gm.state_dict()) == set(state_before)
-    assert compare(at_zero, gm, x, exact=True) == []
+    assert compare(gm, at_zero, x, exact=True) == []  # gradients of every parameter gm still has
 
 
 # --------------------------------------------------------------------------- extra width
@@ -367,3 +370,37 @@ def test_compile_gate_moves_without_recompiling():
     GhostChannelPass()(gm)
     explanation = torch._dynamo.explain(gm)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+# --------------------------------------------------------------------------- with the other ghosts
+@pytest.mark.parametrize("spec", ["resnet18", "mobilenetv2_100", "regnetx_002", "vit_tiny_patch16_224"])
+def test_after_ghost_neurons_and_skips(spec):
+    """In PASS_ORDER ghost neurons and skips come first: the sites are the same, the branch copies
+    the original ops, every gate at identity is exact and the ghosts come off in any order."""
+    neurons = pytest.importorskip("fxsparse.passes.ghost_neurons")
+    skips = pytest.importorskip("fxsparse.passes.ghost_skips")
+    size = (3, 224, 224) if "vit" in spec else (3, 32, 32)
+    _, original, x = masked(spec, size)
+    gm = copy.deepcopy(original)
+    neurons.GhostNeuronPass()(gm)
+    skips.GhostSkipPass(include_linear=True)(gm)
+    p = GhostChannelPass()
+    p(gm)
+    assert p.stats["sites"] == EXPECTED_SITES[spec]
+    # the branch reads another group's node only as the producer's input, and holds no ghost neuron
+    for node in tagged_nodes(gm, group=GROUP):
+        if node.meta["fxsparse"].get("part") in ("producer", "select"):
+            continue
+        assert all((i.meta.get("fxsparse") or {}).get("group") in (None, "masks", GROUP)
+                   for i in node.all_input_nodes), node
+    assert not any(isinstance(m, neurons.GhostActivation) for m in gm.fxsparse.ghost_channels.modules())
+
+    gates.set_identity(gm)
+    assert compare(original, gm, x, exact=True) == []
+    removals = [neurons.remove_ghost_neurons, skips.remove_ghost_skips, remove_ghost_channels]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        g = copy.deepcopy(gm)
+        for i in order:
+            removals[i](g)
+        assert_same_structure(original, g)
+        assert compare(g, gm, x, exact=True, grads=False) == []
