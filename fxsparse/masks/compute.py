@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -115,6 +116,8 @@ def score(
     if method not in ("random", "magnitude", *DATA_METHODS, "synflow"):
         raise MaskError(f"score() computes one-shot scores: random, magnitude, {', '.join(DATA_METHODS)}, synflow; got {method!r}.")
     _check_options(method, method_opts)
+    if method == "synflow" and "rounds" in method_opts:
+        raise MaskError("score() gives SynFlow's first-round scores; rounds is an option of compute().")
     if layers is None:
         names = [l.weight for l in select_layers(model_or_gm)]
     else:
@@ -125,7 +128,6 @@ def score(
         return scores.magnitude_scores(model_or_gm, names)
     if method == "synflow":
         opts = dict(method_opts)
-        opts.pop("rounds", None)
         opts["input_shape"] = _input_shape(opts.get("input_shape"), data, None, model_or_gm)
         return synflow.synflow_scores(model_or_gm, names, **opts)
     fn = {"taylor": scores.taylor_scores, "snip": scores.snip_scores, "grasp": scores.grasp_scores}[method]
@@ -142,12 +144,10 @@ def _check_request(method, sparsity, distribution, min_per_layer, opts) -> tuple
     if sparsity is None and method != "file":
         raise MaskError(f"method {method!r} needs a sparsity (fraction of weights removed, in [0, 1)).")
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise MaskError(
-                f"sparsity is the fraction of weights removed and must be in [0, 1); got {sparsity!r}"
-                + (" (did you pass a percentage? use 0.9 for 90%)" if isinstance(sparsity, (int, float)) and 1 < sparsity <= 100 else "")
-                + "."
-            )
+        number = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool)
+        if not number or not 0 <= sparsity < 1:
+            hint = " (a percentage? use 0.9 for 90%)" if number and 1 < sparsity <= 100 else ""
+            raise MaskError(f"sparsity is the fraction of weights removed and must be in [0, 1); got {sparsity!r}{hint}.")
     if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, int) or min_per_layer < 0:
         raise MaskError(f"min_per_layer must be a non-negative int, got {min_per_layer!r}.")
     _check_options(method, opts)
