@@ -36,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxsparse.errors import MaskError, PassError
 from fxsparse.graph import Layer, layer_of
 from fxsparse.pass_infra import (
-    CONTAINER, FxSparsePass, container, register_nested_buffer, tagged_nodes,
+    CONTAINER, FxSparsePass, container, delete_container, register_nested_buffer, tagged_nodes,
 )
 
 __all__ = ["MaskPass", "StripMasksPass", "GROUP", "mask_buffer_name", "masked_parameters", "get_mask"]
@@ -207,6 +207,13 @@ class MaskPass(FxSparsePass):
         as_name = lambda a: torch.fx.node.map_arg(a, lambda n: n.name)  # noqa: E731
         return {"op": node.op, "target": node.target, "args": as_name(node.args), "kwargs": as_name(dict(node.kwargs))}
 
+    def _replace(self, node: Node, new: Node, **extra: Any) -> None:
+        """Swap the layer call ``node`` for ``new``, keeping its meta (shapes, module stack)."""
+        new.meta.update({k: v for k, v in node.meta.items() if k != "fxsparse"})
+        self.tag(new, "layer", original=self._original(node), **extra)
+        node.replace_all_uses_with(new)
+        node.graph.erase_node(node)
+
     def _functional_module_call(self, gm: GraphModule, node: Node, layer: Layer) -> None:
         graph = gm.graph
         m = gm.get_submodule(node.target)
@@ -231,32 +238,31 @@ class MaskPass(FxSparsePass):
                         F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode}), "pad")
                     padding = (0,) * nd
                 new = graph.call_function(_CONV_FN[nd], (x, mw, b, m.stride, padding, m.dilation, m.groups))
-        self.tag(new, "layer", param=layer.weight, original=self._original(node))
-        new.meta["tensor_meta"] = node.meta.get("tensor_meta")
-        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        self._replace(node, new, param=layer.weight)
         self.stats["module_layers"] += 1
 
     def _functional_call(self, gm: GraphModule, node: Node, layers: list[Layer]) -> None:
         graph = gm.graph
-        if node.op != "call_module":
-            raise PassError(f"MaskPass: cannot mask {[l.weight for l in layers]} used by {node.format_node()}")
-        prefix = node.target + "."
-        with graph.inserting_before(node):
-            mod = self.tag(graph.get_attr(node.target), "module")
-        swapped: dict[str, Node] = {}
+        extend = node.op == "call_function"  # a leaf an earlier MaskPass already calls this way
+        leaf = node.args[0].target if extend else node.target
+        if not extend:
+            with graph.inserting_before(node):
+                mod = self.tag(graph.get_attr(leaf), "module")
+            swapped: dict[str, Node] = {}
+        else:
+            mod, swapped = node.args[0], dict(node.args[1])
         anchor = mod
         for layer in layers:
             with graph.inserting_after(anchor):
                 w = self.tag(graph.get_attr(layer.weight), "weight", param=layer.weight)
-            anchor = swapped[layer.weight[len(prefix):]] = self._masked_weight(gm, w, layer.weight)
-        with graph.inserting_before(node):
-            new = graph.call_function(torch.func.functional_call, (mod, swapped, tuple(node.args), dict(node.kwargs)))
-        self.tag(new, "layer", params=[l.weight for l in layers], original=self._original(node))
-        new.meta["tensor_meta"] = node.meta.get("tensor_meta")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+            anchor = swapped[layer.weight[len(leaf) + 1:]] = self._masked_weight(gm, w, layer.weight)
+        if extend:
+            node.args = (mod, swapped, *node.args[2:])
+            node.meta["fxsparse"]["params"] = [*node.meta["fxsparse"]["params"], *(l.weight for l in layers)]
+        else:
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.func.functional_call, (mod, swapped, tuple(node.args), dict(node.kwargs)))
+            self._replace(node, new, params=[l.weight for l in layers])
         self.stats["leaf_calls"] += 1
 
 
@@ -305,13 +311,15 @@ class StripMasksPass(FxSparsePass):
         # the remaining tagged nodes (mask, masked_weight, weight, bias, pad, module) now have no
         # users outside the group; for function layers the multiply's users read the weight again
         for node in reversed(tagged_nodes(gm, group=GROUP)):
-            if node.meta["fxsparse"].get("role") == "masked_weight":
+            role = node.meta["fxsparse"]["role"]
+            if role == "masked_weight":
                 node.replace_all_uses_with(node.args[0])
             if node.users:
+                if role == "weight":  # read by a later pass too (a ghost slicing this kernel): keep it, untagged
+                    del node.meta["fxsparse"]
+                    continue
                 raise PassError(f"StripMasksPass: {node.format_node()} is still used by {list(node.users)}")
             graph.erase_node(node)
             self.stats["nodes_removed"] += 1
-        from fxsparse.pass_infra import delete_container
-
         delete_container(gm, GROUP)
         return PassResult(gm, bool(self.stats))

@@ -391,3 +391,17 @@ def test_inductor_compiles_masked_zoo_models(spec):
     model, gm, x = build(spec)
     MaskPass(random_masks(gm))(gm)
     _compiled_matches(gm, x, "inductor")
+
+
+def test_masking_a_leaf_in_two_passes_extends_its_call():
+    model, gm, x = build("nf_resnet26", eval_mode=True)
+    masks = random_masks(gm)
+    first = {k: v for i, (k, v) in enumerate(masks.items()) if i % 2 == 0}
+    MaskPass(first)(gm)
+    MaskPass({k: v for k, v in masks.items() if k not in first})(gm)
+    calls = [n for n in gm.graph.nodes if n.target is torch.func.functional_call]
+    assert len(calls) == 8 and sum(len(n.args[1]) for n in calls) == 28
+    ref = _reference(model, masks).eval()
+    with torch.no_grad():
+        _assert_close(gm(x), ref(x), "two passes vs reference")
+    fxsparse.testing.assert_same_structure(fxsparse.strip_masks(gm), build("nf_resnet26", eval_mode=True)[1])
