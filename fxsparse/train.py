@@ -1,0 +1,573 @@
+"""The reference trainer behind ``fxsparse train``: a recipe, real data, checkpoints, resume, export.
+
+    from fxsparse.train import TrainConfig, Trainer
+    summary = Trainer(TrainConfig("fxsparse.nets:resnet8", out="runs/x", overrides={"training.epochs": 6})).run()
+
+What a run does, in order:
+
+1. loads the data (``fxsparse.data``) and the recipe (with ``overrides``, dotted keys);
+2. builds the model with the data's classes and channels (``in_chans=1`` for gray images when
+   the constructor takes it, else the gray channel is repeated);
+3. computes the mask once (data-driven methods and LRsI use ``calib_batches`` training batches;
+   IMP trains short rounds here), runs ``fxsparse.transform`` and builds the recipe's optimizer
+   and lr schedule through ``RecipeScheduler``;
+4. trains, logging every step to ``metrics.jsonl`` and writing a checkpoint atomically after
+   every epoch (``fxsparse.checkpoint``);
+5. evaluates on test (and validation), exports the weights (``model.safetensors``, loads strict
+   into the original class) and the masks (``masks.safetensors``), writes ``summary.json`` and
+   PNG plots.
+
+Resuming (``resume=True``) continues from the newest valid checkpoint in ``out``: the removals
+that had happened are replayed before the weights load (``fxsparse.scheduler.restore``), then
+optimizer, lr schedule, random generators and the metrics log are put back; each epoch's batches
+come from a generator seeded by (seed, epoch), so the interrupted epoch is replayed exactly.
+docs/training.md documents every option and output.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
+from .errors import FxSparseError
+from .metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS"]
+
+# LRsI costs a double backward per iteration: the authors' 180 iterations take minutes on a CPU,
+# longer than a short run's whole training. On CPU the trainer caps them unless they are set.
+CPU_LRSI_ITERS = 30
+_IMP_EPOCH_BASE = 1_000_000  # data-order epochs used by IMP rounds, apart from training's
+_SHORT = {"ghost_neurons": "neu", "ghost_skips": "skip", "ghost_channels": "chan"}
+
+
+class TrainError(FxSparseError):
+    """A training run cannot start or continue as asked."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fxsparse train`` takes; the recipe's ``[training]`` holds the protocol.
+
+    ``overrides`` are dotted recipe keys (``{"training.epochs": 6, "masks.sparsity": 0.98}``).
+    ``bf16`` / ``channels_last``: ``None`` means on for CUDA, off otherwise. ``lrsi_iters``:
+    ``None`` takes the recipe's, capped at ``CPU_LRSI_ITERS`` on CPU.
+    """
+
+    model: str
+    out: str = "runs/train"
+    data: str = "mnist5k"
+    data_root: str | None = None
+    recipe: str = "tost"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
+    threads: int | None = None
+    val: bool = True
+    resume: bool = False
+    calib_batches: int = 8
+    lrsi_iters: int | None = None
+    imp_epochs: int = 1
+    keep_checkpoints: int = 2
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    quiet: bool = False
+
+    # what defines a run: resuming with other values would continue a different run
+    IDENTITY: ClassVar[tuple[str, ...]] = ("model", "data", "data_root", "recipe", "overrides", "seed",
+                                           "calib_batches", "lrsi_iters", "imp_epochs")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available here; use --device cpu (or auto).")
+    return device
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` to the end; returns the summary (also written to ``out/summary.json``)."""
+    return Trainer(config).run()
+
+
+class Trainer:
+    """One training run. ``run()`` does it all; the attributes are there to inspect afterwards:
+    ``gm`` (the trained GraphModule), ``sched``, ``metrics``, ``summary``."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.out = Path(config.out)
+        self.notes: list[str] = []
+        self.checkpoints = CheckpointManager(self.out, keep=config.keep_checkpoints)
+        self.summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> dict[str, Any]:
+        wall = time.perf_counter()
+        self._runtime()
+        self._load_data()
+        ckpt = self._existing_checkpoint()
+        if ckpt is None:
+            self._start()
+        else:
+            self._resume(ckpt)
+        self._fit()
+        return self._finish(time.perf_counter() - wall)
+
+    # ------------------------------------------------------------------ setup
+    def _runtime(self) -> None:
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        self.device = resolve_device(c.device)
+        torch.manual_seed(c.seed)  # ghost branch inits and anything else drawing from the global streams
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        cuda = self.device.type == "cuda"
+        self.bf16 = cuda if c.bf16 is None else c.bf16
+        if self.bf16 and cuda and not torch.cuda.is_bf16_supported():
+            self._note("this GPU has no bfloat16: training in float32")
+            self.bf16 = False
+        self.channels_last = cuda if c.channels_last is None else c.channels_last
+        if c.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif cuda:
+            torch.backends.cudnn.benchmark = True
+        self.progress = sys.stderr.isatty() if c.progress is None else c.progress
+        self.sync_every = 1 if self.device.type == "cpu" else 25  # .item() stalls a GPU: read losses in batches
+
+    def _load_data(self) -> None:
+        from . import data
+
+        c = self.config
+        name, root = c.data, c.data_root
+        if name not in data.DATASETS and Path(name).is_dir():
+            name, root = "imagefolder", name  # a directory of class folders
+        try:
+            self.splits = data.load(name, root=root, seed=c.seed)
+        except data.DataError as e:
+            raise TrainError(f"--data {c.data}: {e}") from None
+
+    def _existing_checkpoint(self) -> dict[str, Any] | None:
+        c = self.config
+        started = (self.out / "config.json").exists() or bool(self.checkpoints.entries())
+        if not c.resume:
+            if started:
+                raise TrainError(f"{self.out} already holds a run (config.json, checkpoints): pass --resume to "
+                                 f"continue it, or choose another --out.")
+            return None
+        ckpt, entry = self.checkpoints.load_latest(map_location=self.device)
+        if ckpt is None:
+            self._note(f"--resume: no checkpoint in {self.out} yet, starting from the beginning")
+            return None
+        saved = ckpt["config"]
+        differ = [k for k in TrainConfig.IDENTITY if saved.get(k) != getattr(c, k)]
+        if differ:
+            what = ", ".join(f"{k}: {saved.get(k)!r} then, {getattr(c, k)!r} now" for k in differ)
+            raise TrainError(f"--resume: the run in {self.out} was started with other settings ({what}). Resume with "
+                             f"the same arguments, or start a new run with another --out.")
+        self._say(f"resuming from {entry.file} (epoch {entry.epoch}, step {entry.step})")
+        return ckpt
+
+    def _recipe(self):
+        from .recipe import load_recipe
+
+        c = self.config
+        overrides = dict(c.overrides)
+        if c.lrsi_iters is not None:
+            overrides["rescale.iters"] = c.lrsi_iters
+        overrides.setdefault("masks.seed", c.seed)  # another seed, another random mask
+        recipe = load_recipe(c.recipe, overrides=overrides)
+        rescale = recipe.passes.get("rescale")
+        iters = rescale.options.get("iters", 180) if rescale is not None and rescale.enabled else 0
+        if self.device.type == "cpu" and "rescale.iters" not in overrides and iters > CPU_LRSI_ITERS:
+            recipe = recipe.replace({"rescale.iters": CPU_LRSI_ITERS})
+            self._note(f"LRsI capped at {CPU_LRSI_ITERS} iterations on CPU (the recipe says {iters}; "
+                       f"--lrsi-iters N to choose)")
+        return recipe
+
+    def _build_model(self) -> tuple[nn.Module, int]:
+        """(model on the device, input channels it takes); seeded, so a resume builds the same one."""
+        from .models import create
+
+        spec, chans, n = self.config.model, self.splits.shape[0], self.splits.num_classes
+        extra = {"in_chans": chans} if chans != 3 else {}
+
+        def build(**kwargs) -> nn.Module:
+            with torch.random.fork_rng(devices=[]):  # the init draws from its own seed, not the run's stream
+                torch.manual_seed(self.config.seed)
+                return create(spec, num_classes=n, **kwargs)
+
+        try:
+            model = build(**extra)
+        except TypeError as e:
+            if not extra or "in_chans" not in str(e):
+                raise TrainError(f"cannot build {spec} with num_classes={n}: {e}") from None
+            model, extra = build(), {}
+        takes = _input_channels(model)
+        if takes is None or takes == chans:
+            if extra:
+                self._note(f"{spec} built with in_chans={chans} for the {chans}-channel images of {self.splits.name}")
+            return model.to(self.device), chans
+        if chans != 1:
+            raise TrainError(f"{spec} takes {takes}-channel inputs but {self.splits.name} has {chans} channels.")
+        self._note(f"{spec} takes no in_chans argument: the gray channel of {self.splits.name} is repeated {takes} times")
+        return model.to(self.device), takes
+
+    def _loaders(self, channels: int) -> None:
+        self.train_loader, self.val_loader, self.test_loader = self.splits.loaders(
+            recipe=self.recipe, device=self.device, channels=channels if channels != self.splits.shape[0] else None,
+            seed=self.config.seed)
+        if len(self.train_loader) == 0:
+            raise TrainError(f"batch size {self.recipe.training.batch_size} is larger than the training split "
+                             f"({len(self.splits.train)} images): lower --batch-size.")
+        self.total_steps = self.recipe.training.epochs * len(self.train_loader)
+
+    def _start(self) -> None:
+        import fxsparse
+        from .scheduler import RecipeScheduler
+
+        c = self.config
+        self.recipe = self._recipe()
+        model, channels = self._build_model()
+        self._loaders(channels)
+        self.train_loader.set_epoch(0)
+        calib = list(itertools.islice(self.train_loader, c.calib_batches))  # mask scoring and LRsI
+        t0 = time.perf_counter()
+        masks = self._explicit_masks(model, calib)
+        gm = fxsparse.transform(model, self.recipe, masks=masks, data=calib)
+        self.setup_time = time.perf_counter() - t0
+        passes = ", ".join(h["pass"] for h in gm.meta.get("fxsparse.passes", []))
+        self._say(f"transformed {c.model} with recipe {self.recipe.name} ({passes}) in {self.setup_time:.1f} s")
+        self.sched = RecipeScheduler(gm, total_steps=self.total_steps)
+        self._prepare(gm)
+        self.sched.build_optimizer()
+        self.sched.build_lr_scheduler()
+        self.start_epoch, self.elapsed = 0, 0.0
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(asdict(c), indent=1).encode()))
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        from .recipe import from_dict
+        from .scheduler import restore
+
+        state = ckpt["scheduler"]
+        self.recipe = from_dict(state["recipe"], name=state.get("recipe_name", "recipe"))
+        model, channels = self._build_model()
+        self._loaders(channels)
+        if state["total_steps"] != self.total_steps:
+            raise TrainError(f"--resume: the checkpoint is for {state['total_steps']} steps, this data and batch size "
+                             f"give {self.total_steps}.")
+        example = torch.zeros(2, channels, *self.splits.shape[1:], device=self.device)  # shapes only
+        self.sched = restore(model, ckpt, example_inputs=example)
+        self._prepare(self.sched.gm)
+        self.start_epoch, self.elapsed = int(ckpt["epoch"]), float(ckpt["elapsed"])
+        self.setup_time = float(ckpt.get("setup_time", 0.0))
+        self.notes = list(dict.fromkeys([*ckpt.get("notes", []), *self.notes]))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", keep=int(ckpt["metrics_records"]))
+        set_rng_state(ckpt["rng"])  # last: restore() drew from the generators
+
+    def _prepare(self, gm) -> None:
+        self.gm = gm
+        if self.channels_last:
+            gm.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
+        self.forward = torch.compile(gm) if self.config.compile else gm
+
+    def _explicit_masks(self, model: nn.Module, calib: list) -> dict[str, torch.Tensor] | None:
+        """Masks transform cannot compute from the recipe alone: a file, or IMP (it trains)."""
+        import fxsparse.masks
+
+        options = dict(self.recipe.masks.options)
+        method = options.pop("method")
+        if not self.recipe.masks.enabled:
+            return None
+        if method == "file":
+            return fxsparse.masks.load(options["path"], model)
+        if method != "imp":
+            return None
+        return fxsparse.masks.compute(model, "imp", data=None, train_fn=self._imp_round(calib[0][0]), **options)
+
+    def _imp_round(self, example: torch.Tensor):
+        """IMP's ``train_fn``: ``imp_epochs`` epochs of the recipe's optimizer at its initial lr."""
+        import fxsparse
+        from .passes.mask import MaskPass
+
+        rounds = itertools.count()
+        t = self.recipe.training
+
+        def train_fn(work: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+            r = next(rounds)
+            gm = fxsparse.trace(work, example)  # shares work's parameters: training gm trains work
+            MaskPass(masks)(gm)
+            params = [p for p in gm.parameters() if p.requires_grad]
+            opt = (torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+                   if t.optimizer == "sgd" else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay))
+            for e in range(self.config.imp_epochs):
+                self.train_loader.set_epoch(_IMP_EPOCH_BASE + r * self.config.imp_epochs + e)
+                for x, y in self.train_loader:
+                    loss = F.cross_entropy(gm(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            density = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+            self._say(f"IMP round {r + 1}: trained {self.config.imp_epochs} epoch(s) at density {density:.3f}")
+
+        return train_fn
+
+    # ------------------------------------------------------------------ training
+    def _fit(self) -> None:
+        epochs = self.recipe.training.epochs
+        if self.start_epoch >= epochs:
+            self._say(f"all {epochs} epochs were done already")
+        for epoch in range(self.start_epoch, epochs):
+            t0 = time.perf_counter()
+            train_loss, train_acc = self._train_epoch(epoch)
+            record = {"type": "epoch", "epoch": epoch + 1, "step": self.sched.step_count, "train_loss": train_loss,
+                      "train_acc": train_acc, "lr": self.sched.optimizer.param_groups[0]["lr"]}
+            val = self.evaluate(self.val_loader) if self.config.val else None
+            if val is not None:
+                record["val_loss"], record["val_acc"] = val
+            epoch_time = time.perf_counter() - t0
+            self.elapsed += epoch_time
+            record.update(epoch_time=epoch_time, elapsed=self.elapsed)
+            self.metrics.write(record)
+            self._say(self._epoch_line(record, epochs))
+            self._checkpoint(epoch + 1)
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        from tqdm import tqdm
+
+        sched, loader = self.sched, self.train_loader
+        loader.set_epoch(epoch)  # the batches of epoch e come from (seed, e): a replay is exact
+        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{self.recipe.training.epochs}", leave=False,
+                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        pending: list[tuple[dict, torch.Tensor, torch.Tensor, int]] = []
+        loss_sum, correct, seen, n_events = 0.0, 0, 0, len(sched.events)
+        last = time.perf_counter()
+        for x, y in loader:
+            record = {"type": "step", "epoch": epoch + 1, "lr": sched.optimizer.param_groups[0]["lr"],
+                      "gates": {g: sched.gate_at(g, sched.step_count) for g in sched.schedules if g not in sched.removed},
+                      "label_smoothing": sched.label_smoothing}
+            loss, hits = self._step(x, y)
+            now = time.perf_counter()
+            record.update(step=sched.step_count, step_time=now - last)
+            last = now
+            pending.append((record, loss, hits, len(y)))
+            removed = len(sched.events) > n_events
+            if len(pending) >= self.sync_every or removed:
+                for rec, l, h, n in pending:
+                    rec["loss"], rec["train_acc"] = l.item(), h.item() / n
+                    loss_sum, correct, seen = loss_sum + rec["loss"] * n, correct + h.item(), seen + n
+                    self.metrics.write(rec)
+                bar.update(len(pending))
+                bar.set_postfix_str(self._postfix(pending[-1][0]), refresh=False)
+                pending = []
+            if removed:
+                for event in sched.events[n_events:]:
+                    self.metrics.write({"type": "event", **event})
+                    self._say(f"step {event['step']}: removed {event['group']} ({event['parameters']:,} parameters)")
+                n_events = len(sched.events)
+        for rec, l, h, n in pending:
+            rec["loss"], rec["train_acc"] = l.item(), h.item() / n
+            loss_sum, correct, seen = loss_sum + rec["loss"] * n, correct + h.item(), seen + n
+            self.metrics.write(rec)
+        bar.close()
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sched, opt = self.sched, self.sched.optimizer
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.forward(x)
+        loss = sched.loss(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.lr_scheduler.step()
+        sched.step()  # moves the gates; removes a ghost whose time has come
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float] | None:
+        """(mean cross-entropy, accuracy) over ``loader`` in eval mode; ``None`` for an empty split."""
+        runner = self._eval_runner()
+        if runner is None or len(loader.dataset) == 0:
+            return None
+        forward, module = runner
+        was_training = module.training
+        module.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        try:
+            for x, y in loader:
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = forward(x).float()
+                total += F.cross_entropy(logits, y, reduction="sum")
+                hits += (logits.argmax(1) == y).sum()
+        finally:
+            module.train(was_training)
+        n = len(loader.dataset)
+        return total.item() / n, hits.item() / n
+
+    def _eval_runner(self) -> tuple[Any, nn.Module] | None:
+        """(forward, module to put in eval mode): the graph itself, unless its trace depends on the
+        mode (then the original class with the exported weights, once the ghosts are gone)."""
+        import fxsparse
+        from .trace import META_KEY
+
+        info = self.gm.meta.get(META_KEY)
+        if info is None or not info.mode_dependent:
+            return self.forward, self.gm
+        if fxsparse.ghosts.present(self.gm):
+            self._note("the model's graph depends on train/eval mode: no evaluation while ghosts are in it")
+            return None
+        model, _ = self._build_model()
+        model.load_state_dict(fxsparse.export(self.gm))
+        return model, model
+
+    def _checkpoint(self, epoch: int) -> None:
+        self.metrics.sync()
+        state = self.sched.checkpoint()
+        state.update(epoch=epoch, rng=rng_state(), metrics_records=len(self.metrics), elapsed=self.elapsed,
+                     setup_time=self.setup_time, config=asdict(self.config), notes=self.notes)
+        self.checkpoints.save(state, epoch=epoch, step=self.sched.step_count)
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self, wall_time: float) -> dict[str, Any]:
+        import fxsparse
+        import fxsparse.masks
+        from safetensors.torch import save_file
+
+        from .passes.mask import masked_parameters
+        from .plots import plot_run
+
+        c, gm = self.config, self.gm
+        left = fxsparse.ghosts.present(gm)
+        if left:  # a recipe may remove a ghost only at the very end
+            self._note(f"removing {', '.join(left)} before export (still in the graph after the last step)")
+            fxsparse.remove_ghosts(gm)
+        test = self.evaluate(self.test_loader)
+        val = self.evaluate(self.val_loader) if c.val else None
+        record = {"type": "test", "step": self.sched.step_count}
+        if test is not None:
+            record["test_loss"], record["test_acc"] = test
+        if val is not None:
+            record["val_loss"], record["val_acc"] = val
+        if not any(r.get("type") == "test" for r in self.metrics.records):
+            self.metrics.write(record)
+
+        state = fxsparse.export(gm)
+        meta = {"format": "pt", "fxsparse.model": c.model, "fxsparse.num_classes": str(self.splits.num_classes)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.out / "model.safetensors"),
+                  metadata=meta)
+        masks = masked_parameters(gm)
+        mask_opts = self.recipe.masks.options
+        report = None
+        if masks:
+            report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"))
+            fxsparse.masks.save(masks, self.out / "masks.safetensors", method=mask_opts.get("method"),
+                                requested_sparsity=mask_opts.get("sparsity"), distribution=mask_opts.get("distribution"),
+                                model=c.model, recipe=self.recipe.name, seed=c.seed)
+        plots = plot_run(self.metrics.records, self.out, report.density if report else None,
+                         report.achieved_sparsity if report else None)
+        self.metrics.close()
+
+        self.summary = {
+            "model": c.model,
+            "recipe": self.recipe.name,
+            "data": self.splits.name,
+            "images": {"train": len(self.splits.train), "val": len(self.splits.val), "test": len(self.splits.test)},
+            "num_classes": self.splits.num_classes,
+            "epochs": self.recipe.training.epochs,
+            "steps": self.sched.step_count,
+            "test_accuracy": test[1] if test else None,
+            "test_loss": test[0] if test else None,
+            "val_accuracy": val[1] if val else None,
+            "requested_sparsity": mask_opts.get("sparsity") if masks else None,
+            "sparsity": report.achieved_sparsity if report else 0.0,
+            "weights_kept": report.kept if report else None,
+            "weights_masked_total": report.total if report else None,
+            "mask_method": mask_opts.get("method") if masks else None,
+            "removals": [dict(e) for e in self.sched.events],
+            "passes": gm.meta.get("fxsparse.passes", []),
+            "time_s": {"setup": self.setup_time, "train": self.elapsed, "this_process": wall_time},
+            "device": str(self.device),
+            "bf16": self.bf16, "channels_last": self.channels_last, "compile": c.compile,
+            "seed": c.seed,
+            "notes": self.notes,
+            "files": {"weights": "model.safetensors", "masks": "masks.safetensors" if masks else None,
+                      "metrics": "metrics.jsonl", "plots": [p.name for p in plots]},
+            "config": asdict(c),
+        }
+        atomic_write(self.out / "summary.json", lambda f: f.write(json.dumps(self.summary, indent=1, default=str).encode()))
+        self._say(self.paragraph())
+        return self.summary
+
+    def paragraph(self) -> str:
+        """The run in one paragraph (what ``fxsparse train`` prints at the end)."""
+        s = self.summary
+        acc = f"test accuracy {100 * s['test_accuracy']:.2f}%" if s["test_accuracy"] is not None else "no test split"
+        val = f" (validation {100 * s['val_accuracy']:.2f}%)" if s["val_accuracy"] is not None else ""
+        sparsity = (f"{100 * s['sparsity']:.2f}% sparse ({s['weights_kept']:,} of {s['weights_masked_total']:,} conv/linear "
+                    f"weights kept, {s['mask_method']} mask)" if s["weights_kept"] is not None else "dense (no mask)")
+        removed = "; ".join(f"{e['group']} removed at step {e['step']}" for e in s["removals"]) or "no ghosts"
+        t = s["time_s"]
+        return (f"{s['model']} trained with recipe {s['recipe']} on {s['data']} ({s['images']['train']:,} training images) "
+                f"for {s['epochs']} epochs / {s['steps']} steps on {s['device']}: {acc}{val} on "
+                f"{s['images']['test']:,} test images. The network is {sparsity}; {removed}. Time: "
+                f"{t['setup']:.0f} s setup + {t['train']:.0f} s training. Weights in {self.out / 'model.safetensors'} "
+                f"(load strict into {s['model']}), masks, metrics.jsonl, plots and summary.json beside them.")
+
+    # ------------------------------------------------------------------ output
+    def _epoch_line(self, r: dict[str, Any], epochs: int) -> str:
+        val = f"  val {100 * r['val_acc']:.2f}%" if "val_acc" in r else ""
+        return (f"epoch {r['epoch']:>{len(str(epochs))}}/{epochs}  loss {r['train_loss']:.4f}  train {100 * r['train_acc']:.2f}%"
+                f"{val}  lr {r['lr']:.3g}  {r['epoch_time']:.1f} s")
+
+    def _postfix(self, r: dict[str, Any]) -> str:
+        gates = " ".join(f"{_SHORT.get(g, g)}={v:.2f}" for g, v in r["gates"].items())
+        return f"loss={r['loss']:.3f} acc={100 * r['train_acc']:.1f}% lr={r['lr']:.3g}" + (f" {gates}" if gates else "")
+
+    def _say(self, message: str) -> None:
+        if not self.config.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+            self._say(f"note: {message}")
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's first convolution (``None`` without one)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return None if first is None else first.in_channels
+
