@@ -44,10 +44,11 @@ def zero_masked_weights(gm: nn.Module) -> int:
     the stored pruned weights are exactly zero too, e.g. before saving a plain checkpoint.
     """
     params = dict(gm.named_parameters(remove_duplicate=False))
+    masks = _masks(gm)
     with torch.no_grad():
-        for name, mask in _masks(gm).items():
+        for name, mask in masks.items():
             params[name].mul_(mask)
-    return len(_masks(gm))
+    return len(masks)
 
 
 def strip_masks(gm: GraphModule, *, fold: bool = True, inplace: bool = False) -> GraphModule:
