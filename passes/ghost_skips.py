@@ -46,7 +46,6 @@ import logging
 import math
 import operator
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -256,13 +255,13 @@ class GhostSkipPass(FxSparsePass):
     ):
         super().__init__()
         if not math.isfinite(init):
-            raise ValueError(f"init must be finite; got {init}")
+            raise PassError(f"GhostSkipPass: init must be finite; got {init}")
         if not 0.0 <= initial_gate <= 1.0:
-            raise ValueError(f"initial_gate must lie in [0, 1]; got {initial_gate}")
+            raise PassError(f"GhostSkipPass: initial_gate must lie in [0, 1]; got {initial_gate}")
         if min_kernel < 1:
-            raise ValueError(f"min_kernel must be at least 1; got {min_kernel}")
+            raise PassError(f"GhostSkipPass: min_kernel must be at least 1; got {min_kernel}")
         if linear_norm not in LINEAR_NORMS:
-            raise ValueError(f"linear_norm must be one of {LINEAR_NORMS}; got {linear_norm!r}")
+            raise PassError(f"GhostSkipPass: linear_norm must be one of {LINEAR_NORMS}; got {linear_norm!r}")
         self.init = float(init)
         self.masked_branch = masked_branch
         self.include_linear = include_linear
