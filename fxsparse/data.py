@@ -25,6 +25,7 @@ that recipe defaults are tuned on validation and never on test.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import io
@@ -486,6 +487,8 @@ class TensorLoader:
 
     Args:
         channels: repeat single-channel images to this many channels (e.g. 3 for RGB models).
+        rank, world_size: yield only this rank's share of every epoch (what ``DistributedSampler``
+            does for a ``DataLoader``); see ``shard``.
     """
 
     def __init__(
@@ -503,9 +506,14 @@ class TensorLoader:
         channels: int | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dataset = dataset
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
@@ -535,18 +543,46 @@ class TensorLoader:
         return images.to(self.device)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _shard_size(self) -> int:
+        n = len(self.dataset)
+        if self.world_size == 1:
+            return n
+        # drop_last: every rank the same count, so every rank takes the same number of steps
+        return n // self.world_size if self.drop_last else len(range(self.rank, n, self.world_size))
+
+    def shard(self, rank: int, world_size: int) -> "TensorLoader":
+        """A copy of this loader (sharing its tensors) that yields only ``rank``'s share.
+
+        Every rank draws the same permutation (same ``seed`` and epoch) and takes every
+        ``world_size``-th example of it, starting at ``rank``; with ``drop_last`` the shares are
+        cut to equal length. So with ``batch_size`` divided by ``world_size``, batch ``i`` of all
+        ranks together is exactly batch ``i`` of the unsharded loader. Augmentation (crops, flips)
+        draws from a per-rank stream. Without ``drop_last`` every example is seen exactly once
+        and the ranks' lengths may differ by one batch (fine for evaluation, not for DDP training).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
+        out = copy.copy(self)
+        out.rank, out.world_size = rank, world_size
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration draws its shuffle and augmentation for."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.dataset)
         order = torch.randperm(n, generator=gen, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        if self.world_size > 1:
+            stop = n - n % self.world_size if self.drop_last else n
+            order = order[self.rank:stop:self.world_size]
+            # the permutation is shared; the augmentation must not be (ranks would crop alike)
+            gen.manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + self.rank + 1)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)

@@ -1,0 +1,352 @@
+"""fxsparse.distributed: DDP through ghost removals, on 2 CPU processes (gloo) launched by torchrun.
+
+``test_ddp_two_ranks`` runs this file as the worker script (``torchrun --nproc-per-node 2
+tests/test_distributed.py OUT``); each rank writes what it saw to ``OUT/rank<r>.pt`` and the
+test compares the ranks with each other and with a single-process run of the same code.
+
+Scenario A (the equality check) uses a network without BatchNorm and a recipe whose ghosts add
+no BatchNorm (ghost neurons, ghost channels): under DDP each rank normalizes with its own
+half-batch's statistics, so with BatchNorm the two runs compute different things by design.
+Without it, DDP's gradient (mean over ranks of each rank's mean loss gradient) is the
+single-process gradient of the same global batch, up to float rounding. Scenario B runs the
+whole recipe (LRsI, all three ghosts, with BatchNorm in the network and in the ghost skip
+branches) and checks the ranks agree.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse import distributed as fxdist
+from fxsparse.data import ImageDataset, TensorLoader
+from fxsparse.ghosts import present
+from fxsparse.scheduler import RecipeScheduler, restore
+
+STEPS = 16  # two epochs of 8 global batches
+GLOBAL_BATCH = 8
+CHECKPOINT_AT = 4  # after the ghost neurons' removal (step 4), before the ghost channels' (step 5)
+SHORT = {"hold_until": 0.1, "anneal_until": 0.2, "remove_at": 0.2}  # remove at ceil(0.2 * 16) = 4
+LONGER = {"hold_until": 0.1, "anneal_until": 0.3, "remove_at": 0.3}  # remove at ceil(0.3 * 16) = 5
+
+
+# --------------------------------------------------------------------------- models, data, recipes
+class PlainNet(nn.Module):
+    """No BatchNorm: a DDP step equals a single-process step on the same global batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class BNNet(nn.Module):
+    """Conv-BN-ReLU with a residual: sites for ghost skips (with their own BN) and ghost channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        h = F.relu(self.b2(self.c2(x)))  # c2 -> c3: a ghost channel site
+        x = F.relu(self.b3(self.c3(h)) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def dataset() -> ImageDataset:
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randint(0, 256, (68, 1, 8, 8), dtype=torch.uint8, generator=gen)  # 68: a ragged tail
+    return ImageDataset(images, torch.randint(0, 10, (68,), generator=gen), tuple("0123456789"), "toy")
+
+
+def train_loader(crop_padding: int = 0) -> TensorLoader:
+    return TensorLoader(dataset(), GLOBAL_BATCH, shuffle=True, drop_last=True, crop_padding=crop_padding, seed=3)
+
+
+def recipe_a():
+    over = {"rescale.enabled": False, "ghost_skips.enabled": False, "masks.sparsity": 0.5}
+    over.update({f"ghost_neurons.schedule.{k}": v for k, v in SHORT.items()})
+    over.update({f"ghost_channels.schedule.{k}": v for k, v in LONGER.items()})
+    return fxsparse.load_recipe("tost", overrides=over)
+
+
+def recipe_b():
+    over = {"rescale.iters": 3, "masks.sparsity": 0.5}
+    for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
+        over.update({f"{group}.schedule.{k}": v for k, v in LONGER.items()})
+    return fxsparse.load_recipe("tost", overrides=over)
+
+
+def batches(loader: TensorLoader, start: int, stop: int):
+    """Global steps ``start..stop-1`` of a run over ``loader`` (epochs resumed with set_epoch)."""
+    per_epoch = len(loader)
+    s = start
+    while s < stop:
+        loader.set_epoch(s // per_epoch)
+        for i, batch in enumerate(loader):
+            if i < s % per_epoch:
+                continue
+            yield batch
+            s += 1
+            if s == stop:
+                return
+
+
+def run_a(checkpoint: Path | None = None) -> dict:
+    """Scenario A through the user's loop; the same code in one process and under torchrun."""
+    fxdist.seed(0)
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    loader = fxdist.shard(train_loader())
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = sched.build_optimizer()
+    model = fxdist.wrap(gm, scheduler=sched)
+    fxdist.seed(0, per_rank=True)
+    wrappers = {id(model)}
+    for x, y in batches(loader, 0, STEPS):
+        loss = sched.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model = fxdist.step(sched, model)
+        wrappers.add(id(model))
+        if checkpoint is not None and sched.step_count == CHECKPOINT_AT:
+            fxdist.save_checkpoint(sched, checkpoint)
+    return {"state": {k: v.clone() for k, v in gm.state_dict().items()}, "events": sched.events,
+            "wrappers": len(wrappers), "steps_per_epoch": len(loader), "batch": loader.batch_size,
+            "unwrapped_is_gm": fxdist.unwrap(model) is gm}
+
+
+def resume_a(checkpoint: Path) -> dict:
+    """Scenario A resumed from the checkpoint written at CHECKPOINT_AT, continued under DDP."""
+    sched = restore(PlainNet(), torch.load(checkpoint, weights_only=False), example_inputs=torch.zeros(2, 1, 8, 8))
+    model = fxdist.wrap(sched.gm, scheduler=sched)
+    loader = fxdist.shard(train_loader())
+    for x, y in batches(loader, sched.step_count, STEPS):
+        loss = sched.loss(model(x), y)
+        sched.optimizer.zero_grad()
+        loss.backward()
+        sched.optimizer.step()
+        model = fxdist.step(sched, model)
+    return {"state": {k: v.clone() for k, v in sched.gm.state_dict().items()}, "events": sched.events}
+
+
+# --------------------------------------------------------------------------- the worker (one rank)
+def worker(out: Path) -> None:
+    torch.set_num_threads(1)
+    env = fxdist.init(timeout=timedelta(seconds=90))  # a hung collective fails the test instead of stalling it
+    result: dict = {"rank": env.rank, "world": env.world_size, "backend": env.backend}
+
+    result["a"] = run_a(out / "a.pt")
+    result["a_resumed"] = resume_a(out / "a.pt")
+
+    # B: the whole recipe, BatchNorm included, LRsI on the same calibration batches on every rank
+    fxdist.seed(1)
+    calib = list(batches(train_loader(), 0, 2))
+    gm = fxsparse.transform(BNNet(), recipe_b(), data=calib)
+    result["b_ghosts"] = present(gm)
+    loader = fxdist.shard(train_loader(crop_padding=1))
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = sched.build_optimizer()
+    model = fxdist.wrap(gm, scheduler=sched)
+    fxdist.seed(1, per_rank=True)
+    for x, y in batches(loader, 0, STEPS):
+        loss = sched.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model = fxdist.step(sched, model)
+    result["b_events"] = sched.events
+    try:  # each rank's last forward updated its BatchNorm statistics from its own batch
+        fxdist.check_identical(gm)
+        result["b_before_sync"] = None
+    except fxdist.DistributedError as e:
+        result["b_before_sync"] = str(e)
+    fxdist.sync_buffers(model)
+    result["b_checked"] = fxdist.check_identical(gm)
+    result["b_state"] = gm.state_dict()
+    result["b_export"] = fxsparse.export(fxdist.unwrap(model))
+
+    # a mask that differs on one rank is caught, and named, on every rank
+    masks = {k: v.clone() for k, v in gm.state_dict().items() if k.startswith("fxsparse.masks.")}
+    if env.rank == 1:
+        masks["fxsparse.masks.c2.weight"].view(-1)[0] ^= True
+    try:
+        fxdist.check_identical(masks)
+        result["mask_error"] = None
+    except fxdist.DistributedError as e:
+        result["mask_error"] = str(e)
+
+    # masks computed once on rank 0 reach every rank
+    mine = {"a.weight": torch.rand(3, 5, generator=torch.Generator().manual_seed(env.rank)) > 0.5,
+            "b.weight": torch.zeros(4, dtype=torch.bool)}
+    result["broadcast"] = fxdist.broadcast_masks(mine if env.rank == 0 else None)
+    result["rank0_masks"] = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    result["metrics"] = fxdist.all_reduce_metrics({"correct": env.rank + 1, "count": torch.tensor(10)})
+    result["metrics_max"] = fxdist.all_reduce_metrics({"r": env.rank}, op="max")
+
+    torch.save(result, out / f"rank{env.rank}.pt")
+    fxdist.destroy()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
+
+
+# --------------------------------------------------------------------------- tests
+def _assert_states_equal(a: dict, b: dict, *, atol: float = 0.0, what: str = "") -> float:
+    assert list(a) == list(b), f"{what}: different keys"
+    worst = 0.0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what}: {k}"
+        if a[k].is_floating_point():
+            diff = (a[k] - b[k]).abs().max().item() if a[k].numel() else 0.0
+            worst = max(worst, diff)
+            assert diff <= atol, f"{what}: {k} differs by {diff}"
+        else:
+            assert torch.equal(a[k], b[k]), f"{what}: {k}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_ranks_agree_through_removals(ranks):
+    r0, r1 = ranks
+    assert (r0["backend"], r0["world"], r1["rank"]) == ("gloo", 2, 1)
+    for key in ("a", "a_resumed"):
+        assert _assert_states_equal(r0[key]["state"], r1[key]["state"], what=key) == 0.0
+    # both removals happened inside the run, at the same step on both ranks
+    steps = [(e["group"], e["step"]) for e in r0["a"]["events"]]
+    assert steps == [("ghost_neurons", 4), ("ghost_channels", 5)]
+    assert steps == [(e["group"], e["step"]) for e in r1["a"]["events"]]
+    assert r0["a"]["events"][1]["dropped_from_optimizer"] > 0
+    assert r0["a"]["wrappers"] == 3  # the first DDP, then one rebuilt after each removal
+    assert r0["a"]["unwrapped_is_gm"]
+    assert not any(k.startswith(("fxsparse.ghost", "fxsparse.gates")) for k in r0["a"]["state"])
+
+
+def test_ddp_equals_single_process(ranks):
+    single = run_a()
+    assert single["wrappers"] == 1 and single["batch"] == GLOBAL_BATCH
+    assert ranks[0]["a"]["batch"] == GLOBAL_BATCH // 2
+    assert ranks[0]["a"]["steps_per_epoch"] == single["steps_per_epoch"] == 68 // GLOBAL_BATCH
+    assert [(e["group"], e["step"]) for e in single["events"]] == \
+        [(e["group"], e["step"]) for e in ranks[0]["a"]["events"]]
+    worst = _assert_states_equal(single["state"], ranks[0]["a"]["state"], atol=1e-5, what="single vs DDP")
+    print(f"single process vs 2-rank DDP after {STEPS} steps: max abs diff {worst:.3g}")
+
+
+def test_resume_under_ddp(ranks):
+    """A run resumed from rank 0's checkpoint (between the two removals) ends where the unbroken one did."""
+    r0 = ranks[0]
+    _assert_states_equal(r0["a"]["state"], r0["a_resumed"]["state"], what="resumed vs unbroken")
+    assert [e["step"] for e in r0["a_resumed"]["events"]] == [4, 5]
+
+
+def test_whole_recipe_with_batchnorm(ranks):
+    r0, r1 = ranks
+    assert r0["b_ghosts"] == ["ghost_neurons", "ghost_skips", "ghost_channels"]
+    assert [(e["group"], e["step"]) for e in r0["b_events"]] == [(g, 5) for g in r0["b_ghosts"]]
+    # every rank's last forward updated its own BatchNorm statistics; sync_buffers settles them
+    assert r0["b_before_sync"] is not None and "running_" in r0["b_before_sync"]
+    assert r0["b_checked"] > 0
+    _assert_states_equal(r0["b_state"], r1["b_state"], what="B")
+    model = BNNet()
+    model.load_state_dict(r0["b_export"], strict=True)
+
+
+def test_check_identical_names_the_difference(ranks):
+    for r in ranks:
+        msg = r["mask_error"]
+        assert msg is not None and "'fxsparse.masks.c2.weight'" in msg and "rank 1 has" in msg, msg
+
+
+def test_broadcast_masks_and_metrics(ranks):
+    for r in ranks:
+        assert set(r["broadcast"]) == {"a.weight", "b.weight"}
+        assert torch.equal(r["broadcast"]["a.weight"], r["rank0_masks"])
+        assert r["broadcast"]["b.weight"].dtype == torch.bool and not r["broadcast"]["b.weight"].any()
+        assert r["metrics"] == {"correct": 3.0, "count": 20.0}
+        assert r["metrics_max"] == {"r": 1.0}
+
+
+# --------------------------------------------------------------------------- single process, no launcher
+def test_shards_cover_the_global_batches():
+    full = train_loader()
+    shards = [full.shard(r, 2) for r in (0, 1)]
+    for s in shards:
+        s.batch_size = GLOBAL_BATCH // 2
+    assert len(shards[0]) == len(shards[1]) == len(full) == 68 // GLOBAL_BATCH
+    for epoch in (0, 1):
+        for s in (full, *shards):
+            s.set_epoch(epoch)
+        for (_, y), (_, y0), (_, y1) in zip(full, *shards):
+            assert sorted(y.tolist()) == sorted(torch.cat([y0, y1]).tolist())
+    # evaluation shards (no drop_last) see every example exactly once, lengths may differ
+    ev = TensorLoader(dataset(), 5, seed=3)
+    parts = [ev.shard(r, 3) for r in range(3)]
+    assert sum(len(torch.cat([y for _, y in p])) for p in parts) == 68
+    with pytest.raises(ValueError, match="rank must lie"):
+        ev.shard(3, 3)
+
+
+def test_shards_augment_differently():
+    """Ranks share the permutation but not the augmentation stream: same images, different crops."""
+    same = ImageDataset(torch.zeros(16, 1, 8, 8, dtype=torch.uint8).index_put_((torch.arange(16), torch.tensor(0),
+                        torch.tensor(4), torch.tensor(4)), torch.tensor(255, dtype=torch.uint8)), torch.zeros(16, dtype=torch.int64),
+                        tuple("0123456789"))
+    loader = TensorLoader(same, 4, shuffle=True, drop_last=True, crop_padding=2, seed=1)
+    x0, x1 = (next(iter(loader.shard(r, 2)))[0] for r in (0, 1))
+    assert not torch.equal(x0, x1)
+
+
+def test_unsharded_loader_unchanged():
+    """rank=0, world_size=1 draws exactly what the loader drew before sharding existed."""
+    loader = train_loader(crop_padding=1)
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + 0)
+    order = torch.randperm(68, generator=gen)
+    x, y = next(iter(loader))
+    assert torch.equal(y, dataset().labels[order[:GLOBAL_BATCH]])
+
+
+def test_single_process_is_a_no_op():
+    assert not fxdist.is_distributed() and fxdist.rank() == 0 and fxdist.world_size() == 1 and fxdist.is_main()
+    env = fxdist.init()
+    assert (env.rank, env.world_size, env.backend) == (0, 1, None)
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    assert fxdist.wrap(gm, scheduler=sched) is gm and fxdist.unwrap(gm) is gm
+    assert fxdist.step(sched, gm) is gm and sched.step_count == 1
+    assert fxdist.check_identical(gm) == 0
+    loader = train_loader()
+    assert fxdist.shard(loader) is loader
+    assert fxdist.all_reduce_metrics({"a": 1, "b": torch.tensor(2.5)}) == {"a": 1.0, "b": 2.5}
+    with pytest.raises(ValueError, match="op must be"):
+        fxdist.all_reduce_metrics({"a": 1}, op="avg")
+    assert fxdist.seed(5, per_rank=True) == 5
