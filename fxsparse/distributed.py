@@ -13,6 +13,7 @@ The integration in a training loop (docs/distributed.md has the whole story)::
 
     env = fxdist.init()                                  # process group from torchrun's env
     fxdist.seed(seed)                                    # same on every rank: identical model and masks
+    calib = list(itertools.islice(train, 8))             # from the *unsharded* loader: the same everywhere
     gm = fxsparse.transform(model.to(env.device), recipe, data=calib)
     train = fxdist.shard(train)                          # this rank's share; same global batch, same len
     sched = fxsparse.RecipeScheduler(gm, total_steps=epochs * len(train))
@@ -200,6 +201,9 @@ def shard(loader, *, global_batch: bool = True):
     n = world_size()
     if n == 1:
         return loader
+    if not hasattr(loader, "shard"):
+        raise TypeError(f"shard() takes an fxsparse.data.TensorLoader; got {type(loader).__name__} (for a torch "
+                        f"DataLoader, give it a torch.utils.data.DistributedSampler)")
     out = loader.shard(rank(), n)
     if global_batch:
         if loader.batch_size % n:
@@ -493,10 +497,11 @@ def save_checkpoint(scheduler, path: str | os.PathLike, **extra: Any) -> Path:
 
     Every rank holds the same weights and optimizer state under DDP, so one copy is the whole
     state. The file is written next to ``path`` and renamed, so a crash never leaves half a
-    checkpoint. Resume on every rank, then wrap again::
+    checkpoint. Resume on every rank (the model on its device first: ``restore`` builds the
+    optimizer and loads its state onto the parameters' device), then wrap again::
 
-        sched = fxsparse.scheduler.restore(make_model(), torch.load(path, map_location=env.device))
-        model = fxdist.wrap(sched.gm.to(env.device), scheduler=sched)
+        sched = fxsparse.scheduler.restore(make_model().to(env.device), torch.load(path, map_location=env.device))
+        model = fxdist.wrap(sched.gm, scheduler=sched)
     """
     path = Path(path)
     if is_main():

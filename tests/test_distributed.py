@@ -136,7 +136,7 @@ def run_a(checkpoint: Path | None = None) -> dict:
 
 def resume_a(checkpoint: Path) -> dict:
     """Scenario A resumed from the checkpoint written at CHECKPOINT_AT, continued under DDP."""
-    sched = restore(PlainNet(), torch.load(checkpoint, weights_only=False), example_inputs=torch.zeros(2, 1, 8, 8))
+    sched = restore(PlainNet(), torch.load(checkpoint), example_inputs=torch.zeros(2, 1, 8, 8))  # weights_only
     model = fxdist.wrap(sched.gm, scheduler=sched)
     loader = fxdist.shard(train_loader())
     for x, y in batches(loader, sched.step_count, STEPS):
@@ -166,6 +166,7 @@ def worker(out: Path) -> None:
     sched = RecipeScheduler(gm, total_steps=STEPS)
     opt = sched.build_optimizer()
     model = fxdist.wrap(gm, scheduler=sched)
+    result["b_synced"] = sorted(model.named_module_buffers)  # what DDP broadcasts at every forward
     fxdist.seed(1, per_rank=True)
     for x, y in batches(loader, 0, STEPS):
         loss = sched.loss(model(x), y)
@@ -199,6 +200,14 @@ def worker(out: Path) -> None:
             "b.weight": torch.zeros(4, dtype=torch.bool)}
     result["broadcast"] = fxdist.broadcast_masks(mine if env.rank == 0 else None)
     result["rank0_masks"] = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    errors = []
+    for bad in (lambda: fxdist.shard([(torch.zeros(1), torch.zeros(1))]),
+                lambda: fxdist.shard(TensorLoader(dataset(), 7, drop_last=True))):
+        try:
+            bad()
+        except (TypeError, fxdist.DistributedError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    result["shard_errors"] = errors
     result["metrics"] = fxdist.all_reduce_metrics({"correct": env.rank + 1, "count": torch.tensor(10)})
     result["metrics_max"] = fxdist.all_reduce_metrics({"r": env.rank}, op="max")
 
@@ -273,6 +282,9 @@ def test_whole_recipe_with_batchnorm(ranks):
     r0, r1 = ranks
     assert r0["b_ghosts"] == ["ghost_neurons", "ghost_skips", "ghost_channels"]
     assert [(e["group"], e["step"]) for e in r0["b_events"]] == [(g, 5) for g in r0["b_ghosts"]]
+    # DDP broadcasts BatchNorm statistics (the network's and the ghost skips') but not masks and gates
+    assert "b1.running_mean" in r0["b_synced"] and any(".ghost_skips." in n for n in r0["b_synced"])
+    assert not [n for n in r0["b_synced"] if n.startswith(("fxsparse.masks.", "fxsparse.gates."))]
     # every rank's last forward updated its own BatchNorm statistics; sync_buffers settles them
     assert r0["b_before_sync"] is not None and "running_" in r0["b_before_sync"]
     assert r0["b_checked"] > 0
@@ -294,6 +306,8 @@ def test_broadcast_masks_and_metrics(ranks):
         assert r["broadcast"]["b.weight"].dtype == torch.bool and not r["broadcast"]["b.weight"].any()
         assert r["metrics"] == {"correct": 3.0, "count": 20.0}
         assert r["metrics_max"] == {"r": 1.0}
+    shard_errors = ranks[0]["shard_errors"]
+    assert len(shard_errors) == 2 and "TensorLoader" in shard_errors[0] and "divisible" in shard_errors[1]
 
 
 # --------------------------------------------------------------------------- single process, no launcher
