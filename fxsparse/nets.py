@@ -119,7 +119,7 @@ class ResNet18(nn.Module):
 
 
 def resnet8(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A") -> CifarResNet:
-    """CIFAR ResNet-8 (one block per stage, 78k parameters at 10 classes)."""
+    """CIFAR ResNet-8 (one block per stage, 75k parameters)."""
     return CifarResNet(8, num_classes, in_chans, shortcut)
 
 

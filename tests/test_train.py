@@ -1,0 +1,286 @@
+"""``fxsparse train``: the CIFAR nets, the whole tost recipe on real data, resume after SIGKILL, the CLI.
+
+Real data throughout: scikit-learn's 8x8 digits (1,295 training images) keeps every run to a few
+seconds. Random crops pad by 1 pixel there (the recipe's CIFAR padding of 4 is half a digit).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fxsparse
+import fxsparse.masks
+from fxsparse import nets
+from fxsparse.checkpoint import CheckpointManager
+from fxsparse.cli import main
+from fxsparse.cli.train import overrides_from_args, parse_value
+from fxsparse.errors import RecipeError
+from fxsparse.metrics import read_metrics
+from fxsparse.pass_infra import tagged_nodes
+from fxsparse.passes.mask import masked_parameters
+from fxsparse.train import TrainConfig, Trainer
+
+GHOSTS = ["ghost_neurons", "ghost_skips", "ghost_channels"]
+DIGITS = {"training.epochs": 2, "training.batch_size": 64, "training.crop_padding": 1, "masks.sparsity": 0.8}
+# the same run on the command line
+DIGITS_ARGS = ["--data", "digits", "--epochs", "2", "--batch-size", "64", "--set", "training.crop_padding=1",
+               "--sparsity", "0.8", "--lrsi-iters", "2", "--no-progress"]
+
+
+@pytest.fixture
+def torch_globals():
+    """The trainer sets process-wide torch settings (--workers, --deterministic): put them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+# --------------------------------------------------------------------------- nets
+@pytest.mark.parametrize("name, params", [("resnet8", 75_290), ("resnet20", 269_722), ("resnet32", 464_154),
+                                          ("resnet56", 853_018), ("resnet18", 11_173_962)])
+def test_nets_have_the_published_sizes(name, params):
+    model = getattr(nets, name)()
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert getattr(nets, name)(num_classes=100, in_chans=1).conv1.weight.shape[1] == 1
+
+
+@pytest.mark.parametrize("build", [lambda: nets.resnet8(in_chans=1), lambda: nets.resnet8(shortcut="B"),
+                                   lambda: nets.resnet18(num_classes=7)], ids=["resnet8-A-gray", "resnet8-B", "resnet18"])
+def test_nets_trace_exactly(build):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(4, model.conv1.in_channels, 16, 16)
+    gm = fxsparse.trace(model, x)
+    fxsparse.testing.assert_equivalent(model, gm, x)
+
+
+def test_nets_option_a_has_no_shortcut_parameters():
+    a, b = nets.resnet20(), nets.resnet20(shortcut="B")
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in a.modules())
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in b.modules()) == 2
+    with pytest.raises(ValueError, match="6n\\+2"):
+        nets.CifarResNet(depth=10)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """fxsparse.nets:resnet8 through the whole tost recipe on digits: 2 epochs, 40 steps."""
+    out = tmp_path_factory.mktemp("e2e")
+    threads = torch.get_num_threads()
+    trainer = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(out), data="digits", overrides=dict(DIGITS),
+                                  lrsi_iters=2, progress=False, quiet=True))
+    trainer.run()
+    torch.set_num_threads(threads)
+    return trainer, out
+
+
+def test_tost_end_to_end_removes_every_ghost(e2e):
+    trainer, out = e2e
+    gm, s = trainer.gm, trainer.summary
+    ran = [h["pass"] for h in gm.meta["fxsparse.passes"]]
+    assert ran[:5] == ["MaskPass", "RescaleInitPass", "GhostNeuronPass", "GhostSkipPass", "GhostChannelPass"]
+    # all three ghosts removed at 30% of the 40 steps; nothing of them is left in the graph
+    assert [(e["group"], e["step"]) for e in s["removals"]] == [(g, 12) for g in GHOSTS]
+    assert {n.meta["fxsparse"]["group"] for n in tagged_nodes(gm)} == {"masks"}
+    assert fxsparse.ghosts.present(gm) == [] and fxsparse.gates.get(gm) == {}
+    assert set(gm.fxsparse._modules) | set(gm.fxsparse._buffers) | set(gm.fxsparse._parameters) <= {"masks"}
+    # the graph is the traced original again
+    original = fxsparse.trace(nets.resnet8(in_chans=1), torch.zeros(2, 1, 8, 8))
+    assert fxsparse.graph.same_structure(fxsparse.strip_masks(gm), original)
+    assert s["test_accuracy"] > 0.5, s  # it learned (digits: ~90% after 3 epochs at this sparsity)
+
+
+def test_exported_weights_load_strict_and_compute_what_the_graph_computes(e2e):
+    trainer, out = e2e
+    state = load_file(out / "model.safetensors")
+    model = nets.resnet8(num_classes=10, in_chans=1)
+    model.load_state_dict(state, strict=True)
+    x, _ = next(iter(trainer.test_loader))
+    model.eval(), trainer.gm.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), trainer.gm(x), rtol=0, atol=1e-6)
+    trainer.gm.train()
+    masks = fxsparse.masks.load(out / "masks.safetensors", model)
+    assert masks.keys() == masked_parameters(trainer.gm).keys()
+    for name, mask in masks.items():
+        assert torch.equal(mask, masked_parameters(trainer.gm)[name].cpu())
+        assert not state[name][~mask].any()  # pruned weights are exactly zero in the export
+    meta = fxsparse.masks.read_metadata(out / "masks.safetensors")
+    assert meta["method"] == "random" and meta["requested_sparsity"] == 0.8 and meta["recipe"] == "tost"
+    assert abs(meta["achieved_sparsity"] - 0.8) < 1e-3
+
+
+def test_metrics_plots_and_summary(e2e):
+    trainer, out = e2e
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert {"epoch", "loss", "train_acc", "lr", "gates", "label_smoothing", "step_time"} <= set(steps[0])
+    assert set(steps[0]["gates"]) == set(GHOSTS) and steps[0]["gates"]["ghost_skips"] == 1.0
+    # the 12th step runs with the gate of 11/40 of training (cosine from 10% to 30%), then the ghosts go
+    assert steps[11]["gates"]["ghost_channels"] == pytest.approx(0.5 * (1 + math.cos(math.pi * (11 / 40 - 0.1) / 0.2)))
+    assert all(r["gates"] == {} for r in steps[12:])
+    assert [r["group"] for r in records if r["type"] == "event"] == GHOSTS
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("val_acc" in r for r in epochs)
+    assert [r["type"] for r in records].count("test") == 1 and records[-1]["test_acc"] == trainer.summary["test_accuracy"]
+    for png in ("training_curves.png", "gates.png", "mask_density.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == trainer.summary["test_accuracy"] and summary["steps"] == 40
+    assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and summary["model"] == "fxsparse.nets:resnet8"
+    assert any("in_chans=1" in n for n in summary["notes"])
+    assert [c.epoch for c in CheckpointManager(out).entries()] == [1, 2]
+
+
+def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):
+    _, out = e2e
+    args = ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--out", str(out)]
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*args, "--resume", "--seed", "5"]) == 2
+    assert "other settings (seed: 0 then, 5 now)" in capsys.readouterr().err
+    before = json.loads((out / "summary.json").read_text())
+    assert main([*args, "--resume"]) == 0  # every epoch done: evaluates and exports again
+    assert "all 2 epochs were done already" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == before["test_accuracy"]
+
+
+def test_mask_file_is_used_as_is(e2e, tmp_path):
+    _, e2e_out = e2e
+    t = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(tmp_path), data="digits", recipe="baseline",
+                            overrides={**DIGITS, "training.epochs": 1, "masks.method": "file",
+                                       "masks.path": str(e2e_out / "masks.safetensors")}, progress=False, quiet=True))
+    t.run()
+    want = fxsparse.masks.load(e2e_out / "masks.safetensors")
+    got = masked_parameters(t.gm)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# --------------------------------------------------------------------------- resume
+_CLI = "import sys; from fxsparse.cli import main; sys.exit(main())"
+_ALL_STEPS = 60  # 3 epochs of 20 steps
+
+
+def _resume_args(out) -> list[str]:
+    # ghosts live until 50% (step 30), so the run resumes from epoch 1 (step 20) with ghosts in it
+    # and must replay their removal; deterministic kernels on one thread make reruns bit-identical
+    sched = [f"--set={g}.schedule.{k}=0.5" for g in GHOSTS for k in ("anneal_until", "remove_at")]
+    return ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--epochs", "3", *sched, "--deterministic",
+            "--workers", "1", "--seed", "1", "--out", str(out)]
+
+
+def _kill_during_epoch(args: list[str], out: Path, epoch: int, log: Path) -> None:
+    """Run the CLI in a subprocess and SIGKILL it once it logged the first step of ``epoch``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", _CLI, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                metrics = out / "metrics.jsonl"
+                if metrics.exists() and any(r["type"] == "step" and r["epoch"] == epoch for r in read_metrics(metrics)):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    pytest.fail(f"the run ended (status {proc.returncode}) before epoch {epoch} began:\n{log.read_text()[-3000:]}")
+
+
+def _assert_equal_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, caplog, capsys, torch_globals):
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    _kill_during_epoch(_resume_args(killed), killed, epoch=3, log=tmp_path / "killed.log")
+    manager = CheckpointManager(killed)
+    assert [e.epoch for e in manager.entries()] == [1, 2]
+    assert not (killed / "model.safetensors").exists()
+    # damage the newest checkpoint on disk: the resumed run must notice and use epoch 1's
+    newest = killed / manager.entries()[-1].file
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    assert main([*_resume_args(killed), "--resume"]) == 0
+    assert "resuming from checkpoint-e0001-s00000020.pt" in capsys.readouterr().out
+    assert any("truncated" in r.getMessage() and newest.name in r.getMessage() for r in caplog.records), caplog.text
+    assert main(_resume_args(reference)) == 0
+
+    final, expected = load_file(killed / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(final[k], expected[k]), k
+    # the whole training state too: weights, masks, optimizer momentum, lr schedule, scheduler
+    a, b = CheckpointManager(killed).load_latest()[0], CheckpointManager(reference).load_latest()[0]
+    for part in ("model", "optimizer", "lr_scheduler", "scheduler"):
+        _assert_equal_tensors(a[part], b[part], part)
+    # the metrics log holds each step once, the replayed ones as the uninterrupted run logged them
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "epoch_time", "elapsed")} for r in rs]  # noqa: E731
+    ra, rb = read_metrics(killed / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
+    assert [r["step"] for r in ra if r["type"] == "step"] == list(range(1, _ALL_STEPS + 1))
+    assert strip(ra) == strip(rb)
+    assert json.loads((killed / "summary.json").read_text())["removals"] == \
+        json.loads((reference / "summary.json").read_text())["removals"]
+
+
+# --------------------------------------------------------------------------- options
+def test_set_values_and_shortcuts_become_recipe_overrides(tmp_path):
+    assert [parse_value(v) for v in ("0.4", "true", "[0.5, 0.75]", "snip", "1e-3", "7")] == \
+        [0.4, True, [0.5, 0.75], "snip", 1e-3, 7]
+    from fxsparse.cli import build_parser
+
+    args = build_parser().parse_args(["train", "m:x", "--set", "training.lr=0.5", "--lr", "0.2", "--sparsity", "0.9",
+                                      "--mask-file", "m.safetensors", "--set", "ghost_skips.enabled=false"])
+    assert overrides_from_args(args) == {"training.lr": 0.2, "ghost_skips.enabled": False, "masks.sparsity": 0.9,
+                                         "masks.method": "file", "masks.path": os.path.abspath("m.safetensors")}
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        overrides_from_args(build_parser().parse_args(["train", "m:x", "--set", "training.lr"]))
+
+
+def test_gray_images_in_chans_or_repeated_channel(tmp_path):
+    def built(model):
+        t = Trainer(TrainConfig(model, out=str(tmp_path), data="digits", progress=False, quiet=True))
+        t._runtime(), t._load_data()
+        m, channels = t._build_model()
+        return m, channels, t.notes
+
+    m, channels, notes = built("fxsparse.nets:resnet8")
+    assert channels == 1 and m.conv1.in_channels == 1 and "in_chans=1" in notes[0]
+    m, channels, notes = built("tv:resnet18")  # torchvision constructors take no in_chans
+    assert channels == 3 and m.conv1.in_channels == 3 and "repeated 3 times" in notes[0]
+
+
+def test_imp_masks_from_short_training_rounds(tmp_path):
+    t = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(tmp_path), data="digits", recipe="baseline",
+                            overrides={**DIGITS, "training.epochs": 1, "masks.method": "imp", "masks.rounds": 2,
+                                       "masks.sparsity": 0.5}, progress=False, quiet=True))
+    s = t.run()
+    assert s["mask_method"] == "imp" and s["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert s["test_accuracy"] > 0.3
