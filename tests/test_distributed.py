@@ -148,6 +148,30 @@ def resume_a(checkpoint: Path) -> dict:
     return {"state": {k: v.clone() for k, v in sched.gm.state_dict().items()}, "events": sched.events}
 
 
+def fsdp2_probe(per_layer: bool) -> dict:
+    """FSDP2 (``fully_shard``) on scenario A: how far it gets (docs/distributed.md, "FSDP2")."""
+    from torch.distributed.fsdp import fully_shard
+
+    fxdist.seed(0)
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    if per_layer:
+        fully_shard(gm.c2)
+    fully_shard(gm)
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = sched.build_optimizer()
+    try:
+        for x, y in batches(fxdist.shard(train_loader()), 0, STEPS):
+            loss = sched.loss(gm(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    except (RuntimeError, RecursionError) as e:
+        return {"failed_at": sched.step_count, "removed": list(sched.removed),
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return {"failed_at": None, "removed": list(sched.removed), "error": None}
+
+
 # --------------------------------------------------------------------------- the worker (one rank)
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
@@ -210,6 +234,9 @@ def worker(out: Path) -> None:
     result["shard_errors"] = errors
     result["metrics"] = fxdist.all_reduce_metrics({"correct": env.rank + 1, "count": torch.tensor(10)})
     result["metrics_max"] = fxdist.all_reduce_metrics({"r": env.rank}, op="max")
+
+    result["fsdp2_root"] = fsdp2_probe(per_layer=False)
+    result["fsdp2_layer"] = fsdp2_probe(per_layer=True)
 
     torch.save(result, out / f"rank{env.rank}.pt")
     fxdist.destroy()
@@ -364,3 +391,20 @@ def test_single_process_is_a_no_op():
     with pytest.raises(ValueError, match="op must be"):
         fxdist.all_reduce_metrics({"a": 1}, op="avg")
     assert fxdist.seed(5, per_rank=True) == 5
+
+
+def test_fsdp2_status(ranks):
+    """What FSDP2 does with a transformed GraphModule today (torch 2.14, gloo on CPU); this test
+    documents the limits in docs/distributed.md and fails when they change, to update the page.
+
+    * ``fully_shard(gm)`` alone trains, until the first removal: removal recompiles the graph,
+      ``GraphModule.recompile`` patches ``type(gm)``, which is FSDP's dynamic subclass, and the
+      next call recurses forever.
+    * ``fully_shard`` on a layer fails at once: the masked graph reads the layer's weight with a
+      get_attr in the root's forward, never calling the layer, whose hook would unshard it.
+    """
+    for r in ranks:
+        root, layer = r["fsdp2_root"], r["fsdp2_layer"]
+        assert root["failed_at"] == 4 and root["removed"] == ["ghost_neurons"], root
+        assert root["error"].startswith("RecursionError"), root
+        assert layer["failed_at"] == 0 and "mixed torch.Tensor and DTensor" in layer["error"], layer
