@@ -243,7 +243,8 @@ def wrap(module: nn.Module, *, scheduler=None, check: bool = True, **ddp_options
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         options.setdefault("device_ids", [device.index])
-    # DDP's own (documented) way to leave tensors alone; keep whatever the user had set besides ours
+    # DDP's hook for leaving tensors out of its syncs (a static method documented in its docstring; no
+    # public API yet, pytorch#43690); keep whatever the user had set besides ours
     ignored = [n for n in getattr(module, "_ddp_params_and_buffers_to_ignore", ()) if not n.startswith(_NOT_SYNCED)]
     ignored += [n for n, _ in module.named_buffers() if n.startswith(_NOT_SYNCED)]
     DDP._set_params_and_buffers_to_ignore_for_model(module, ignored)
@@ -394,10 +395,20 @@ def check_identical(obj: nn.Module | Mapping[str, torch.Tensor], *, prefixes=Non
     what = "the graph (generated code)" if name == _GRAPH else repr(name)
     raise DistributedError(
         f"ranks hold different state: {len(differing)} of {len(ref)} entries differ; the first is {what}: rank 0 "
-        f"has {describe(0)}, " + ", ".join(f"rank {r} has {describe(r)}" for r in ranks[:3])
-        + ". Build the model, masks and transform with the same seed and data on every rank "
-          "(fxsparse.distributed.seed(s)), or compute masks on rank 0 and broadcast_masks() them; "
-          "step every rank's scheduler alike.")
+        f"has {describe(0)}, " + ", ".join(f"rank {r} has {describe(r)}" for r in ranks[:3]) + ". " + _hint(name))
+
+
+def _hint(name: str) -> str:
+    """What to do about the first difference check_identical found."""
+    if name == _GRAPH or name.startswith(_NOT_SYNCED):
+        return ("Build the model, masks and transform with the same seed and data on every rank "
+                "(fxsparse.distributed.seed(s), calibration batches from the unsharded loader), or compute masks "
+                "on rank 0 and broadcast_masks() them; step every rank's scheduler alike (fxsparse.distributed.step).")
+    if name.endswith("(buffer)"):
+        return ("Each rank updates buffers such as BatchNorm statistics from its own batch; "
+                "fxsparse.distributed.sync_buffers(module) makes them agree.")
+    return ("Parameters differ: DDP broadcasts rank 0's at construction and all-reduces gradients after, so "
+            "something changed them on some ranks only (a step outside DDP, init_sync=False, a load on one rank).")
 
 
 def broadcast_masks(masks: Mapping[str, torch.Tensor] | None, src: int = 0) -> dict[str, torch.Tensor]:

@@ -314,6 +314,7 @@ def test_whole_recipe_with_batchnorm(ranks):
     assert not [n for n in r0["b_synced"] if n.startswith(("fxsparse.masks.", "fxsparse.gates."))]
     # every rank's last forward updated its own BatchNorm statistics; sync_buffers settles them
     assert r0["b_before_sync"] is not None and "running_" in r0["b_before_sync"]
+    assert "sync_buffers" in r0["b_before_sync"]
     assert r0["b_checked"] > 0
     _assert_states_equal(r0["b_state"], r1["b_state"], what="B")
     model = BNNet()
@@ -324,6 +325,7 @@ def test_check_identical_names_the_difference(ranks):
     for r in ranks:
         msg = r["mask_error"]
         assert msg is not None and "'fxsparse.masks.c2.weight'" in msg and "rank 1 has" in msg, msg
+        assert "broadcast_masks" in msg
 
 
 def test_broadcast_masks_and_metrics(ranks):
