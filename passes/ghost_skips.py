@@ -26,8 +26,9 @@ running statistics.
 
 timm's ``BatchNormAct2d`` keeps BatchNorm and activation in one leaf module, so the point just
 before its activation is inside the leaf. The pass then *unfolds* the leaf into the three calls
-its forward makes (BatchNorm2d's forward, ``.drop``, ``.act``; role ``unfold``), which compute
-bit-for-bit what the leaf computed, and merges between them; removal folds them back.
+its forward makes (BatchNorm2d's forward through a ``BatchNormPart``, ``.drop``, ``.act``; role
+``unfold``), which compute bit-for-bit what the leaf computed, and merges between them; removal
+folds them back.
 
 With ``include_linear=True``, pointwise layers in MLP blocks (a ``Linear`` or 1x1 conv followed
 by an activation whose output reaches one other pointwise layer: ViT/Swin MLPs, ConvNeXt's
@@ -63,8 +64,8 @@ from fxsparse.graph import (
 from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
 
 __all__ = [
-    "GhostSkipPass", "RemoveGhostSkipsPass", "GhostSkipBranch", "remove_ghost_skips", "GROUP",
-    "LINEAR_NORMS",
+    "GhostSkipPass", "RemoveGhostSkipsPass", "GhostSkipBranch", "BatchNormPart", "remove_ghost_skips",
+    "GROUP", "LINEAR_NORMS",
 ]
 
 GROUP = "ghost_skips"
@@ -134,14 +135,23 @@ class GhostSkipBranch(nn.Module):
         return f"kind={self.kind}, weight={tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}{masked}"
 
 
-def batch_norm_part(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """What timm's ``BatchNormAct2d.forward`` computes before its drop and activation.
+class BatchNormPart(nn.Module):
+    """The BatchNorm half of a timm ``BatchNormAct2d`` leaf, called on its own.
 
-    Its forward is a copy of ``nn.BatchNorm2d.forward`` followed by ``self.drop`` and
-    ``self.act``; calling BatchNorm2d's forward on the same module runs the same ``F.batch_norm``
-    with the same running-statistics update. A module-level function so that the graph pickles.
+    ``BatchNormAct2d.forward`` is a copy of ``nn.BatchNorm2d.forward`` followed by ``self.drop``
+    and ``self.act``; calling BatchNorm2d's forward on the same module runs the same
+    ``F.batch_norm`` with the same running-statistics update. The leaf is held by plain reference,
+    not as a submodule, so that it stays where the model has it and its state_dict keys neither
+    move nor repeat; as a module (rather than a function taking the leaf) it is a leaf for every
+    tracer, so the graph module survives pickling.
     """
-    return nn.BatchNorm2d.forward(bn, x)
+
+    def __init__(self, leaf: nn.BatchNorm2d):
+        super().__init__()
+        object.__setattr__(self, "leaf", leaf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.BatchNorm2d.forward(self.leaf, x)
 
 
 def _unfoldable(m: nn.Module) -> str | None:
@@ -489,9 +499,13 @@ class GhostSkipPass(FxSparsePass):
         graph, m, target = gm.graph, gm.get_submodule(leaf.target), leaf.target
         (x,) = leaf.args
         extra = {"site": site, "leaf": target}
+        sub = container(gm, GROUP)
+        name = f"{target.replace('.', '_')}_bn"
+        while name in sub._modules:
+            name += "_"
+        sub.add_module(name, BatchNormPart(m))
         with graph.inserting_before(leaf):
-            mod = self.tag(graph.get_attr(target), "unfold", part="module", **extra)
-            value = self.tag(graph.call_function(batch_norm_part, (mod, x)), "unfold", part="norm", **extra)
+            value = self.tag(graph.call_module(f"{CONTAINER}.{GROUP}.{name}", (x,)), "unfold", part="norm", **extra)
             parts = [value]
             if not isinstance(m.drop, nn.Identity):
                 value = self.tag(graph.call_module(f"{target}.drop", (value,)), "unfold", part="drop", **extra)
@@ -536,6 +550,19 @@ class RemoveGhostSkipsPass(FxSparsePass):
 
     group = GROUP
 
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        prefix = f"{CONTAINER}.{GROUP}."
+        untagged = [n for n in gm.graph.nodes
+                    if n.op == "call_module" and n.target.startswith(prefix) and "fxsparse" not in n.meta]
+        if untagged:
+            raise PassError(
+                f"RemoveGhostSkipsPass: {untagged[0].format_node()} calls a ghost skip branch but carries no "
+                f"fxsparse tag, so the pass cannot tell which nodes to remove. Tags live in node.meta, which "
+                f"pickling a GraphModule does not keep: rebuild the ghosted graph (fxsparse.transform) and load "
+                f"the saved state_dict into it instead of unpickling the module."
+            )
+
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
         nodes = tagged_nodes(gm, group=GROUP)
@@ -563,7 +590,7 @@ class RemoveGhostSkipsPass(FxSparsePass):
         act = next(n for n in tagged_nodes(gm, group=GROUP, role="unfold")
                    if n.meta["fxsparse"].get("part") == "act" and n.meta["fxsparse"]["leaf"] == leaf)
         with gm.graph.inserting_before(norm):
-            restored = gm.graph.call_module(leaf, (norm.args[1],))
+            restored = gm.graph.call_module(leaf, (norm.args[0],))
         restored.meta.update({k: v for k, v in act.meta.items() if k != "fxsparse"})
         act.replace_all_uses_with(restored)
         self.stats["folded"] += 1
