@@ -101,7 +101,10 @@ class _Geometry:
 
 def _geometry(gm: GraphModule, layer: Layer) -> _Geometry:
     node = layer.node
-    w = gm.get_parameter(layer.weight)
+    try:
+        w = gm.get_parameter(layer.weight)
+    except AttributeError:
+        raise _Skip("weight is not a parameter", f"{layer.weight} is a buffer or an attribute") from None
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if type(m).forward not in _PLAIN_FORWARDS:
@@ -158,10 +161,12 @@ def _tag(node: Node) -> tuple[str | None, str | None]:
     return t.get("group"), t.get("role")
 
 
-def _reads_once(node: Node, value: Node, position: int = 0) -> bool:
-    """``node`` reads ``value`` exactly once, as its positional argument ``position``."""
+def _reads_once(node: Node, value: Node, position: int | None = 0) -> bool:
+    """``node`` reads ``value`` exactly once, as its positional argument ``position`` (None: anywhere)."""
     seen: list[Node] = []
     torch.fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n) if n is value else None)
+    if position is None:
+        return len(seen) == 1
     return len(node.args) > position and node.args[position] is value and len(seen) == 1
 
 
@@ -215,7 +220,8 @@ def _walk(gm: GraphModule, producer: Layer) -> tuple[Layer, list[_Op]] | None:
             continue
         if group == "ghost_skips" and role == "unfold":
             t = node.meta["fxsparse"]
-            if t.get("part") == "norm" and _reads_once(node, value, 1):
+            # the norm part's form is GhostSkipPass's business; the leaf it came from is in the tag
+            if t.get("part") == "norm" and _reads_once(node, value, None):
                 ops.append(_Op(node, t["leaf"]))  # the whole leaf: norm, drop and act
                 unfolded = t["leaf"]
             elif not (t.get("part") in ("drop", "act") and t["leaf"] == unfolded and _reads_once(node, value)):
@@ -401,15 +407,16 @@ class GhostChannelPass(FxSparsePass):
                  init: str = "kaiming", dropout: bool = True, seed: int = 0):
         super().__init__()
         if not ratio > 0:
-            raise ValueError(f"ratio must be > 0 (ghost channels per producer channel); got {ratio}")
+            raise PassError(f"GhostChannelPass: ratio must be > 0 (ghost channels per producer channel); got {ratio}")
         if not 0.0 <= initial_gate <= 1.0:
-            raise ValueError(f"initial_gate must lie in [0, 1]; got {initial_gate}")
+            raise PassError(f"GhostChannelPass: initial_gate must lie in [0, 1]; got {initial_gate}")
         if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}; got {init!r}")
+            raise PassError(f"GhostChannelPass: init must be one of {INITS}; got {init!r}")
         self.ratio, self.masked, self.initial_gate = float(ratio), masked, float(initial_gate)
         self.init, self.dropout, self.seed = init, dropout, seed
         self.sites: list[dict[str, Any]] = []  # what the last call added
         self.skipped: list[tuple[str, str, str]] = []  # (producer, kind, reason) of the last call
+        self._names: set[str] = set()
 
     def requires(self, gm: GraphModule) -> None:
         super().requires(gm)
@@ -422,7 +429,7 @@ class GhostChannelPass(FxSparsePass):
     def ensures(self, gm: GraphModule) -> None:
         super().ensures(gm)
         for merge in tagged_nodes(gm, group=GROUP, role="merge"):
-            if merge.args[0].meta.get("fxsparse", {}).get("group") == GROUP:
+            if (merge.args[0].meta.get("fxsparse") or {}).get("group") == GROUP:
                 raise PassError(f"GhostChannelPass: {merge.name} merges into a ghost node, not a layer")
 
     # ------------------------------------------------------------------ planning
@@ -448,9 +455,17 @@ class GhostChannelPass(FxSparsePass):
                     raise _Skip("layout mismatch", f"{op.node.name} after linear {P.name} indexes dim 1, "
                                 f"not the features")
         k = max(1, round(self.ratio * pgeo.out_channels))
-        site = _Site(_site_name(P), P, C, pgeo, cgeo, list(ops), k)
+        site = _Site(self._unique_name(_site_name(P)), P, C, pgeo, cgeo, list(ops), k)
         self._build_branch(gm, site)
         return site
+
+    def _unique_name(self, base: str) -> str:
+        # "a.b_c" and "a_b.c" would both be "a_b_c"
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
 
     def _build_branch(self, gm: GraphModule, site: _Site) -> None:
         """Create the site's parameters, masks and op copies (nothing touches the graph yet)."""
@@ -503,7 +518,7 @@ class GhostChannelPass(FxSparsePass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, gm: GraphModule) -> PassResult:
-        self.sites, self.skipped = [], []
+        self.sites, self.skipped, self._names = [], [], set()
         planned = []
         for layer in parameterized_layers(gm):
             if layer.inside_leaf or layer.weight.startswith(CONTAINER + "."):

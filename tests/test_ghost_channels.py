@@ -47,19 +47,11 @@ def _set_gate(gm, value):
     return gm
 
 
-def _buffers_after_train_forward(gm, x):
-    """The module's buffers after one train-mode forward (BN running stats move)."""
-    m = copy.deepcopy(gm).train()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        m(x)
-    return dict(m.named_buffers())
-
-
 # --------------------------------------------------------------------------- the zoo
 def test_zoo(zoo_entry):
     spec, size = zoo_entry
-    _, gm, x = masked(spec, size, batch=2)
+    # one image for the 224x224 transformers (no BatchNorm there) keeps the suite fast
+    _, gm, x = masked(spec, size, batch=1 if size[-1] >= 224 else 2)
     before = copy.deepcopy(gm)
     state_before = {k: v.clone() for k, v in gm.state_dict().items()}
 
@@ -79,17 +71,20 @@ def test_zoo(zoo_entry):
     assert all(torch.equal(state[k], v) for k, v in state_before.items())
     assert all(k.startswith(("fxsparse.ghost_channels.", "fxsparse.gates.")) for k in set(state) - set(state_before))
 
-    # gate 0: outputs and original-parameter gradients bit-identical, train and eval
+    # gate 0: outputs and original-parameter gradients bit-identical, train and eval. Run in
+    # place (no copies: the big transformers are expensive to copy), so afterwards both modules
+    # have seen the same train-mode forward...
     _set_gate(gm, 0.0)
-    assert compare(before, gm, x, exact=True) == []
-    # ...and the original BN statistics move exactly as before (ghost BNs only update their own)
-    bufs, bufs_before = _buffers_after_train_forward(gm, x), _buffers_after_train_forward(before, x)
-    assert all(torch.equal(bufs[k], v) for k, v in bufs_before.items())
+    assert compare(before, gm, x, exact=True, copy_modules=False) == []
+    # ...and the original BN statistics moved exactly alike (ghost BNs only update their own)
+    bufs = dict(gm.named_buffers())
+    assert all(torch.equal(bufs[k], v) for k, v in before.named_buffers())
 
     # gate 1: the ghost is on. Models whose consumers feed a zero-initialized BN (timm's
-    # zero_init_last) keep their outputs, but every such model's gradients change.
+    # zero_init_last) keep their outputs, but then their gradients change.
     _set_gate(gm, 1.0)
-    assert compare(before, gm, x, exact=True, modes=("train",)) != []
+    changed = compare(before, gm, x, exact=True, modes=("train",), grads=False, copy_modules=False)
+    assert changed or compare(before, gm, x, exact=True, modes=("train",), copy_modules=False)
 
     # removal: the graph before the pass, computing what the ghosted graph computed at gate 0
     _set_gate(gm, 0.0)
@@ -97,7 +92,7 @@ def test_zoo(zoo_entry):
     remove_ghost_channels(gm)
     assert_same_structure(before, gm)
     assert set(gm.state_dict()) == set(state_before)
-    assert compare(gm, at_zero, x, exact=True) == []  # gradients of every parameter gm still has
+    assert compare(gm, at_zero, x, exact=True, grads=False, copy_modules=False) == []
 
 
 # --------------------------------------------------------------------------- extra width
@@ -325,9 +320,9 @@ def test_inits():
     _, a, _ = _ghosted(ConvBnConv(), x, seed=1)
     _, b, _ = _ghosted(ConvBnConv(), x, seed=1)
     assert torch.equal(a.fxsparse.ghost_channels.conv1.weight, b.fxsparse.ghost_channels.conv1.weight)
-    with pytest.raises(ValueError, match="init"):
+    with pytest.raises(PassError, match="init"):
         GhostChannelPass(init="xavier")
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(PassError, match="ratio"):
         GhostChannelPass(ratio=0)
 
 
@@ -404,3 +399,30 @@ def test_after_ghost_neurons_and_skips(spec):
             removals[i](g)
         assert_same_structure(original, g)
         assert compare(g, gm, x, exact=True, grads=False) == []
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    """The same under inductor: gate moves reuse the compiled code, removal compiles once more."""
+    from torch._inductor.compile_fx import compile_fx
+
+    compiles = []
+
+    def backend(graph, example_inputs):
+        compiles.append(graph)
+        return compile_fx(graph, example_inputs)
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 12, 12)
+    _, gm, _ = _ghosted(ConvBnConv(), x)
+    gm.eval()
+    compiled = torch.compile(gm, backend=backend)
+    with torch.no_grad():
+        for value in (1.0, 0.3, 0.0):
+            _set_gate(gm, value)
+            torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-5)
+        assert len(compiles) == 1
+        remove_ghost_channels(gm)
+        torch.testing.assert_close(compiled(x), gm(x), rtol=1e-4, atol=1e-5)
+        assert len(compiles) == 2
+    torch._dynamo.reset()
