@@ -54,7 +54,7 @@ from .pass_infra import CONTAINER
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DistributedError", "Env", "init", "destroy", "env", "is_distributed", "rank", "world_size",
+    "DistributedError", "Env", "init", "destroy", "is_distributed", "rank", "world_size",
     "is_main", "barrier", "seed", "shard", "wrap", "rewrap", "unwrap", "step", "broadcast_masks",
     "check_identical", "sync_buffers", "all_reduce_metrics", "save_checkpoint",
 ]
@@ -116,7 +116,7 @@ def init(backend: str | None = None, *, device: torch.device | str | None = None
         kwargs: dict[str, Any] = {"backend": backend}
         if timeout is not None:
             kwargs["timeout"] = timeout
-        if device.type == "cuda":
+        if backend == "nccl":
             kwargs["device_id"] = device  # binds the communicator to this GPU up front
         dist.init_process_group(**kwargs)
         log.info("rank %d of %d on %s (%s)", dist.get_rank(), dist.get_world_size(), device, backend)
@@ -145,13 +145,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0 (the rank that writes files and logs)."""
     return rank() == 0
-
-
-def env() -> Env:
-    """The current ``Env`` without initializing anything."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-    return Env(rank(), world_size(), local_rank, _comm_device(), backend)
 
 
 def barrier() -> None:
@@ -324,7 +317,7 @@ def _checksums(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     a changed bit changes the plain sum, moved values change the weighted one. Computed where the
     tensor lives (no copy of the model to the host), read back with one synchronization.
     """
-    sums = []
+    pairs = []
     for t in tensors:
         flat = t.detach().reshape(-1)
         if flat.is_complex():
@@ -339,8 +332,15 @@ def _checksums(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
             pos = torch.arange(start, start + chunk.numel(), device=t.device) % 65_521 + 1
             plain += chunk.sum()
             weighted += (chunk * pos).sum()
-        sums.append(torch.stack([plain, weighted]).cpu())
-    return [tuple(s.tolist()) for s in sums]
+        pairs.append(torch.stack([plain, weighted]))
+    out: list[tuple[int, int]] = [(0, 0)] * len(pairs)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_device.setdefault(pair.device, []).append(i)
+    for index in by_device.values():  # one transfer per device
+        for i, pair in zip(index, torch.stack([pairs[i] for i in index]).tolist()):
+            out[i] = tuple(pair)
+    return out
 
 
 def _fingerprint(obj: nn.Module | Mapping[str, torch.Tensor], prefixes, graph: bool) -> list[tuple]:
