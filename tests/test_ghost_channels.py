@@ -3,7 +3,6 @@ masking, removal and torch.compile behaviour."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -297,6 +296,16 @@ def test_dense_ghosts():
     branch = gm.get_submodule(f"fxsparse.{GROUP}.conv1")
     assert not hasattr(branch, "weight_mask") and not hasattr(branch, "slice_mask")
     assert not [n for n in tagged_nodes(gm, group=GROUP) if n.meta["fxsparse"].get("part") == "mask"]
+
+
+def test_pickles():
+    import pickle
+
+    x = torch.randn(2, 8, 8, 8)
+    _, gm, _ = _ghosted(ConvBnConv(groups=4, c_in=8), x)
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(gm))(x), gm(x))
 
 
 def test_parameters_and_tags():
