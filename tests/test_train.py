@@ -284,3 +284,19 @@ def test_imp_masks_from_short_training_rounds(tmp_path):
     s = t.run()
     assert s["mask_method"] == "imp" and s["sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert s["test_accuracy"] > 0.3
+
+
+def test_lrsi_iterations_capped_on_cpu_unless_chosen(tmp_path):
+    def recipe(**kwargs):
+        t = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(tmp_path), device="cpu", quiet=True, **kwargs))
+        t._runtime()
+        return t._recipe(), t.notes
+
+    r, notes = recipe()
+    assert r.passes["rescale"].options["iters"] == 30 and "capped at 30" in notes[0]
+    r, notes = recipe(lrsi_iters=180)
+    assert r.passes["rescale"].options["iters"] == 180 and not notes
+    r, notes = recipe(overrides={"rescale.iters": 50})
+    assert r.passes["rescale"].options["iters"] == 50 and not notes
+    r, notes = recipe(recipe="baseline")
+    assert not r.passes["rescale"].enabled and not notes
