@@ -466,7 +466,7 @@ class Trainer:
     def _finish(self, wall_time: float) -> dict[str, Any]:
         import fxsparse
         import fxsparse.masks
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
         from .passes.mask import masked_parameters
         from .plots import plot_run
@@ -483,21 +483,22 @@ class Trainer:
             record["test_loss"], record["test_acc"] = test
         if val is not None:
             record["val_loss"], record["val_acc"] = val
-        if not any(r.get("type") == "test" for r in self.metrics.records):
-            self.metrics.write(record)
+        self.metrics.write(record)  # a re-finished run's log was cut back to its last checkpoint: no duplicate
 
         state = fxsparse.export(gm)
         meta = {"format": "pt", "fxsparse.model": c.model, "fxsparse.num_classes": str(self.splits.num_classes)}
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(self.out / "model.safetensors"),
-                  metadata=meta)
+        blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+        atomic_write(self.out / "model.safetensors", lambda f: f.write(blob))
         masks = masked_parameters(gm)
         mask_opts = self.recipe.masks.options
         report = None
         if masks:
             report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"))
-            fxsparse.masks.save(masks, self.out / "masks.safetensors", method=mask_opts.get("method"),
-                                requested_sparsity=mask_opts.get("sparsity"), distribution=mask_opts.get("distribution"),
-                                model=c.model, recipe=self.recipe.name, seed=c.seed)
+            tmp = self.out / ".masks.safetensors.tmp"
+            fxsparse.masks.save(masks, tmp, method=mask_opts.get("method"), requested_sparsity=mask_opts.get("sparsity"),
+                                distribution=mask_opts.get("distribution"), model=c.model, recipe=self.recipe.name,
+                                seed=c.seed)
+            os.replace(tmp, self.out / "masks.safetensors")
         plots = plot_run(self.metrics.records, self.out, report.density if report else None,
                          report.achieved_sparsity if report else None)
         self.metrics.close()
