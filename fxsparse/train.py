@@ -137,6 +137,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _runtime(self) -> None:
         c = self.config
+        if c.calib_batches < 1:
+            raise TrainError(f"calib_batches = {c.calib_batches}: masks and LRsI need at least one training batch.")
         if c.threads:
             torch.set_num_threads(c.threads)
         self.device = resolve_device(c.device)

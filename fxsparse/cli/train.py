@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a sparse network with a recipe: real data, checkpoints, resume, metrics, plots, export",
         description="Train MODEL with a recipe (default: tost) on real data. Defaults are the recipe's protocol "
-        "(tost: ToST's SGD momentum 0.9, weight decay 2e-4, lr 0.1 stepped x0.1 at 49.5%% and 74.2%% of "
+        "(tost: ToST's SGD momentum 0.9, weight decay 2e-4, lr 0.1 stepped x0.1 at 49.5% and 74.2% of "
         "training, batch 128, 182 epochs); the options below override it. Checkpoints are written atomically "
         "after every epoch; --resume continues a killed run exactly.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override a recipe key by dotted path, VALUE in TOML syntax (0.4, true, [0.5, 0.75], "
                    "snip); repeatable. The options below win over --set of the same key")
-    g.add_argument("--epochs", type=int, help="training.epochs (lr milestones and ghost schedules scale with it)")
-    g.add_argument("--batch-size", type=int, help="training.batch_size")
+    g.add_argument("--epochs", type=int, metavar="E", help="training.epochs (lr milestones and ghost schedules scale with it)")
+    g.add_argument("--batch-size", type=int, metavar="B", help="training.batch_size")
     g.add_argument("--lr", type=float, help="training.lr (initial learning rate)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), help="training.optimizer")
     g.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), help="training.lr_schedule")
@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "batches are built on the device, so there are no loader worker processes")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (with --workers 1 on CPU: bit-identical reruns)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the model init, random mask, data order and "
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the model init, random mask, data order and "
                    "validation split (default: 0)")
 
     g = p.add_argument_group("output")
