@@ -300,3 +300,13 @@ def test_lrsi_iterations_capped_on_cpu_unless_chosen(tmp_path):
     assert r.passes["rescale"].options["iters"] == 50 and not notes
     r, notes = recipe(recipe="baseline")
     assert not r.passes["rescale"].enabled and not notes
+
+
+@pytest.mark.slow
+def test_compiled_training_recompiles_through_the_removals(tmp_path, torch_globals):
+    """--compile: the ghosts' removal changes the graph under torch.compile (minutes on a busy CPU)."""
+    assert main(["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--compile", "--out", str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["compile"] and [e["group"] for e in s["removals"]] == GHOSTS and s["test_accuracy"] > 0.5
+    model = nets.resnet8(in_chans=1)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
