@@ -1,0 +1,63 @@
+"""fxsparse bench: the variants compute the same masked network, and the rows have their structure."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from fxsparse import bench
+from fxsparse.cli import main
+
+MODEL = "fxsparse.nets:resnet8"
+TINY = dict(models=(MODEL,), modes=("eager",), batch=2, size=16, warmup=1, rounds=2, threads=None, num_classes=10,
+            progress=False)
+
+
+def test_mask_variants_compute_the_same_thing():
+    config = bench.BenchConfig(**TINY)
+    model, x, y = bench.create_model(MODEL, config)
+    masks = bench.random_masks(model, x, 0.9)
+    losses = {}
+    for kind in ("masked", "prune", "parametrize", "ghosts"):
+        m = bench.build_variant(kind, model, masks, x).eval()
+        if kind == "ghosts":
+            import fxsparse
+
+            fxsparse.gates.set_identity(m)  # at the identity the ghost phase computes the masked network
+        losses[kind] = F.cross_entropy(m(x), y).item()
+    assert len({round(v, 5) for v in losses.values()}) == 1, losses
+    dense = F.cross_entropy(bench.build_variant("dense", model, masks, x).eval()(x), y).item()
+    assert abs(dense - losses["masked"]) > 1e-6  # the mask does something
+
+
+def test_bench_rows(tmp_path):
+    rows = bench.run_bench(bench.BenchConfig(**TINY, out=str(tmp_path)))
+    assert [r["variant"] for r in rows] == list(bench.VARIANTS)
+    by = {r["variant"]: r for r in rows}
+    assert by["dense"]["ratio"] is None and by["ghosts"]["reference"] == "masked"
+    for r in rows:
+        assert r["median_ms"] > 0 and r["rounds"] == 2 and r["peak_mb"] >= r["static_mb"] > 0
+        assert r["step_peak_mb"] > 0 and r["machine"]["torch"] == torch.__version__
+    assert by["prune"]["static_mb"] > by["dense"]["static_mb"]  # weight_orig + mask buffers
+    assert by["masked"]["ratio"] > 0 and "total" in by["dense"]["transform_s"]
+    # resumable: a second call measures nothing new
+    again = bench.run_bench(bench.BenchConfig(**TINY, out=str(tmp_path)))
+    assert len(again) == len(rows) == len(bench.read_rows(tmp_path / bench.RESULTS))
+    text = bench.markdown(rows)
+    assert "| fxsparse.nets:resnet8 | eager | masked |" in text and "ghost_channels" in text
+    assert any("ghosts/masked" in line for line in bench.bars(rows))
+
+
+def test_cli_and_zoo(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", "--models", MODEL, "--modes", "eager", "--variants", "dense", "masked", "--batch", "2",
+                 "--size", "16", "--rounds", "2", "--warmup", "1", "--no-memory", "--no-transform",
+                 "--out", str(out)]) == 0
+    assert "| masked |" in capsys.readouterr().out.replace(f"| {MODEL} | eager ", "|")
+    assert main(["bench", "--out", str(out), "--report-only", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    rows = bench.zoo_times([(MODEL, (3, 16, 16))], say=lambda s: None)
+    assert rows[0]["total"] > 0 and rows[0]["ghost_skips"] >= 0 and "error" not in rows[0]
+    assert "all 1 models" in bench.zoo_markdown(rows)
+    assert main(["bench", "--report-only"]) == 2  # needs --out: a one-line error
