@@ -370,24 +370,21 @@ class Trainer:
         loader.set_epoch(epoch)  # the batches of epoch e come from (seed, e): a replay is exact
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{self.recipe.training.epochs}", leave=False,
                    disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-        pending: list[tuple[dict, torch.Tensor, torch.Tensor, int]] = []
-        loss_sum, correct, seen, n_events = 0.0, 0, 0, len(sched.events)
-        last = time.perf_counter()
+        pending: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # steps whose loss is not read yet
+        totals = {"loss": 0.0, "correct": 0, "seen": 0}
+        n_events, last = len(sched.events), time.perf_counter()
         for x, y in loader:
             record = {"type": "step", "epoch": epoch + 1, "lr": sched.optimizer.param_groups[0]["lr"],
                       "gates": {g: sched.gate_at(g, sched.step_count) for g in sched.schedules if g not in sched.removed},
                       "label_smoothing": sched.label_smoothing}
             loss, hits = self._step(x, y)
             now = time.perf_counter()
-            record.update(step=sched.step_count, step_time=now - last)
+            record.update(step=sched.step_count, step_time=now - last, batch=len(y))
             last = now
-            pending.append((record, loss, hits, len(y)))
+            pending.append((record, loss, hits))
             removed = len(sched.events) > n_events
             if len(pending) >= self.sync_every or removed:
-                for rec, l, h, n in pending:
-                    rec["loss"], rec["train_acc"] = l.item(), h.item() / n
-                    loss_sum, correct, seen = loss_sum + rec["loss"] * n, correct + h.item(), seen + n
-                    self.metrics.write(rec)
+                self._write_steps(pending, totals)
                 bar.update(len(pending))
                 bar.set_postfix_str(self._postfix(pending[-1][0]), refresh=False)
                 pending = []
@@ -396,12 +393,20 @@ class Trainer:
                     self.metrics.write({"type": "event", **event})
                     self._say(f"step {event['step']}: removed {event['group']} ({event['parameters']:,} parameters)")
                 n_events = len(sched.events)
-        for rec, l, h, n in pending:
-            rec["loss"], rec["train_acc"] = l.item(), h.item() / n
-            loss_sum, correct, seen = loss_sum + rec["loss"] * n, correct + h.item(), seen + n
-            self.metrics.write(rec)
+        self._write_steps(pending, totals)
         bar.close()
-        return loss_sum / max(seen, 1), correct / max(seen, 1)
+        seen = max(totals["seen"], 1)
+        return totals["loss"] / seen, totals["correct"] / seen
+
+    def _write_steps(self, pending: list[tuple[dict, torch.Tensor, torch.Tensor]], totals: dict[str, float]) -> None:
+        """Read the pending steps' loss and hits (one GPU sync for all) and log them."""
+        for record, loss, hits in pending:
+            n = record.pop("batch")
+            record["loss"], record["train_acc"] = loss.item(), hits.item() / n
+            totals["loss"] += record["loss"] * n
+            totals["correct"] += hits.item()
+            totals["seen"] += n
+            self.metrics.write(record)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sched, opt = self.sched, self.sched.optimizer
