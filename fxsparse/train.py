@@ -551,7 +551,7 @@ class Trainer:
         removed = "; ".join(f"{e['group']} removed at step {e['step']}" for e in s["removals"]) or "no ghosts"
         t = s["time_s"]
         return (f"{s['model']} trained with recipe {s['recipe']} on {s['data']} ({s['images']['train']:,} training images) "
-                f"for {s['epochs']} epochs / {s['steps']} steps on {s['device']}: {acc}{val} on "
+                f"for {s['epochs']} epoch{'s' * (s['epochs'] != 1)} / {s['steps']} steps on {s['device']}: {acc}{val} on "
                 f"{s['images']['test']:,} test images. The network is {sparsity}; {removed}. Time: "
                 f"{t['setup']:.0f} s setup + {t['train']:.0f} s training. Weights in {self.out / 'model.safetensors'} "
                 f"(load strict into {s['model']}), masks, metrics.jsonl, plots and summary.json beside them.")
