@@ -186,3 +186,61 @@ def test_all_torchvision_classification_models_trace_on_meta():
     results = zoo.sweep(specs, workers=2, timeout=300, progress=False)
     failed = {r.model: zoo.error_key(r) for r in results if not r.ok}
     assert not failed, failed
+
+
+# ----------------------------------------------------------------- trace speed-ups the zoo relies on
+class _Norms(nn.Module):
+    """Norm and activation leaves on contiguous, channels-last and permuted (gapped) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ln = nn.LayerNorm(8)
+        self.act = nn.GELU()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a = self.bn(x.contiguous(memory_format=torch.channels_last))
+        b = self.gn(self.act(x))
+        c = self.ln(x.permute(0, 2, 3, 1))  # LayerNorm returns a contiguous tensor
+        d = self.relu(x[:, :, ::2])  # a gapped input: run for real
+        return a, b, c, d
+
+
+def _meta_model(spec):
+    import fxsparse
+
+    return lambda: fxsparse.models.create(spec, device="meta")
+
+
+@pytest.mark.parametrize("build", [_Norms, _meta_model("tv:resnet18"), _meta_model("convnext_atto")], ids=["norms", "resnet18", "convnext_atto"])
+@pytest.mark.parametrize("training", [True, False])
+def test_meta_shape_propagation_matches_torch_shapeprop(build, training):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    import fxsparse
+
+    with torch.device("meta"):
+        model = build()
+    model.train(training)
+    x = torch.randn(2, 8 if isinstance(model, _Norms) else 3, 32, 32, device="meta")
+    ours = fxsparse.trace(model, x)
+    expected = {n.name: n.meta.get("tensor_meta") for n in ours.graph.nodes}
+    ShapeProp(ours).propagate(x)  # torch's own, running every module
+    for n in ours.graph.nodes:
+        assert expected[n.name] == n.meta.get("tensor_meta"), n.name
+
+
+def test_meta_shape_propagation_still_rejects_inputs_the_module_rejects():
+    import fxsparse
+    from fxsparse.errors import ExampleInputError
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8)).train()
+    with pytest.raises(ExampleInputError, match="more than 1 value per channel"):
+        fxsparse.trace(model, torch.randn(1, 3, 4, 4, device="meta"))  # batch 1 in train mode
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4))
+    with pytest.raises(ExampleInputError):
+        fxsparse.trace(model, torch.randn(2, 3, 4, 4, device="meta"))  # 8 channels into BatchNorm2d(4)
