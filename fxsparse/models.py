@@ -40,7 +40,11 @@ def create(spec: str, *, device: str | torch.device = "cpu", num_classes: int | 
         build = lambda: torchvision.models.get_model(name, weights=None, **kwargs)  # noqa: E731
         # some torchvision models (RegNet) cannot be built on the meta device: build on CPU
         model = _build(build, device, fallback_cpu=True)
-        model.fxsparse_input_size = _torchvision_input_size(name)
+        image_size = getattr(model, "image_size", None)  # ViTs fix it at build time (vit_h_14: 224)
+        if isinstance(image_size, int):
+            model.fxsparse_input_size = (3, image_size, image_size)
+        else:
+            model.fxsparse_input_size = _torchvision_input_size(name)
         return model
     if source == "user":
         mod_name, _, attr = spec.partition(":")

@@ -541,8 +541,10 @@ def _meta_shape_prop_class() -> type:
                 layout = _output_layout(module, x)
                 if layout is not None:
                     out = torch.empty_like(x) if layout == "like" else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                    grad = x.requires_grad or any(p.requires_grad for p in module.parameters())
-                    return out.requires_grad_(grad and torch.is_grad_enabled())
+                    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+                        # an op's output, not a leaf: later in-place ops on it must stay legal
+                        out = out.requires_grad_().clone()
+                    return out
             return super().call_module(target, args, kwargs)
 
     return MetaShapeProp
