@@ -205,7 +205,8 @@ class _Norms(nn.Module):
         b = self.gn(self.act(x))
         c = self.ln(x.permute(0, 2, 3, 1))  # LayerNorm returns a contiguous tensor
         d = self.relu(x[:, :, ::2])  # a gapped input: run for real
-        return a, b, c, d
+        e = torch.relu_(self.bn(x))  # in place on a skipped module's output (densenet does this)
+        return a, b, c, d, e
 
 
 def _meta_model(spec):
