@@ -198,10 +198,14 @@ def _check_numeric(spec: str) -> tuple[str, str | None]:
     return ("mismatch" if beyond_tol else "close"), detail
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException | str) -> str:
+    """The message's first line, with installed packages' paths made relative (timm/models/...)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    first = lines[0] if lines else type(e).__name__
+    first = _SITE_PACKAGES.sub("", lines[0]) if lines else type(e).__name__
     return first if len(first) <= _ERROR_CHARS else first[: _ERROR_CHARS - 3] + "..."
+
+
+_SITE_PACKAGES = re.compile(r"[^\s`'\"]*[/\\](?:site|dist)-packages[/\\]")
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -498,11 +502,14 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 
 def write_report(results: Sequence[ModelResult], path: str | os.PathLike, *, settings: dict[str, Any] | None = None,
-                 title: str | None = None) -> tuple[Path, Path]:
-    """Write ``path`` (JSON, one model per line) and the markdown summary beside it (``.md``)."""
+                 title: str | None = None, env: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write ``path`` (JSON, one model per line) and the markdown summary beside it (``.md``).
+
+    ``env`` (default: this machine now, see ``environment``) records where the results came from.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = env or environment()
     summary = summarize(results)
     head = {"environment": env, "settings": settings or {}, "summary": summary}
     # one model per line keeps the file small and its diffs readable
