@@ -286,15 +286,21 @@ def bench_model(name: str, mode: str, config: BenchConfig, say: Callable[[str], 
 
     model, x, y = create_model(name, config)
     masks = random_masks(model, x, config.sparsity)
-    runners = []
+    runners, failed = [], []
     for kind in config.variants:
         torch._dynamo.reset()  # each variant compiles from scratch; its warm-up time is its compile time
         counters.clear()
-        r = Runner(kind, build_variant(kind, model, masks, x), mode == "compiled", x, y, config.bf16,
-                   config.channels_last)
-        t = time.perf_counter()
-        for _ in range(config.warmup):
-            r.step()
+        try:
+            r = Runner(kind, build_variant(kind, model, masks, x), mode == "compiled", x, y, config.bf16,
+                       config.channels_last)
+            t = time.perf_counter()
+            for _ in range(config.warmup):
+                r.step()
+        except Exception as e:  # torch's own masking under compile can fail: that is a result too
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            failed.append({"model": name, "mode": mode, "variant": kind, "error": f"{type(e).__name__}: {first}"[:300]})
+            say(f"  {name} {mode} {kind}: FAILED {failed[-1]['error']}")
+            continue
         r.warmup_s = time.perf_counter() - t
         if mode == "compiled":
             r.graph_breaks = sum(counters["graph_break"].values())
@@ -324,12 +330,12 @@ def bench_model(name: str, mode: str, config: BenchConfig, say: Callable[[str], 
         ref = next((q for q in rows if q["variant"] == row["reference"]), None)
         if ref is not None and "peak_mb" in row and "peak_mb" in ref:
             row["memory_ratio"] = row["peak_mb"] / ref["peak_mb"]
-    return rows
+    return rows + failed
 
 
 def compiled_over_eager(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
     """(model, variant) -> compiled median / eager median (different rounds: indicative only)."""
-    idx = {(r["model"], r["mode"], r["variant"]): r for r in rows}
+    idx = {(r["model"], r["mode"], r["variant"]): r for r in rows if "error" not in r}
     return {(m, v): idx[(m, "compiled", v)]["median_ms"] / idx[(m, "eager", v)]["median_ms"]
             for (m, mode, v) in idx if mode == "compiled" and (m, "eager", v) in idx}
 
@@ -495,6 +501,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| model | mode | variant | step ms (median) | ratio (median of rounds) | vs | peak MB (static + step) "
              "| memory ratio | warm-up s | graph breaks |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | failed: {r['error']} |" + " |" * 6)
+            continue
         peak = f"{r['peak_mb']:.0f} ({r['static_mb']:.0f} + {r['step_peak_mb']:.0f})" if "peak_mb" in r else "–"
         lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['median_ms']:.1f} | {_fmt(r['ratio'])} | "
                      f"{r['reference'] or ''} | {peak} | {_fmt(r.get('memory_ratio'))} | {r['warmup_s']:.1f} | "
@@ -535,7 +544,8 @@ def zoo_markdown(rows: Sequence[dict[str, Any]], totals: bool = True) -> str:
 def bars(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The issue's bars, one line each, per model: masked/dense <= 1.10 compiled; ghosts/masked <= 1.25;
     masked and ghosts faster than prune and parametrize (same mode)."""
-    idx = {(r["model"], r["mode"], r["variant"]): r for r in rows}
+    idx = {(r["model"], r["mode"], r["variant"]): r for r in rows if "error" not in r}
+    failed = {(r["model"], r["mode"], r["variant"]): r["error"] for r in rows if "error" in r}
     out = []
     for m in dict.fromkeys(r["model"] for r in rows):
         for mode in MODES:
@@ -551,6 +561,9 @@ def bars(rows: Sequence[dict[str, Any]]) -> list[str]:
                               f"{'<=' if get('ghosts')['ratio'] <= 1.25 else '>'} 1.25")
             for other in ("prune", "parametrize"):
                 o = get(other)
+                if (m, mode, other) in failed:
+                    checks.append(f"{other} FAILED ({failed[(m, mode, other)]})")
+                    continue
                 if o is None or o["ratio"] is None or get("masked")["ratio"] is None:
                     continue
                 checks.append(f"masked {'faster' if get('masked')['ratio'] < o['ratio'] else 'NOT faster'} than "
