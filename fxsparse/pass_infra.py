@@ -31,7 +31,7 @@ log = logging.getLogger("fxsparse.passes")
 
 __all__ = [
     "FxSparsePass", "PassResult", "run_passes", "tag", "tagged_nodes", "container",
-    "group_parameters", "delete_container", "register_nested_buffer", "CONTAINER", "HISTORY_KEY",
+    "group_parameters", "delete_container", "require_tagged_state", "register_nested_buffer", "CONTAINER", "HISTORY_KEY",
     "check_graph",
 ]
 
@@ -119,6 +119,28 @@ def group_named_parameters(gm: nn.Module, group: str) -> Iterator[tuple[str, nn.
         return iter(())
     prefix = f"{CONTAINER}.{group}."
     return ((prefix + n, p) for n, p in sub.named_parameters())
+
+
+def require_tagged_state(gm: GraphModule, group: str, pass_name: str) -> None:
+    """Refuse to remove a group whose nodes lost their tags.
+
+    Tags live in ``node.meta``, which pickling a GraphModule (``torch.save(gm)``) does not keep;
+    without them a removal pass cannot tell the ghost's nodes from the original graph, so it says
+    so here instead of leaving a broken graph.
+    """
+    gate, prefix = f"{CONTAINER}.gates.{group}", f"{CONTAINER}.{group}."
+    untagged = [
+        n for n in gm.graph.nodes
+        if n.op in ("get_attr", "call_module") and "fxsparse" not in n.meta
+        and (n.target == gate or n.target.startswith(prefix))
+    ]
+    if untagged:
+        raise PassError(
+            f"{pass_name}: {untagged[0].format_node()} reads {group} state but carries no fxsparse "
+            f"tag, so the ghost nodes cannot be told apart from the original graph. Node tags do not "
+            f"survive pickling a GraphModule (torch.save(gm)): save gm.state_dict() instead, rebuild "
+            f"the graph with the same passes (fxsparse.transform) and load the state_dict into it."
+        )
 
 
 def check_graph(gm: nn.Module) -> None:

@@ -43,7 +43,9 @@ from fxsparse.errors import PassError
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
 )
-from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
+from fxsparse.pass_infra import (
+    CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
+)
 
 __all__ = [
     "GhostChannelPass", "RemoveGhostChannelsPass", "GhostChannelBranch", "remove_ghost_channels",
@@ -606,6 +608,10 @@ class RemoveGhostChannelsPass(FxSparsePass):
     """
 
     group = GROUP
+
+    def requires(self, gm: GraphModule) -> None:
+        super().requires(gm)
+        require_tagged_state(gm, GROUP, self.name)
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph

@@ -42,7 +42,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxsparse import gates
 from fxsparse.errors import PassError
 from fxsparse.graph import ActivationSite, activation_sites, leaf_call_target
-from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
+from fxsparse.pass_infra import (
+    CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
+)
 
 __all__ = [
     "GhostNeuronPass", "RemoveGhostNeuronsPass", "remove_ghost_neurons", "GhostActivation",
@@ -304,17 +306,7 @@ class RemoveGhostNeuronsPass(FxSparsePass):
 
     def requires(self, graph_module: GraphModule) -> None:
         super().requires(graph_module)
-        gate, params = gates.target(GROUP), f"{CONTAINER}.{GROUP}."
-        untagged = [n.name for n in graph_module.graph.nodes
-                    if n.op == "get_attr" and "fxsparse" not in n.meta
-                    and (n.target == gate or n.target.startswith(params))]
-        if untagged:
-            raise PassError(
-                f"RemoveGhostNeuronsPass: nodes {untagged[:3]} read ghost-neuron state but carry no "
-                f"fxsparse tag, so the ghost nodes cannot be told apart from the original graph. Node "
-                f"tags do not survive pickling a GraphModule (torch.save(gm)); save gm.state_dict() "
-                f"instead and rebuild the graph with the same passes."
-            )
+        require_tagged_state(graph_module, GROUP, self.name)
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph

@@ -61,7 +61,9 @@ from fxsparse.errors import PassError
 from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, layer_call,
 )
-from fxsparse.pass_infra import CONTAINER, FxSparsePass, container, delete_container, tagged_nodes
+from fxsparse.pass_infra import (
+    CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
+)
 
 __all__ = [
     "GhostSkipPass", "RemoveGhostSkipsPass", "GhostSkipBranch", "BatchNormPart", "remove_ghost_skips",
@@ -552,16 +554,7 @@ class RemoveGhostSkipsPass(FxSparsePass):
 
     def requires(self, gm: GraphModule) -> None:
         super().requires(gm)
-        prefix = f"{CONTAINER}.{GROUP}."
-        untagged = [n for n in gm.graph.nodes
-                    if n.op == "call_module" and n.target.startswith(prefix) and "fxsparse" not in n.meta]
-        if untagged:
-            raise PassError(
-                f"RemoveGhostSkipsPass: {untagged[0].format_node()} calls a ghost skip branch but carries no "
-                f"fxsparse tag, so the pass cannot tell which nodes to remove. Tags live in node.meta, which "
-                f"pickling a GraphModule does not keep: rebuild the ghosted graph (fxsparse.transform) and load "
-                f"the saved state_dict into it instead of unpickling the module."
-            )
+        require_tagged_state(gm, GROUP, self.name)
 
     def call(self, gm: GraphModule) -> PassResult:
         graph = gm.graph
