@@ -103,7 +103,8 @@ def export(gm: nn.Module) -> OrderedDict[str, torch.Tensor]:
         if key.startswith(prefix):
             continue
         mask = mask_of.get(id(params[key])) if key in params else None
-        state[key] = value.detach() * mask if mask is not None else value.detach().clone()
+        value = value.detach().clone()  # in place below: keeps the parameter's own layout
+        state[key] = value.mul_(mask) if mask is not None else value
     # keep the per-module versions state_dict() records: some modules' _load_from_state_dict
     # need them (torchvision's MNASNet refuses a state_dict without)
     metadata = OrderedDict(

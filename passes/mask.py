@@ -161,8 +161,10 @@ class MaskPass(FxSparsePass):
         params = dict(gm.named_parameters(remove_duplicate=False))
         for name, mask in self.masks.items():
             w = params[name]
-            # a copy on the weight's device: the caller's dict stays theirs, the graph owns its buffers
-            register_nested_buffer(gm, mask_buffer_name(name), mask.detach().to(w.device, torch.bool, copy=True))
+            # a copy on the weight's device (the caller's dict stays theirs), in the layout the
+            # convolution will want the weight in (see _mask_memory_format)
+            buf = mask.detach().to(device=w.device, dtype=torch.bool, memory_format=_mask_memory_format(mask), copy=True)
+            register_nested_buffer(gm, mask_buffer_name(name), buf)
             self.stats["masked_weights"] += 1
             self.stats["kept"] += int(mask.sum())
             self.stats["total"] += mask.numel()
@@ -264,6 +266,22 @@ class MaskPass(FxSparsePass):
                 new = graph.call_function(torch.func.functional_call, (mod, swapped, tuple(node.args), dict(node.kwargs)))
             self._replace(node, new, params=[l.weight for l in layers])
         self.stats["leaf_calls"] += 1
+
+
+def _mask_memory_format(mask: torch.Tensor) -> torch.memory_format:
+    """Conv masks are stored channels-last: values and dtype unchanged, only the strides differ.
+
+    On CPU, inductor runs every convolution channels-last (mkldnn), so ``w * mask`` is produced in
+    that layout. With a contiguous bool mask it reads the mask transposed, and inductor's
+    transposed bool loads are slow: a compiled resnet18 training step took 1.6x dense's time,
+    against 1.09x with the mask already channels-last (1.07x with float masks, which would cost 4x
+    the memory and change the mask dtype everyone reads). Eager is unaffected either way.
+    """
+    if mask.dim() == 4:
+        return torch.channels_last
+    if mask.dim() == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _copy_tensor_meta(src: Node, dst: Node) -> None:

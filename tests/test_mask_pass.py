@@ -405,3 +405,15 @@ def test_masking_a_leaf_in_two_passes_extends_its_call():
     with torch.no_grad():
         _assert_close(gm(x), ref(x), "two passes vs reference")
     fxsparse.testing.assert_same_structure(fxsparse.strip_masks(gm), build("nf_resnet26", eval_mode=True)[1])
+
+
+def test_conv_masks_are_bool_and_channels_last():
+    # the layout inductor's CPU convolutions use: a contiguous bool mask made compiled training
+    # 1.6x slower than dense (see _mask_memory_format); exported weights keep their own layout
+    model, gm, x = build("resnet18")
+    MaskPass(random_masks(gm))(gm)
+    masks = masked_parameters(gm)
+    assert masks["conv1.weight"].dtype == torch.bool
+    assert masks["conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert masks["fc.weight"].is_contiguous()
+    assert all(v.is_contiguous() for v in fxsparse.export(gm).values())
