@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..errors import ModelSpecError
+from ..errors import FxSparseError, ModelSpecError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import zoo
 
     if args.timeout <= 0:
-        raise ModelSpecError(f"--timeout must be positive; got {args.timeout:g}.")
+        raise FxSparseError(f"--timeout must be a positive number of seconds; got {args.timeout:g}.")
     explicit = list(args.model)
     if args.models_from:
         explicit += _read_model_list(args.models_from)
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         progress=not args.no_progress,
     )
-    title = f"fxsparse zoo: {settings['source']} on the meta device"
+    what = ", ".join(args.model) if args.model and len(args.model) <= 3 else (args.models_from or settings["source"])
+    title = f"fxsparse zoo: {what}, traced on the meta device" + (", checked numerically on CPU" if args.numeric else "")
     json_path, md_path = zoo.write_report(results, args.out, settings=settings, title=title)
     s = zoo.summarize(results)
     t = s["trace_s"]
