@@ -1,12 +1,13 @@
 """Training-step cost of the ghost phase against the masked-only graph, eager and compiled.
 
 Kept for its old command line; the measurement lives in ``fxsparse.bench`` (``fxsparse bench``),
-this runs its ``masked`` and ``ghosts`` variants (``ghosts``: the mask plus every ghost pass of
-the tost recipe with its options, gates at 1, i.e. the whole ghost phase):
+this runs its ``masked``, ``ghost_skips`` (the mask plus ghost skips alone) and ``ghosts``
+variants (``ghosts``: the mask plus every ghost pass of the tost recipe with its options, gates
+at 1, i.e. the whole ghost phase):
 
     python benchmarks/bench_ghosts.py --models resnet18 --modes eager --steps 5
     # the same as
-    fxsparse bench --models resnet18 --modes eager --variants masked ghosts --rounds 5 --threads 1
+    fxsparse bench --models resnet18 --modes eager --variants masked ghost_skips ghosts --rounds 5 --threads 1
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    return fxsparse_main(["bench", "--models", *args.models, "--modes", *args.modes, "--variants", "masked", "ghosts",
+    return fxsparse_main(["bench", "--models", *args.models, "--modes", *args.modes,
+                          "--variants", "masked", "ghost_skips", "ghosts",
                           "--batch", str(args.batch), "--size", str(args.size), "--rounds", str(args.steps),
                           "--warmup", str(args.warmup), "--sparsity", str(args.sparsity), "--threads", str(args.threads),
                           "--no-transform"])

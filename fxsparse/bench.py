@@ -16,6 +16,9 @@ mask:
                 (what ``torch.ao.pruning`` sparsifiers install)
 ==============  ==========================================================================
 
+and, on request, ``ghost_neurons`` / ``ghost_skips`` / ``ghost_channels``: the mask plus one
+ghost technique (the ablation recipes' graphs), against ``masked``.
+
 in two **modes**, ``eager`` and ``compiled`` (``torch.compile``, inductor). Every round times
 one step of every variant of a mode in turn (the order reversed every other round), so load
 from other processes hits them alike; a ratio is the median over rounds of the two variants'
@@ -64,10 +67,14 @@ __all__ = [
 ]
 
 VARIANTS = ("dense", "masked", "ghosts", "prune", "parametrize")
+# one ghost technique at a time (the ablation recipes' graphs), on request: --variants masked ghost_skips
+GHOST_VARIANTS = ("ghost_neurons", "ghost_skips", "ghost_channels")
+ALL_VARIANTS = VARIANTS + GHOST_VARIANTS
 MODES = ("eager", "compiled")
 MODELS = ("resnet18", "resnet50", "vit_tiny_patch16_224", "efficientnet_b0")
 # what each variant's time is divided by: masks against dense, the ghost phase against the mask
-REFERENCE = {"masked": "dense", "prune": "dense", "parametrize": "dense", "ghosts": "masked"}
+REFERENCE = {"masked": "dense", "prune": "dense", "parametrize": "dense", "ghosts": "masked",
+             **{g: "masked" for g in GHOST_VARIANTS}}
 RESULTS = "bench.jsonl"
 ZOO_RESULTS = "zoo.jsonl"
 
@@ -100,9 +107,9 @@ class BenchConfig:
     progress: bool = True
 
     def __post_init__(self):
-        bad = [v for v in self.variants if v not in VARIANTS]
+        bad = [v for v in self.variants if v not in ALL_VARIANTS]
         if bad:
-            raise BenchError(f"variants {bad}: choose from {', '.join(VARIANTS)}")
+            raise BenchError(f"variants {bad}: choose from {', '.join(ALL_VARIANTS)}")
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise BenchError(f"modes {bad}: choose from {', '.join(MODES)}")
@@ -160,10 +167,12 @@ def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x
         gm = fxsparse.trace(model, x)
         MaskPass(masks)(gm)
         return gm
-    if kind == "ghosts":
-        # the tost recipe's passes with its options, minus LRsI (it only rescales weights)
+    if kind == "ghosts" or kind in GHOST_VARIANTS:
+        # the tost recipe's passes with its options (or one technique's ablation recipe), minus
+        # LRsI: it only rescales weights
         torch.manual_seed(0)  # ghost branch initializations
-        return fxsparse.transform(model, "tost", masks=masks, example_inputs=x, skip=("rescale",), copy=False)
+        recipe = "tost" if kind == "ghosts" else kind
+        return fxsparse.transform(model, recipe, masks=masks, example_inputs=x, skip=("rescale",), copy=False)
     if kind == "prune":
         from torch.nn.utils import prune
 
