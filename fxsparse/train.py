@@ -22,6 +22,10 @@ that had happened are replayed before the weights load (``fxsparse.scheduler.res
 optimizer, lr schedule, random generators and the metrics log are put back; each epoch's batches
 come from a generator seeded by (seed, epoch), so the interrupted epoch is replayed exactly.
 docs/training.md documents every option and output.
+
+Under ``torchrun --nproc-per-node N`` the run is DDP (``fxsparse.distributed``): every rank builds
+the same model and masks, trains on its share of each global batch, and rank 0 alone writes files
+and prints (docs/distributed.md). In a single process nothing changes.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as fxdist
 from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
 from .errors import FxSparseError
 from .metrics import MetricsLog
@@ -127,12 +132,17 @@ class Trainer:
         self._runtime()
         self._load_data()
         ckpt = self._existing_checkpoint()
+        fxdist.barrier()  # every rank has looked for a run before rank 0 writes config.json
         if ckpt is None:
             self._start()
         else:
             self._resume(ckpt)
+        if fxdist.is_distributed():  # identical setup done: dropout etc. differ per rank from here
+            fxdist.seed(self.config.seed, per_rank=True)
         self._fit()
-        return self._finish(time.perf_counter() - wall)
+        summary = self._finish(time.perf_counter() - wall)
+        fxdist.destroy()
+        return summary
 
     # ------------------------------------------------------------------ setup
     def _runtime(self) -> None:
@@ -141,7 +151,8 @@ class Trainer:
             raise TrainError(f"calib_batches = {c.calib_batches}: masks and LRsI need at least one training batch.")
         if c.threads:
             torch.set_num_threads(c.threads)
-        self.device = resolve_device(c.device)
+        self.env = fxdist.init(device=resolve_device(c.device))  # a process group under torchrun
+        self.device = self.env.device
         torch.manual_seed(c.seed)  # ghost branch inits and anything else drawing from the global streams
         random.seed(c.seed)
         np.random.seed(c.seed)
@@ -239,9 +250,14 @@ class Trainer:
         return model.to(self.device), takes
 
     def _loaders(self, channels: int) -> None:
-        self.train_loader, self.val_loader, self.test_loader = self.splits.loaders(
+        train, val, test = self.splits.loaders(
             recipe=self.recipe, device=self.device, channels=channels if channels != self.splits.shape[0] else None,
             seed=self.config.seed)
+        self.full_train = train  # masks, LRsI and IMP: the same batches on every rank
+        # this rank's share: the recipe's batch size stays the global one, len() does not change
+        self.train_loader = fxdist.shard(train)
+        self.val_loader = fxdist.shard(val, global_batch=False)
+        self.test_loader = fxdist.shard(test, global_batch=False)
         pad, size = self.recipe.training.crop_padding, min(self.splits.shape[1:])
         if pad and 4 * pad > size:  # CIFAR's pad 4 on 32 px; on 8x8 digits it shifts by half the image
             self._note(f"random crops padded by {pad} on {size}-pixel images shift them by up to {pad / size:.0%}; "
@@ -259,8 +275,8 @@ class Trainer:
         self.recipe = self._recipe()
         model, channels = self._build_model()
         self._loaders(channels)
-        self.train_loader.set_epoch(0)
-        calib = list(itertools.islice(self.train_loader, c.calib_batches))  # mask scoring and LRsI
+        self.full_train.set_epoch(0)
+        calib = list(itertools.islice(self.full_train, c.calib_batches))  # mask scoring and LRsI
         t0 = time.perf_counter()
         masks = self._explicit_masks(model, calib)
         gm = fxsparse.transform(model, self.recipe, masks=masks, data=calib)
@@ -272,6 +288,9 @@ class Trainer:
         self.sched.build_optimizer()
         self.sched.build_lr_scheduler()
         self.start_epoch, self.elapsed = 0, 0.0
+        if not fxdist.is_main():
+            self.metrics = _Unlogged()
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(asdict(c), indent=1).encode()))
@@ -293,14 +312,22 @@ class Trainer:
         self.start_epoch, self.elapsed = int(ckpt["epoch"]), float(ckpt["elapsed"])
         self.setup_time = float(ckpt.get("setup_time", 0.0))
         self.notes = list(dict.fromkeys([*ckpt.get("notes", []), *self.notes]))
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", keep=int(ckpt["metrics_records"]))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", keep=int(ckpt["metrics_records"])) \
+            if fxdist.is_main() else _Unlogged()
         set_rng_state(ckpt["rng"])  # last: restore() drew from the generators
 
     def _prepare(self, gm) -> None:
         self.gm = gm
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-        self.forward = torch.compile(gm) if self.config.compile else gm
+        self.model = fxdist.wrap(gm, scheduler=self.sched)  # DDP under torchrun, else gm itself
+        self.forward = self._compiled(self.model)
+        # evaluation runs the module itself: ranks evaluate different numbers of batches, and DDP's
+        # forward would broadcast buffers at each one
+        self.eval_forward = self.forward if self.model is gm else self._compiled(gm)
+
+    def _compiled(self, model: nn.Module):
+        return torch.compile(model) if self.config.compile else model
 
     def _explicit_masks(self, model: nn.Module, calib: list) -> dict[str, torch.Tensor] | None:
         """Masks transform cannot compute from the recipe alone: a file, or IMP (it trains)."""
@@ -332,8 +359,8 @@ class Trainer:
             opt = (torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
                    if t.optimizer == "sgd" else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay))
             for e in range(self.config.imp_epochs):
-                self.train_loader.set_epoch(_IMP_EPOCH_BASE + r * self.config.imp_epochs + e)
-                for x, y in self.train_loader:
+                self.full_train.set_epoch(_IMP_EPOCH_BASE + r * self.config.imp_epochs + e)
+                for x, y in self.full_train:  # unsharded: every rank computes the same masks
                     loss = F.cross_entropy(gm(x), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -395,6 +422,7 @@ class Trainer:
                 n_events = len(sched.events)
         self._write_steps(pending, totals)
         bar.close()
+        totals = fxdist.all_reduce_metrics(totals)  # over all ranks' shares (step records are rank 0's)
         seen = max(totals["seen"], 1)
         return totals["loss"] / seen, totals["correct"] / seen
 
@@ -419,12 +447,18 @@ class Trainer:
         loss.backward()
         opt.step()
         sched.lr_scheduler.step()
-        sched.step()  # moves the gates; removes a ghost whose time has come
+        model = self.model
+        # moves the gates; removes a ghost whose time has come, and then rebuilds the DDP wrapper
+        self.model = fxdist.step(sched, model)
+        if self.model is not model:
+            self.forward = self._compiled(self.model)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float] | None:
-        """(mean cross-entropy, accuracy) over ``loader`` in eval mode; ``None`` for an empty split."""
+        """(mean cross-entropy, accuracy) over ``loader`` in eval mode; ``None`` for an empty split.
+        Under torchrun every rank evaluates its shard with rank 0's BatchNorm statistics."""
+        fxdist.sync_buffers(self.gm)
         runner = self._eval_runner()
         if runner is None or len(loader.dataset) == 0:
             return None
@@ -433,8 +467,10 @@ class Trainer:
         module.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        n = 0
         try:
             for x, y in loader:
+                n += len(y)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -443,8 +479,8 @@ class Trainer:
                 hits += (logits.argmax(1) == y).sum()
         finally:
             module.train(was_training)
-        n = len(loader.dataset)
-        return total.item() / n, hits.item() / n
+        r = fxdist.all_reduce_metrics({"loss": total, "hits": hits, "n": n})  # sums over the ranks' shards
+        return r["loss"] / r["n"], r["hits"] / r["n"]
 
     def _eval_runner(self) -> tuple[Any, nn.Module] | None:
         """(forward, module to put in eval mode): the graph itself, unless its trace depends on the
@@ -454,7 +490,7 @@ class Trainer:
 
         info = self.gm.meta.get(META_KEY)
         if info is None or not info.mode_dependent:
-            return self.forward, self.gm
+            return self.eval_forward, self.gm
         if fxsparse.ghosts.present(self.gm):
             self._note("the model's graph depends on train/eval mode: no evaluation while ghosts are in it")
             return None
@@ -463,11 +499,13 @@ class Trainer:
         return model, model
 
     def _checkpoint(self, epoch: int) -> None:
-        self.metrics.sync()
-        state = self.sched.checkpoint()
-        state.update(epoch=epoch, rng=rng_state(), metrics_records=len(self.metrics), elapsed=self.elapsed,
-                     setup_time=self.setup_time, config=asdict(self.config), notes=self.notes)
-        self.checkpoints.save(state, epoch=epoch, step=self.sched.step_count)
+        if fxdist.is_main():  # every rank holds the same state
+            self.metrics.sync()
+            state = self.sched.checkpoint()
+            state.update(epoch=epoch, rng=rng_state(), metrics_records=len(self.metrics), elapsed=self.elapsed,
+                         setup_time=self.setup_time, config=asdict(self.config), notes=self.notes)
+            self.checkpoints.save(state, epoch=epoch, step=self.sched.step_count)
+        fxdist.barrier()
 
     # ------------------------------------------------------------------ the end
     def _finish(self, wall_time: float) -> dict[str, Any]:
@@ -492,22 +530,25 @@ class Trainer:
             record["val_loss"], record["val_acc"] = val
         self.metrics.write(record)  # a re-finished run's log was cut back to its last checkpoint: no duplicate
 
-        state = fxsparse.export(gm)
-        meta = {"format": "pt", "fxsparse.model": c.model, "fxsparse.num_classes": str(self.splits.num_classes)}
-        blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
-        atomic_write(self.out / "model.safetensors", lambda f: f.write(blob))
+        main = fxdist.is_main()  # under torchrun rank 0 writes the files (gm is the module, not the DDP wrapper)
+        if main:
+            state = fxsparse.export(gm)
+            meta = {"format": "pt", "fxsparse.model": c.model, "fxsparse.num_classes": str(self.splits.num_classes)}
+            blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+            atomic_write(self.out / "model.safetensors", lambda f: f.write(blob))
         masks = masked_parameters(gm)
         mask_opts = self.recipe.masks.options
         report = None
         if masks:
             report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"))
+        if masks and main:
             tmp = self.out / ".masks.safetensors.tmp"
             fxsparse.masks.save(masks, tmp, method=mask_opts.get("method"), requested_sparsity=mask_opts.get("sparsity"),
                                 distribution=mask_opts.get("distribution"), model=c.model, recipe=self.recipe.name,
                                 seed=c.seed)
             os.replace(tmp, self.out / "masks.safetensors")
         plots = plot_run(self.metrics.records, self.out, report.density if report else None,
-                         report.achieved_sparsity if report else None)
+                         report.achieved_sparsity if report else None) if main else []
         self.metrics.close()
 
         self.summary = {
@@ -537,7 +578,9 @@ class Trainer:
                       "metrics": "metrics.jsonl", "plots": [p.name for p in plots]},
             "config": asdict(c),
         }
-        atomic_write(self.out / "summary.json", lambda f: f.write(json.dumps(self.summary, indent=1, default=str).encode()))
+        if main:
+            atomic_write(self.out / "summary.json",
+                         lambda f: f.write(json.dumps(self.summary, indent=1, default=str).encode()))
         self._say(self.paragraph())
         return self.summary
 
@@ -567,7 +610,7 @@ class Trainer:
         return f"loss={r['loss']:.3f} acc={100 * r['train_acc']:.1f}% lr={r['lr']:.3g}" + (f" {gates}" if gates else "")
 
     def _say(self, message: str) -> None:
-        if not self.config.quiet:
+        if not self.config.quiet and fxdist.is_main():
             from tqdm import tqdm
 
             tqdm.write(message, file=sys.stdout)
@@ -576,6 +619,22 @@ class Trainer:
         if message not in self.notes:
             self.notes.append(message)
             self._say(f"note: {message}")
+
+
+class _Unlogged(MetricsLog):
+    """The metrics of a rank other than 0 under torchrun: kept in memory, written nowhere."""
+
+    def __init__(self):  # no file to open
+        self.records = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _input_channels(model: nn.Module) -> int | None:

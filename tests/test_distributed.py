@@ -14,6 +14,7 @@ branches) and checks the ranks agree.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -212,7 +213,8 @@ def worker(out: Path) -> None:
     # a mask that differs on one rank is caught, and named, on every rank
     masks = {k: v.clone() for k, v in gm.state_dict().items() if k.startswith("fxsparse.masks.")}
     if env.rank == 1:
-        masks["fxsparse.masks.c2.weight"].view(-1)[0] ^= True
+        flipped = masks["fxsparse.masks.c2.weight"]  # conv masks are channels-last: no view(-1)
+        flipped[(0,) * flipped.dim()] ^= True
     try:
         fxdist.check_identical(masks)
         result["mask_error"] = None
@@ -410,3 +412,41 @@ def test_fsdp2_status(ranks):
         assert root["failed_at"] == 4 and root["removed"] == ["ghost_neurons"], root
         assert root["error"].startswith("RecursionError"), root
         assert layer["failed_at"] == 0 and "mixed torch.Tensor and DTensor" in layer["error"], layer
+
+
+def test_fxsparse_train_under_torchrun(tmp_path):
+    """``fxsparse train`` itself under ``torchrun --nproc-per-node 2`` (gloo, CPU): resnet8, the
+    whole tost recipe on digits for one epoch (20 global batches of 64, three removals at step 6);
+    rank 0 alone writes the run's files and prints."""
+    from safetensors.torch import load_file
+
+    from fxsparse import nets
+    from fxsparse.metrics import read_metrics
+
+    script = Path(sys.executable).with_name("fxsparse")  # the console script of this environment
+    if not script.exists():
+        pytest.skip("the fxsparse console script is not installed next to this Python")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0",
+           str(script), "train", "fxsparse.nets:resnet8", "--recipe", "tost", "--data", "digits", "--epochs", "1",
+           "--batch-size", "64", "--set", "training.crop_padding=1", "--sparsity", "0.8", "--lrsi-iters", "2",
+           "--calib-batches", "2", "--device", "cpu", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+    assert proc.stdout.count("trained with recipe tost") == 1  # the summary paragraph, from rank 0 only
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".jsonl", ".safetensors", ".json")) == \
+        ["checkpoints.json", "config.json", "masks.safetensors", "metrics.jsonl", "model.safetensors", "summary.json"]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "step"]
+    assert steps == list(range(1, 21))  # one writer: every step once; the global batch kept len() at 20
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert [(e["group"], e["step"]) for e in summary["removals"]] == \
+        [("ghost_neurons", 6), ("ghost_skips", 6), ("ghost_channels", 6)]
+    assert summary["removals"][1]["parameters"] > 0
+    assert 0.0 < summary["test_accuracy"] <= 1.0 and summary["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+    model = nets.resnet8(num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)  # exported from the module, not DDP
