@@ -367,8 +367,12 @@ def _compiled_matches(gm, x, backend: str):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1
     _assert_close(out_c, out_e, "compiled output")
+    # inductor reorders reductions: a gradient that is a near-total cancellation (a BatchNorm bias
+    # feeding another BatchNorm) differs in its rounding noise, so judge against the largest gradient
+    scale = max(g.abs().max().item() for g in g_e.values())
     for name, grad in g_e.items():
-        _assert_close(g_c[name], grad, f"compiled grad {name}")
+        diff = (g_c[name] - grad).abs().max().item()
+        assert diff <= 1e-4 * scale + 1e-3 * grad.abs().max().item(), f"compiled grad {name}: max |diff| {diff:.3e}"
 
 
 def test_compile_traces_leaf_calls_without_graph_breaks():
