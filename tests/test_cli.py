@@ -45,6 +45,14 @@ def test_help_lists_the_commands(capsys):
     assert "inspect" in out and "check" in out and "MODEL is a timm name" in out
 
 
+@pytest.mark.parametrize("module", ["fxsparse", "fxsparse.cli"])
+def test_python_dash_m_runs_the_command(module):
+    # for environments where the console script is not on PATH
+    done = subprocess.run([sys.executable, "-m", module, "inspect", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: fxsparse inspect" in done.stdout
+
+
 @pytest.mark.parametrize("command", ["inspect", "check"])
 def test_command_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
