@@ -140,6 +140,9 @@ def _ghost_builder(group: str) -> Callable[[dict, Context], FxSparsePass]:
                 f"recipe {ctx.recipe.name!r} enables [{group}], but its pass ({spec}) is not installed in "
                 f"this fxsparse; set {group}.enabled = false."
             )
+        if "seed" not in options and "seed" in inspect.signature(cls.__init__).parameters:
+            # ghost weights and branch masks follow the run's seed (the mask's), unless the recipe pins one
+            options = {**options, "seed": int(ctx.recipe.masks.options.get("seed", 0))}
         return cls(**options)
 
     return build

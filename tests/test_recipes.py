@@ -221,3 +221,41 @@ def test_transform_skip_and_registry():
         from fxsparse.transform import _REGISTRY
 
         _REGISTRY.pop("marker", None)
+
+
+def test_tost_masks_its_ghost_skip_branches():
+    # chosen on the validation split (docs/results.md); the ghost_skips ablation inherits it
+    for name in ("tost", "ghost_skips"):
+        assert load_recipe(name).passes["ghost_skips"].options["masked_branch"] is True
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_ghost_weights_and_branch_masks_follow_the_mask_seed():
+    x = torch.randn(2, 3, 8, 8)
+
+    def ghosts(seed):
+        r = load_recipe("tost", overrides={"rescale.enabled": False, "masks.seed": seed, "masks.sparsity": 0.5})
+        torch.manual_seed(0)  # the same model each time: only the seed may differ
+        gm = fxsparse.transform(_Block(), r, example_inputs=x)
+        return {k: v.clone() for k, v in gm.state_dict().items()
+                if k.startswith(("fxsparse.ghost_skips.", "fxsparse.ghost_channels."))}
+
+    a, a2, b = ghosts(1), ghosts(1), ghosts(2)
+    assert any(k.endswith(".mask") for k in a) and any(k.startswith("fxsparse.ghost_channels.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], a2[k]) for k in a)  # reproducible
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert any(k.startswith("fxsparse.ghost_skips.") and k.endswith(".mask") for k in changed)
+    assert any(k.startswith("fxsparse.ghost_channels.") for k in changed)
