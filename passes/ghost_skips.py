@@ -11,10 +11,10 @@ point just before the next activation::
 ``GhostSkipPass`` finds those places in any graph: every 2-D conv with a kernel larger than
 ``min_kernel - 1`` in some dimension (depthwise and grouped convs included) whose output reaches
 an activation through channel-wise ops (BatchNorm, dropout, identity, DropPath) and residual
-adds of the same block (``fxsparse.graph.activation_reach``). Each gets a ``GhostSkipBranch`` (a dense 1x1
-conv from the conv's input channels to its output channels, the conv's stride, the padding that
-makes the spatial shapes agree, then BatchNorm2d) and the graph computes, at the point just
-before the activation::
+adds of the same block (``fxsparse.graph.activation_reach``). Each gets a ``GhostSkipBranch`` (a
+1x1 conv from the conv's input channels to its output channels with the conv's groups and
+stride, the padding that makes the spatial shapes agree, then BatchNorm2d) and the graph
+computes, at the point just before the activation::
 
     merge = main + alpha * branch(x)          # alpha: the gate fxsparse.gates.ghost_skips
 
@@ -97,6 +97,7 @@ class GhostSkipBranch(nn.Module):
         kind: str = "conv",
         stride: tuple[int, int] = (1, 1),
         padding: tuple[int, int] = (0, 0),
+        groups: int = 1,
         init: float = 1e-4,
         norm: str = "batch",
         device: torch.device | None = None,
@@ -110,7 +111,12 @@ class GhostSkipBranch(nn.Module):
         self.kind = kind
         self.stride = tuple(stride)
         self.padding = tuple(padding)
-        shape = (out_features, in_features, 1, 1) if kind == "conv" else (out_features, in_features)
+        if kind == "linear" and groups != 1:
+            raise ValueError(f"a linear branch has no groups; got groups={groups}")
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups} must divide in_features={in_features} and out_features={out_features}")
+        self.groups = groups
+        shape = (out_features, in_features // groups, 1, 1) if kind == "conv" else (out_features, in_features)
         # ToST fills the jump convs with the constant 1e-4 (weight.data.fill_(0.0001)), no bias
         self.weight = nn.Parameter(torch.full(shape, float(init), device=device, dtype=dtype))
         factory = {"device": device, "dtype": dtype}
@@ -125,7 +131,7 @@ class GhostSkipBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.mask is None else self.weight * self.mask
         if self.kind == "conv":
-            return self.norm(F.conv2d(x, w, None, self.stride, self.padding))
+            return self.norm(F.conv2d(x, w, None, self.stride, self.padding, 1, self.groups))
         y = F.linear(x, w)
         if isinstance(self.norm, nn.BatchNorm1d):
             # per-feature statistics over every token, as BatchNorm2d takes them over every pixel
@@ -134,7 +140,8 @@ class GhostSkipBranch(nn.Module):
 
     def extra_repr(self) -> str:
         masked = "" if self.mask is None else f", density={self.mask.float().mean().item():.3f}"
-        return f"kind={self.kind}, weight={tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}{masked}"
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
+        return f"kind={self.kind}, weight={tuple(self.weight.shape)}, stride={self.stride}, padding={self.padding}{groups}{masked}"
 
 
 class BatchNormPart(nn.Module):
@@ -197,6 +204,7 @@ class _Site:
     points: list[_Point] = field(default_factory=list)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    groups: int = 1
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:
@@ -239,6 +247,11 @@ class GhostSkipPass(FxSparsePass):
         masked_branch: mask each branch weight with a random bool mask at the density of the
             main layer's mask (``fxsparse.masks.<weight>``; density 1 when it has none), stored as
             the ``mask`` buffer of the branch. ToST's branches are dense.
+        match_groups: a grouped or depthwise conv gets a branch with its ``groups`` (a depthwise
+            3x3 conv gets a depthwise 1x1 branch), so the branch mixes channels only as the conv
+            it shadows does. ``False``: a dense 1x1 branch everywhere, which next to a depthwise
+            3x3 conv of C channels costs C/9 times that conv's multiply-adds. The two are the
+            same for ordinary convs (ToST's ResNets have no groups).
         include_linear: also add branches around the activation of MLP blocks (``Linear`` or 1x1
             conv -> activation -> ``Linear`` or 1x1 conv, on more than one position per sample).
         initial_gate: the value the gate ``fxsparse.gates.ghost_skips`` starts at (1 = on).
@@ -259,6 +272,7 @@ class GhostSkipPass(FxSparsePass):
         *,
         init: float = 1e-4,
         masked_branch: bool = False,
+        match_groups: bool = True,
         include_linear: bool = False,
         initial_gate: float = 1.0,
         min_kernel: int = 2,
@@ -276,6 +290,7 @@ class GhostSkipPass(FxSparsePass):
             raise PassError(f"GhostSkipPass: linear_norm must be one of {LINEAR_NORMS}; got {linear_norm!r}")
         self.init = float(init)
         self.masked_branch = masked_branch
+        self.match_groups = match_groups
         self.include_linear = include_linear
         self.initial_gate = float(initial_gate)
         self.min_kernel = min_kernel
@@ -364,6 +379,7 @@ class GhostSkipPass(FxSparsePass):
                 raise _Skip("shape", f"no 1x1 conv of stride {call.stride} maps {x_shape[2:]} to {out_shape[2:]} "
                                      f"(kernel {call.kernel_size})")
             site.stride, site.padding = tuple(call.stride), padding
+            site.groups = call.groups if self.match_groups else 1
         for point in self._points(gm, reaches):
             if _shape(point.value) != out_shape:
                 raise _Skip("shape", f"the value before {point.activations[0].name} has shape "
@@ -453,7 +469,7 @@ class GhostSkipPass(FxSparsePass):
         factory = {"device": w.device, "dtype": w.dtype} if w is not None else {}
         branch = GhostSkipBranch(
             site.in_features, site.out_features, kind="linear" if site.kind == "linear" else "conv",
-            stride=site.stride, padding=site.padding, init=self.init,
+            stride=site.stride, padding=site.padding, groups=site.groups, init=self.init,
             norm=self.linear_norm if site.kind == "linear" else "batch", **factory,
         )
         if self.masked_branch:

@@ -260,7 +260,7 @@ def test_shapes_depthwise_strided_dilated_and_refused_valid_conv(caplog):
         p(gm)
     assert set(p.sites) == {"dw", "dil", "wide"}
     dw = gm.fxsparse.ghost_skips.dw
-    assert tuple(dw.weight.shape) == (8, 8, 1, 1) and dw.stride == (2, 2)  # dense 1x1, not depthwise
+    assert tuple(dw.weight.shape) == (8, 1, 1, 1) and dw.stride == (2, 2) and dw.groups == 8  # depthwise like dw
     assert gm.fxsparse.ghost_skips.wide.padding == (0, 0)
     # a 'valid' 3x3 conv shrinks the map: no 1x1 conv can match it, and the log says so
     assert p.skipped.keys() == {"valid"} and p.skipped["valid"].startswith("shape")
@@ -269,6 +269,16 @@ def test_shapes_depthwise_strided_dilated_and_refused_valid_conv(caplog):
     assert copy.deepcopy(gm)(x).shape == copy.deepcopy(before)(x).shape  # copies: train mode moves running stats
     gates.set_identity(gm)
     assert compare(before, gm, x, exact=True) == []
+
+
+def test_dense_branch_next_to_a_depthwise_conv_when_asked():
+    x = torch.randn(2, 8, 15, 15)
+    gm = fxsparse.trace(Convs(), x)
+    GhostSkipPass(match_groups=False, masked_branch=True)(gm)
+    dw = gm.fxsparse.ghost_skips.dw
+    assert tuple(dw.weight.shape) == (8, 8, 1, 1) and dw.groups == 1 and dw.mask.shape == dw.weight.shape
+    gates.set(gm, GROUP, 1.0)
+    assert gm(x).shape == (2, 6, 6, 6)
 
 
 class Mlp(nn.Module):
