@@ -272,13 +272,18 @@ def test_shapes_depthwise_strided_dilated_and_refused_valid_conv(caplog):
 
 
 def test_dense_branch_next_to_a_depthwise_conv_when_asked():
+    torch.manual_seed(0)
     x = torch.randn(2, 8, 15, 15)
     gm = fxsparse.trace(Convs(), x)
+    before = copy.deepcopy(gm)
     GhostSkipPass(match_groups=False, masked_branch=True)(gm)
     dw = gm.fxsparse.ghost_skips.dw
     assert tuple(dw.weight.shape) == (8, 8, 1, 1) and dw.groups == 1 and dw.mask.shape == dw.weight.shape
     gates.set(gm, GROUP, 1.0)
-    assert gm(x).shape == (2, 6, 6, 6)
+    on = copy.deepcopy(gm)(x)  # copies: train mode moves running stats
+    assert on.shape == (2, 6, 6, 6) and not torch.equal(on, copy.deepcopy(before)(x))  # the branch is live
+    gates.set_identity(gm)
+    assert compare(before, gm, x, exact=True) == []
 
 
 class Mlp(nn.Module):
