@@ -568,19 +568,24 @@ def _pct(m: float, s: float | None = None, signed: bool = False) -> str:
     return text if s is None or math.isnan(s) else f"{text} ± {100 * s:.2f}"
 
 
-def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], which: str = "test") -> str:
-    """A table: one line per (method, sparsity), one column per recipe, mean ± std (%) of ``which``."""
-    recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+def _recipe_table(rows: list[dict[str, Any]], recipes: Sequence[str], cell) -> list[str]:
+    """Markdown lines: one line per (method, sparsity) of the default schedule, one column per
+    recipe, ``cell(row or None)`` in each."""
     default = [r for r in rows if r["schedule"] == DEFAULT_SCHEDULE]
     idx = {(r["method"], r["sparsity"], r["recipe"]): r for r in default}
     lines = ["| mask | sparsity | " + " | ".join(recipes) + " |", "|---|---:|" + "---:|" * len(recipes)]
     for method, sparsity in sorted({(r["method"], r["sparsity"]) for r in default if r["method"]}):
-        cells = []
-        for rec in recipes:
-            r = idx.get((method, sparsity, rec))
-            cells.append("–" if r is None else f"{_pct(r[which + '_mean'], r[which + '_std'])} (n={r['n']})")
+        cells = [cell(idx.get((method, sparsity, rec))) for rec in recipes]
         lines.append(f"| {method} | {sparsity:g} | " + " | ".join(cells) + " |")
-    dense = idx.get((None, None, DENSE))
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], which: str = "test") -> str:
+    """A table: one line per (method, sparsity), one column per recipe, mean ± std (%) of ``which``."""
+    recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    lines = _recipe_table(rows, recipes, lambda r: "–" if r is None else
+                          f"{_pct(r[which + '_mean'], r[which + '_std'])} (n={r['n']})")
+    dense = next((r for r in rows if r["recipe"] == DENSE and r["schedule"] == DEFAULT_SCHEDULE), None)
     if dense:
         lines.append(f"\nDense reference (no mask): {which} {_pct(dense[which + '_mean'], dense[which + '_std'])} "
                      f"(n={dense['n']}).")
@@ -590,17 +595,8 @@ def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], which: s
 def delta_markdown(rows: list[dict[str, Any]], which: str = "test") -> str:
     """Paired differences to the baseline (same seed, init and mask), mean ± std over seeds (points)."""
     recipes = [r for r in RECIPES if r != "baseline" and any(x["recipe"] == r for x in rows)]
-    default = [r for r in rows if r["schedule"] == DEFAULT_SCHEDULE]
-    idx = {(r["method"], r["sparsity"], r["recipe"]): r for r in default}
-    lines = ["| mask | sparsity | " + " | ".join(recipes) + " |", "|---|---:|" + "---:|" * len(recipes)]
-    for method, sparsity in sorted({(r["method"], r["sparsity"]) for r in default if r["method"]}):
-        cells = []
-        for rec in recipes:
-            r = idx.get((method, sparsity, rec))
-            cells.append("–" if r is None or not r["delta_n"] else
-                         _pct(r[f"delta_{which}_mean"], r[f"delta_{which}_std"], signed=True))
-        lines.append(f"| {method} | {sparsity:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(_recipe_table(rows, recipes, lambda r: "–" if r is None or not r["delta_n"] else
+                                    _pct(r[f"delta_{which}_mean"], r[f"delta_{which}_std"], signed=True)))
 
 
 def schedule_markdown(rows: list[dict[str, Any]], schedules: Sequence[dict[str, Any]]) -> str:
