@@ -284,6 +284,10 @@ def step(scheduler, model: nn.Module) -> nn.Module:
     others waiting in a collective that never matches).
     """
     removed = len(scheduler.removed)
+    if is_distributed() and scheduler.due():
+        # a removal may read BatchNorm statistics (GhostSkipPass(fold=True) folds with them), which
+        # each rank updated from its own batch since the last forward: use rank 0's on every rank
+        sync_buffers(model)
     scheduler.step()
     if len(scheduler.removed) == removed or not isinstance(model, DDP):
         return model

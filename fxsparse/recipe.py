@@ -120,6 +120,8 @@ class Training:
     warmup: float = 0.0
     crop_padding: int = 4
     hflip: bool = True
+    bn_recalibrate: int = 0  # after each ghost removal, re-estimate BatchNorm statistics over N batches
+    eval_at_removal: bool = False  # validation loss/accuracy right before and after each removal
 
 
 @dataclass(frozen=True)
@@ -429,6 +431,8 @@ def _training(source: str, table: Any) -> Training:
         warmup=c.number("warmup", d.warmup, 0.0, 1.0, hi_open=True),
         crop_padding=c.integer("crop_padding", d.crop_padding, lo=0),
         hflip=c.bool("hflip", d.hflip),
+        bn_recalibrate=c.integer("bn_recalibrate", d.bn_recalibrate, lo=0),
+        eval_at_removal=c.bool("eval_at_removal", d.eval_at_removal),
     )
 
 

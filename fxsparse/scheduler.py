@@ -117,6 +117,12 @@ class RecipeScheduler:
             fractions of it.
         optimizer: the optimizer training ``graph_module``; a removal drops the removed
             parameters and their state from it. ``build_optimizer()`` makes one and attaches it.
+        before_removal: called as ``before_removal(group)`` inside ``step()`` right before a
+            ghost group's removal pass runs (e.g. to evaluate the network as it still is).
+        on_removal: called as ``on_removal(event)`` inside ``step()`` right after a removal (the
+            event ``self.events`` records: group, step, ...), e.g. to re-estimate BatchNorm
+            statistics or evaluate. Neither is called for the removals ``load_state_dict``
+            replays on resume. Both are plain attributes: set them any time.
     """
 
     def __init__(
@@ -125,6 +131,9 @@ class RecipeScheduler:
         recipe: Recipe | str | None = None,
         total_steps: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        before_removal: Callable[[str], Any] | None = None,
+        on_removal: Callable[[dict[str, Any]], Any] | None = None,
     ):
         if recipe is None:
             recipe = graph_module.meta.get(RECIPE_KEY)
@@ -140,6 +149,8 @@ class RecipeScheduler:
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.events: list[dict[str, Any]] = []
         self.removed: list[str] = []
+        self.before_removal = before_removal
+        self.on_removal = on_removal
         self._step = 0
         present = set(_ghosts.present(graph_module))
         self.schedules = {g: spec.schedule for g, spec in self.recipe.ghosts.items() if g in present}
@@ -179,15 +190,23 @@ class RecipeScheduler:
     def step(self) -> None:
         """Call once after every optimizer step: move the gates, remove ghosts that are done."""
         self._step += 1
-        self._apply()
+        self._apply(notify=True)
 
-    def _apply(self) -> None:
+    def due(self) -> list[str]:
+        """The ghost groups the next ``step()`` removes."""
+        return [g for g in self.schedules if g not in self.removed and self._step + 1 >= self.removal_step(g)]
+
+    def _apply(self, notify: bool = False) -> None:
         current = _gates.get(self.gm)
         for group, schedule in self.schedules.items():
             if group in self.removed:
                 continue
             if self._step >= self.removal_step(group):
+                if notify and self.before_removal is not None:
+                    self.before_removal(group)
                 self._remove(group)
+                if notify and self.on_removal is not None:
+                    self.on_removal(dict(self.events[-1]))
             elif group in current:
                 _gates.set(self.gm, group, schedule.factor(self.fraction))
 

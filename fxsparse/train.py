@@ -29,6 +29,7 @@ and prints (docs/distributed.md). In a single process nothing changes.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -52,12 +53,13 @@ from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS"]
+__all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS", "recalibrate_batchnorm"]
 
 # LRsI costs a double backward per iteration: the authors' 180 iterations take minutes on a CPU,
 # longer than a short run's whole training. On CPU the trainer caps them unless they are set.
 CPU_LRSI_ITERS = 30
 _IMP_EPOCH_BASE = 1_000_000  # data-order epochs used by IMP rounds, apart from training's
+_RECAL_EPOCH_BASE = 2_000_000  # data-order epochs of BatchNorm re-estimation after a removal (+ step)
 _SHORT = {"ghost_neurons": "neu", "ghost_skips": "skip", "ghost_channels": "chan"}
 
 
@@ -318,6 +320,10 @@ class Trainer:
 
     def _prepare(self, gm) -> None:
         self.gm = gm
+        self.removal_records: list[dict[str, Any]] = []  # written to metrics.jsonl after the step's records
+        t = self.recipe.training
+        if t.eval_at_removal or t.bn_recalibrate:
+            self.sched.before_removal, self.sched.on_removal = self._before_removal, self._after_removal
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         self.model = fxdist.wrap(gm, scheduler=self.sched)  # DDP under torchrun, else gm itself
@@ -420,6 +426,12 @@ class Trainer:
                     self.metrics.write({"type": "event", **event})
                     self._say(f"step {event['step']}: removed {event['group']} ({event['parameters']:,} parameters)")
                 n_events = len(sched.events)
+                for record in self.removal_records:
+                    self.metrics.write(record)
+                    if "val_acc_after" in record:
+                        self._say(f"step {record['step']}: validation accuracy {100 * record['val_acc_before']:.2f}% "
+                                  f"before removing {record['group']}, {100 * record['val_acc_after']:.2f}% after")
+                self.removal_records = []
         self._write_steps(pending, totals)
         bar.close()
         totals = fxdist.all_reduce_metrics(totals)  # over all ranks' shares (step records are rank 0's)
@@ -453,6 +465,65 @@ class Trainer:
         if self.model is not model:
             self.forward = self._compiled(self.model)
         return loss.detach(), (logits.argmax(1) == y).sum()
+
+    # ------------------------------------------------------------------ around a removal
+    def _before_removal(self, group: str) -> None:
+        """``RecipeScheduler.before_removal``: validation metrics of the network as it still is."""
+        if self.recipe.training.eval_at_removal and getattr(self, "_removal_before", None) is None:
+            self._removal_before = self._removal_eval()
+
+    def _after_removal(self, event: dict[str, Any]) -> None:
+        """``RecipeScheduler.on_removal``: re-estimate BatchNorm statistics (``bn_recalibrate``) and
+        record a ``removal`` line (``eval_at_removal``)."""
+        t = self.recipe.training
+        record: dict[str, Any] = {"type": "removal", "group": event["group"], "step": event["step"]}
+        before, self._removal_before = getattr(self, "_removal_before", None), None
+        if before is not None:
+            record["val_loss_before"], record["val_acc_before"] = before
+        if t.bn_recalibrate:
+            if t.eval_at_removal:
+                raw = self._removal_eval()
+                if raw is not None:  # removed, statistics not re-estimated yet
+                    record["val_loss_removed"], record["val_acc_removed"] = raw
+            record["bn_recalibrated"] = self.recalibrate_batchnorm(t.bn_recalibrate, event["step"])
+        after = self._removal_eval() if t.eval_at_removal else None
+        if after is not None:
+            record["val_loss_after"], record["val_acc_after"] = after
+            sched = self.sched
+            if any(g not in sched.removed and sched.step_count >= sched.removal_step(g) for g in sched.schedules):
+                self._removal_before = after  # another group goes in this same step: it starts from here
+        self.removal_records.append(record)
+
+    def _removal_eval(self) -> tuple[float, float] | None:
+        if not self.config.val:
+            return None
+        r = self.evaluate(self.val_loader)
+        return None if r is None else (float(r[0]), float(r[1]))
+
+    def recalibrate_batchnorm(self, batches: int, step: int) -> int:
+        """Re-estimate every BatchNorm's running statistics over ``batches`` training batches.
+
+        Running statistics are reset and re-accumulated as a cumulative average (``momentum =
+        None``), in train mode, without gradients; momentum and the module's mode are restored.
+        The batches come from their own epoch of the loader (seeded by the step), and the global
+        random generators are put back, so training goes on exactly as it would have. Under
+        torchrun every rank estimates from its shard and the statistics are averaged. Returns the
+        number of batches used.
+        """
+        loader = copy.copy(self.train_loader)  # its own position: the epoch in progress is not disturbed
+        loader.set_epoch(_RECAL_EPOCH_BASE + step)
+        data = list(itertools.islice(loader, batches))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            n = recalibrate_batchnorm(self.gm, data, forward=self._recal_forward)
+        fxdist.sync_buffers(self.gm, op="mean")
+        return n
+
+    def _recal_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.gm(x)
 
     @torch.no_grad()
     def evaluate(self, loader) -> tuple[float, float] | None:
@@ -619,6 +690,34 @@ class Trainer:
         if message not in self.notes:
             self.notes.append(message)
             self._say(f"note: {message}")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(module: nn.Module, batches, forward=None) -> int:
+    """Reset every BatchNorm's running statistics in ``module`` and re-estimate them over
+    ``batches`` (``(x, y)`` pairs or inputs) as a cumulative average (``momentum = None``), in
+    train mode and without gradients; each norm's momentum and the module's mode are restored.
+    ``forward`` (default ``module``) runs one input. Nothing changes when ``batches`` is empty.
+    Returns the number of batches used."""
+    batches = list(batches)
+    norms = list({id(m): m for m in module.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}.values())
+    if not batches or not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = module.training
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        module.train()
+        for b in batches:
+            (forward or module)(b[0] if isinstance(b, (tuple, list)) else b)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        module.train(was_training)
+    return len(batches)
 
 
 class _Unlogged(MetricsLog):
