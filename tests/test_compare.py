@@ -73,6 +73,7 @@ def test_tiny_grid_resumes_and_reports(tmp_path):
         assert 0.0 <= r["test_acc"] <= 1.0 and r["val_acc"] is not None
         assert abs(r["achieved_sparsity"] - 0.9) < 0.01 and r["epoch_curve"] and r["loss_curve"]
         assert not list((out / "runs" / r["key"]).glob("checkpoint-*"))  # tidied
+        assert r["removal_shock"] == []  # [training] eval_at_removal is off by default
     tost = next(r for r in results if r["recipe"] == "tost")
     assert {e["group"] for e in tost["removals"]} == {"ghost_neurons", "ghost_skips", "ghost_channels"}
     assert len({r["mask_sha256"] for r in results}) == 1  # same mask for both recipes
