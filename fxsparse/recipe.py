@@ -303,7 +303,7 @@ class _Checker:
         return v
 
 
-def _schedule(source: str, path: str, table: Any, *, ghost: bool) -> Schedule:
+def _schedule(source: str, path: str, table: Any, *, ghost: bool, early_removal: bool = False) -> Schedule:
     keys = ("hold_until", "anneal_until", "shape", "remove_at") if ghost else ("hold_until", "anneal_until", "shape")
     c = _Checker(source, path, table, keys)
     shapes = GHOST_SHAPES if ghost else SMOOTHING_SHAPES
@@ -319,7 +319,7 @@ def _schedule(source: str, path: str, table: Any, *, ghost: bool) -> Schedule:
     if anneal < hold:
         c.fail("anneal_until", anneal, f"a fraction >= hold_until ({hold:g}): fractions must be in order "
                                       f"hold_until <= anneal_until{' <= remove_at' if ghost else ''}")
-    if ghost and remove < anneal:
+    if ghost and remove < anneal and not early_removal:  # a folding ghost keeps its gate's work (fold = true)
         c.fail("remove_at", remove, f"a fraction >= anneal_until ({anneal:g}): a ghost is removed only once "
                                     f"its gate reached 0 (hold_until <= anneal_until <= remove_at)")
     return Schedule(hold_until=hold, anneal_until=anneal, shape=shape, remove_at=remove)
@@ -347,7 +347,8 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
                 c.fail("schedule", None, "a [" + name + ".schedule] table with hold_until, anneal_until "
                        "(fractions of training), shape, remove_at")
         else:
-            schedule = _schedule(source, f"{name}.schedule", c.table["schedule"], ghost=True)
+            schedule = _schedule(source, f"{name}.schedule", c.table["schedule"], ghost=True,
+                                 early_removal=options.get("fold") is True)
     elif "schedule" in c.table:
         c.fail("schedule", c.table["schedule"], f"nothing: [{name}] is not a ghost and has no schedule")
     return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule)

@@ -246,3 +246,34 @@ def test_recipe_option_and_scheduler_removal():
         after = gm(x)
     # removal came at gate 0 (the recipe anneals first): the output did not move
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_a_folding_recipe_may_remove_mid_anneal_and_the_output_does_not_move():
+    from fxsparse.errors import RecipeError
+
+    base = {"rescale.enabled": False, "ghost_channels.enabled": False, "ghost_neurons.enabled": False,
+            "masks.sparsity": 0.8, "ghost_skips.schedule.shape": "linear",
+            "ghost_skips.schedule.hold_until": 0.1, "ghost_skips.schedule.anneal_until": 0.9,
+            "ghost_skips.schedule.remove_at": 0.5}
+    with pytest.raises(RecipeError, match="remove_at"):  # without fold the gate must reach 0 first
+        fxsparse.load_recipe("tost", overrides=base)
+    recipe = fxsparse.load_recipe("tost", overrides={**base, "ghost_skips.fold": True})
+    x = torch.randn(4, 3, 16, 16)
+    gm = fxsparse.transform(resnet8(num_classes=10), recipe, example_inputs=x)
+    gm.train()
+    with torch.no_grad():
+        for _ in range(3):
+            gm(torch.randn(8, 3, 16, 16) * 2 + 0.5)
+        for b in gm.fxsparse.ghost_skips.children():
+            b.weight.normal_(0.0, 0.3)
+    sched = fxsparse.RecipeScheduler(gm, total_steps=10)
+    gm.eval()
+    while "ghost_skips" not in sched.removed:
+        alpha = sched.gates["ghost_skips"]
+        with torch.no_grad():
+            before = gm(x)
+        sched.step()
+    assert alpha == pytest.approx(0.625)  # linear, 1 at 10% to 0 at 90%: 0.625 at 40%, the last step before 50%
+    with torch.no_grad():
+        after = gm(x)
+    assert torch.allclose(before, after, atol=1e-5 * before.abs().max().item())
