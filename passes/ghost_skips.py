@@ -314,6 +314,8 @@ def _linear_step(gm: GraphModule, node: Node, cur: Node) -> str | None:
             return leaf if leaf is not None and gm.get_submodule(leaf) is m.leaf else None
         if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
             return node.target
+        if _unfoldable(m) is None and isinstance(m.act, nn.Identity) and isinstance(m.drop, _IDENTITY_IN_EVAL):
+            return node.target  # a BatchNormAct2d without activation (RepVGG's conv_kxk.bn): a BatchNorm in eval
         if isinstance(m, _IDENTITY_IN_EVAL):
             return "id"
         return None

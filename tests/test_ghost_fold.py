@@ -203,15 +203,20 @@ def test_batchnormact_leaf_folds():
             self.bn = BatchNormAct2d(6, act_layer=nn.ReLU)
             self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
             self.bn2 = BatchNormAct2d(6, act_layer=nn.SiLU, drop_layer=nn.Dropout)
+            # RepVGG-style: a norm leaf without activation, then the sum and the activation
+            self.conv3 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.bn3 = BatchNormAct2d(6, apply_act=False)
 
         def forward(self, x):
-            return self.bn2(self.conv2(self.bn(self.conv(x)))).mean((2, 3))
+            y = self.bn2(self.conv2(self.bn(self.conv(x))))
+            return torch.relu(self.bn3(self.conv3(y)) + y).mean((2, 3))
 
     x = torch.randn(4, 3, 10, 10)
     gm, p = ghosted(Block(), x)
-    assert p.stats["unfolded"] == 2 and p.stats["foldable"] == 2, p.not_foldable
+    assert p.stats["unfolded"] == 2 and p.stats["foldable"] == 3, p.not_foldable
+    assert gm.fxsparse.ghost_skips.conv3.fold_into["norms"] == ["bn3"]
     r = check_fold(gm, x, 0.37)
-    assert r.stats["folded_branches"] == 2 and r.stats["folded"] == 2  # the leaves are whole again
+    assert r.stats["folded_branches"] == 3 and r.stats["folded"] == 2  # the leaves are whole again
 
 
 def test_fold_writes_nothing_outside_the_mask():
