@@ -1,6 +1,11 @@
-"""Resolving MODEL arguments: a timm name, ``tv:NAME`` for torchvision, or ``module:attr``."""
+"""Resolving MODEL arguments: a timm name, ``tv:NAME`` for torchvision, or ``module:attr``.
+
+Any of them may end in constructor keywords written as a call, ``NAME(key=value, ...)`` with
+Python literals as values: ``fxsparse.nets:vgg16(width=0.25)``, ``resnet50(drop_rate=0.1)``.
+"""
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 from typing import Any
@@ -10,7 +15,26 @@ from torch import nn
 
 from .errors import ModelSpecError
 
-__all__ = ["create", "source_of"]
+__all__ = ["create", "source_of", "parse_spec"]
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"fxsparse.nets:vgg16(width=0.25)"`` -> ``("fxsparse.nets:vgg16", {"width": 0.25})``."""
+    spec = spec.strip()
+    if not spec.endswith(")"):
+        return spec, {}
+    name, paren, _ = spec.partition("(")
+    try:
+        call = ast.parse(spec[len(name):].join(("f", "")), mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError
+    except (SyntaxError, ValueError):
+        raise ModelSpecError(f"MODEL {spec!r}: constructor arguments must be keywords with literal values, "
+                             f"e.g. fxsparse.nets:vgg16(width=0.25)") from None
+    return name.strip(), kwargs
 
 
 def source_of(spec: str) -> str:
@@ -26,7 +50,10 @@ def create(spec: str, *, device: str | torch.device = "cpu", num_classes: int | 
     """Build the model named by ``spec`` with random weights (never downloads weights).
 
     ``device="meta"`` builds it without allocating parameter memory (for tracing and the zoo).
+    Keywords written in ``spec`` (``NAME(width=0.5)``) are passed to the constructor.
     """
+    spec, spec_kwargs = parse_spec(spec)
+    kwargs = {**spec_kwargs, **kwargs}
     source = source_of(spec)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

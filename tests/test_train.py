@@ -48,21 +48,56 @@ def torch_globals():
 
 # --------------------------------------------------------------------------- nets
 @pytest.mark.parametrize("name, params", [("resnet8", 75_290), ("resnet20", 269_722), ("resnet32", 464_154),
-                                          ("resnet56", 853_018), ("resnet18", 11_173_962)])
+                                          ("resnet56", 853_018), ("resnet18", 11_173_962),
+                                          # CIFAR VGG-BN as ToST's models/VGG.py (conv bias, Linear(512))
+                                          ("vgg11", 9_231_114), ("vgg16", 14_728_266), ("mobilenetv2", 2_236_682)])
 def test_nets_have_the_published_sizes(name, params):
     model = getattr(nets, name)()
     assert sum(p.numel() for p in model.parameters()) == params
-    assert getattr(nets, name)(num_classes=100, in_chans=1).conv1.weight.shape[1] == 1
+    gray = getattr(nets, name)(num_classes=100, in_chans=1)
+    first = next(m for m in gray.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.weight.shape[1] == 1
 
 
-@pytest.mark.parametrize("build", [lambda: nets.resnet8(in_chans=1), lambda: nets.resnet8(shortcut="B"),
-                                   lambda: nets.resnet18(num_classes=7)], ids=["resnet8-A-gray", "resnet8-B", "resnet18"])
-def test_nets_trace_exactly(build):
+@pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenetv2"])
+def test_nets_width_scales_every_hidden_layer(name):
+    full, half = getattr(nets, name)(), getattr(nets, name)(width=0.5)
+    convs = lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert len(convs(full)) == len(convs(half))
+    narrower = [h.out_channels < f.out_channels for f, h in zip(convs(full), convs(half))]
+    assert sum(narrower) >= len(narrower) - 1  # MobileNetV2's 1280-channel head never narrows
+    with pytest.raises(ValueError, match="width"):
+        getattr(nets, name)(width=0)
+
+
+@pytest.mark.parametrize("build, sizes", [
+    (lambda: nets.resnet8(in_chans=1), (16,)), (lambda: nets.resnet8(shortcut="B"), (16,)),
+    (lambda: nets.resnet18(num_classes=7), (16,)), (lambda: nets.resnet20(width=0.5, in_chans=1), (28,)),
+    # VGG's four max-pools: 2x2 before the average pool at CIFAR's 32, 1x1 at Fashion-MNIST's 28
+    (lambda: nets.vgg11(in_chans=1, width=0.25), (28, 32)), (lambda: nets.vgg16(width=0.25), (28, 32)),
+    (lambda: nets.mobilenetv2(width=0.25), (28,)),
+], ids=["resnet8-A-gray", "resnet8-B", "resnet18", "resnet20-w0.5", "vgg11", "vgg16", "mobilenetv2"])
+def test_nets_trace_exactly(build, sizes):
     torch.manual_seed(0)
     model = build()
-    x = torch.randn(4, model.conv1.in_channels, 16, 16)
-    gm = fxsparse.trace(model, x)
-    fxsparse.testing.assert_equivalent(model, gm, x)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    for size in sizes:
+        x = torch.randn(4, first.in_channels, size, size)
+        gm = fxsparse.trace(model, x)
+        fxsparse.testing.assert_equivalent(model, gm, x)
+
+
+def test_model_spec_passes_constructor_keywords():
+    from fxsparse.errors import ModelSpecError
+    from fxsparse.models import create, parse_spec
+
+    assert parse_spec("fxsparse.nets:vgg16(width=0.25)") == ("fxsparse.nets:vgg16", {"width": 0.25})
+    assert parse_spec("resnet50") == ("resnet50", {})
+    model = create("fxsparse.nets:resnet20(width=0.5, shortcut='B')", num_classes=3)
+    assert model.fc.out_features == 3 and model.conv1.out_channels == 8 and model.layer2[0].pad == 0
+    for bad in ("fxsparse.nets:vgg16(0.25)", "fxsparse.nets:vgg16(width=w)"):
+        with pytest.raises(ModelSpecError, match="keywords with literal values"):
+            create(bad)
 
 
 def test_nets_option_a_has_no_shortcut_parameters():

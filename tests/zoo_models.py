@@ -4,6 +4,11 @@ Each entry is (MODEL spec, input size C,H,W). Inputs are as small as each model 
 the whole list runs in the default test suite on 2 CPU cores; transformers keep their native size.
 """
 ZOO: list[tuple[str, tuple[int, int, int]]] = [
+    # the CIFAR nets of ToST's paper (fxsparse.nets): plain VGG, deep ResNets, MobileNetV2
+    ("fxsparse.nets:vgg16", (3, 32, 32)),
+    ("fxsparse.nets:vgg11", (3, 32, 32)),
+    ("fxsparse.nets:resnet32", (3, 32, 32)),
+    ("fxsparse.nets:mobilenetv2(width=0.5)", (3, 32, 32)),
     # plain / residual CNNs
     ("resnet18", (3, 64, 64)),
     ("resnet50", (3, 64, 64)),
