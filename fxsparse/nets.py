@@ -20,7 +20,8 @@ Use them as MODEL arguments (``fxsparse train fxsparse.nets:resnet20``) or direc
   shortcut of any kind. Init as ToST: Kaiming fan_out on convs, N(0, 0.01) on the classifier.
 * ``mobilenetv2``: MobileNetV2 for 32x32 inputs (Sandler et al.'s inverted residuals with linear
   bottlenecks; as the common CIFAR port, the stem and the second stage keep stride 1, so the
-  network downsamples 8x instead of 32x).
+  network downsamples 8x instead of 32x). ``stem_stride=2`` restores the ImageNet stem's stride
+  (4x fewer activations everywhere): what the CPU accuracy study runs, to fit its budget.
 
 Every constructor takes ``num_classes``, ``in_chans`` (1 for MNIST-like sets) and a ``width``
 multiplier of every hidden layer's channels (1.0: the published network; CPU studies use
@@ -248,10 +249,10 @@ class CifarMobileNetV2(nn.Module):
     """MobileNetV2 for 32x32 inputs: 3x3 stride-1 stem, the seven inverted-residual stages (the
     second at stride 1), a 1x1 conv to 1280 channels, global average pool, one linear layer."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, stem_stride: int = 1):
         super().__init__()
         stem = scaled(32, width, 8)
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, stem, 3, stride=stem_stride, padding=1, bias=False), nn.BatchNorm2d(stem),
                                    nn.ReLU6(inplace=True)]
         in_planes = stem
         for t, c, n, s in MOBILENETV2_STAGES:
@@ -276,6 +277,6 @@ class CifarMobileNetV2(nn.Module):
         return self.classifier(out)
 
 
-def mobilenetv2(num_classes: int = 10, in_chans: int = 3, width: float = 1.0) -> CifarMobileNetV2:
+def mobilenetv2(num_classes: int = 10, in_chans: int = 3, width: float = 1.0, stem_stride: int = 1) -> CifarMobileNetV2:
     """MobileNetV2 for 32x32 inputs (2.24M parameters at width 1)."""
-    return CifarMobileNetV2(num_classes, in_chans, width)
+    return CifarMobileNetV2(num_classes, in_chans, width, stem_stride)

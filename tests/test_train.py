@@ -75,8 +75,8 @@ def test_nets_width_scales_every_hidden_layer(name):
     (lambda: nets.resnet18(num_classes=7), (16,)), (lambda: nets.resnet20(width=0.5, in_chans=1), (28,)),
     # VGG's four max-pools: 2x2 before the average pool at CIFAR's 32, 1x1 at Fashion-MNIST's 28
     (lambda: nets.vgg11(in_chans=1, width=0.25), (28, 32)), (lambda: nets.vgg16(width=0.25), (28, 32)),
-    (lambda: nets.mobilenetv2(width=0.25), (28,)),
-], ids=["resnet8-A-gray", "resnet8-B", "resnet18", "resnet20-w0.5", "vgg11", "vgg16", "mobilenetv2"])
+    (lambda: nets.mobilenetv2(width=0.25), (28,)), (lambda: nets.mobilenetv2(width=0.25, stem_stride=2), (28,)),
+], ids=["resnet8-A-gray", "resnet8-B", "resnet18", "resnet20-w0.5", "vgg11", "vgg16", "mobilenetv2", "mobilenetv2-stem2"])
 def test_nets_trace_exactly(build, sizes):
     torch.manual_seed(0)
     model = build()
