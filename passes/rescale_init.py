@@ -9,7 +9,10 @@ loss most, subject to a gradient-norm bound ``gamma``:
 
 with Adam on the scales (lr 1e-2), the scale gradient clipped per dimension at 1, weight scales
 kept >= ``min_scale`` (0.01) and bias scales >= 0. BatchNorm uses batch statistics and dropout
-is off during the search, as in GradInit's reference code.
+is off during the search, as in GradInit's reference code. The search differentiates through a
+gradient; fused attention and hardsigmoid, whose backward PyTorch cannot differentiate, run as
+equivalents that can during it (``fxsparse.autograd.twice_differentiable``: same values, no graph
+edit).
 
 The scales are applied through ``torch.func.functional_call``, so every parameter tensor of any
 model is covered (also those inside leaf modules) without touching the graph, and the masked
@@ -20,8 +23,9 @@ values before the search, so the pass changes parameter values only.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,7 @@ from torch.func import functional_call
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxsparse.autograd import twice_differentiable
 from fxsparse.errors import PassError
 from fxsparse.pass_infra import CONTAINER, FxSparsePass
 
@@ -43,6 +48,7 @@ class RescaleReport:
     scales: dict[str, float] = field(default_factory=dict)
     constraint_steps: int = 0
     lookahead_steps: int = 0
+    losses: list[float] = field(default_factory=list)  # the loss at the current scales, per iteration
     first_loss: float = float("nan")
     last_loss: float = float("nan")
 
@@ -105,16 +111,14 @@ class RescaleInitPass(FxSparsePass):
         opt = torch.optim.Adam([scales], lr=self.lr)
         batches = _cycle(self.data)
 
-        saved_buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
-        saved_modes = {m: m.training for m in gm.modules()}
-        _batchnorm_train_dropout_off(gm)
-        try:
-            for it in range(self.iters):
+        # the constraint step differentiates the gradient norm, which fused attention and
+        # hardsigmoid cannot: the search runs them as equivalents that can (same values)
+        with _search_mode(gm), twice_differentiable():
+            for _ in range(self.iters):
                 x0, y0 = next(batches)
                 x1, y1 = next(batches)
                 loss, gnorm, grads = self._gradient(gm, names, base, scales, torch.cat([x0, x1]), torch.cat([y0, y1]))
-                if it == 0:
-                    self.report.first_loss = loss.item()
+                self.report.losses.append(loss.item())
                 if gnorm.item() > self.gamma:
                     objective = gnorm  # project back into the gradient-norm constraint
                     self.report.constraint_steps += 1
@@ -132,17 +136,11 @@ class RescaleInitPass(FxSparsePass):
                     scales.grad.clamp_(-self.grad_clip, self.grad_clip)
                     opt.step()
                     scales.clamp_(min=lower)
-        finally:
-            with torch.no_grad():
-                for n, b in gm.named_buffers():
-                    if n in saved_buffers:
-                        b.copy_(saved_buffers[n])
-            for m, mode in saved_modes.items():
-                m.training = mode
 
         with torch.no_grad():  # fold: zeros stay zeros, every tensor keeps its dtype and storage
             for i, n in enumerate(names):
                 params[n].mul_(scales[i].to(params[n].dtype))
+        self.report.first_loss = self.report.losses[0]
         self.report.scales = {n: scales[i].item() for i, n in enumerate(names)}
         self.stats["tensors_rescaled"] = len(names)
         self.stats["constraint_steps"] = self.report.constraint_steps
@@ -199,8 +197,21 @@ def _cycle(data: Iterable):
             data = cache
 
 
-def _batchnorm_train_dropout_off(gm: nn.Module) -> None:
-    # the root keeps its mode: a mode-dependent trace refuses to run in the other one
+@contextlib.contextmanager
+def _search_mode(gm: nn.Module) -> Iterator[None]:
+    """BatchNorm on batch statistics and dropout off for the block; afterwards every buffer
+    (running statistics) and every module's mode are what they were."""
+    saved_buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
+    saved_modes = {m: m.training for m in gm.modules()}
     for m in gm.modules():
-        if m is not gm:
+        if m is not gm:  # the root keeps its mode: a mode-dependent trace refuses to run in the other one
             m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in gm.named_buffers():
+                if n in saved_buffers:
+                    b.copy_(saved_buffers[n])
+        for m, mode in saved_modes.items():
+            m.training = mode

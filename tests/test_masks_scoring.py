@@ -202,7 +202,7 @@ def test_synflow_rescores_in_float64_when_float32_overflows():
 
 
 def test_grasp_through_hardsigmoid():
-    """PyTorch cannot differentiate hardsigmoid's backward; GraSP computes it as relu6(x+3)/6."""
+    """PyTorch cannot differentiate hardsigmoid's backward; GraSP computes an equal form that it can."""
 
     class Gate(nn.Module):
         def __init__(self, fn):

@@ -25,9 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
+from ..autograd import twice_differentiable
 from ..errors import MaskError
 from . import _model
 
@@ -93,9 +92,9 @@ def grasp_scores(
     work, params = _model.scoring_copy(model, names, train=train_mode)
     stopped = {n: torch.zeros_like(p) for n, p in params.items()}
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
-    # the Hessian-vector product differentiates twice, which CPU's fused attention kernels and
-    # hardsigmoid's backward do not support: use the math attention and an equal hardsigmoid
-    with _model.seeded(seed, _model.device_of(work)), sdpa_kernel([SDPBackend.MATH]), _TwiceDifferentiable():
+    # the Hessian-vector product differentiates twice, which fused attention kernels and
+    # hardsigmoid's backward do not support: run them as equivalents that can (same values)
+    with _model.seeded(seed, _model.device_of(work)), twice_differentiable():
         for inputs, targets in _model.pairs(batches, "grasp"):  # first pass: g, no graph kept
             loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
             for n, g in _model.grads(loss, params).items():
@@ -111,14 +110,3 @@ def grasp_scores(
     scores = {n: hg[n] * params[n].detach() for n in params}
     norm = torch.stack([s.sum() for s in scores.values()]).sum().abs() + eps
     return {n: s / norm for n, s in scores.items()}
-
-
-class _TwiceDifferentiable(TorchFunctionMode):
-    """Computes ``F.hardsigmoid(x)`` as ``relu6(x + 3) / 6`` (the same function), whose backward
-    PyTorch can differentiate again; ``aten::hardsigmoid_backward`` has no derivative."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.hardsigmoid:
-            return F.relu6(args[0] + 3.0) / 6.0
-        return func(*args, **kwargs)
