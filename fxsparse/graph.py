@@ -24,7 +24,7 @@ __all__ = [
     "Layer", "ActivationSite", "Chain", "to_networkx", "parameterized_layers", "layer_of",
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
     "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
-    "activation_reach", "is_residual_add",
+    "activation_reach", "is_residual_add", "articulation_nodes", "SITE_FILTERS", "site_filter",
 ]
 
 
@@ -654,6 +654,54 @@ def is_residual_add(node: Node, operand: Node) -> bool:
         return False
     shapes = {_shape(n) for n in (node, *tensors)}
     return len(shapes) == 1 and None not in shapes
+
+
+def articulation_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes that every path from the graph's inputs to its output goes through.
+
+    A layer in this set has nothing around it: no residual shortcut, no concatenation of its
+    input with its output, no parallel branch (VGG's convs, MobileNetV2's convs in blocks without
+    a residual add, any network's stem). A layer outside it is bypassed by another path (the
+    convs inside a ResNet block, a DenseNet layer). Computed as the dominators of the output in
+    the data-flow graph rooted at the inputs (``networkx.immediate_dominators``); parameters,
+    buffers and constants (``get_attr``) are not inputs.
+    """
+    g = nx.DiGraph()
+    source = object()  # one root above every placeholder
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            g.add_edge(source, node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    if out is None or out not in g or source not in g:
+        return set()
+    idom = nx.immediate_dominators(g, source)
+    if out not in idom:
+        return set()
+    chain, node = set(), out
+    while node is not source:
+        chain.add(node)
+        node = idom[node]
+    return chain
+
+
+# ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph
+SITE_FILTERS = ("all", "plain", "bypassed")
+
+
+def site_filter(gm: GraphModule, where: str) -> Callable[[Node], bool]:
+    """A predicate on layer nodes: ``"all"``; ``"plain"``, layers no other path goes around
+    (``articulation_nodes``: VGG's convs, the stem); ``"bypassed"``, layers inside a residual
+    block or another multi-path structure."""
+    if where not in SITE_FILTERS:
+        raise ValueError(f"where must be one of {SITE_FILTERS}; got {where!r}")
+    if where == "all":
+        return lambda node: True
+    plain = articulation_nodes(gm)
+    if where == "plain":
+        return lambda node: node in plain
+    return lambda node: node not in plain
 
 
 @dataclass(frozen=True, eq=False)

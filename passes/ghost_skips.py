@@ -60,7 +60,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from fxsparse import gates
 from fxsparse.errors import PassError
 from fxsparse.graph import (
-    LayerCall, PreActivation, activation_reach, channel_chains, layer_call,
+    SITE_FILTERS, LayerCall, PreActivation, activation_reach, channel_chains, layer_call, site_filter,
 )
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
@@ -378,6 +378,12 @@ class GhostSkipPass(FxSparsePass):
             ``RemoveGhostSkipsPass`` adds ``alpha * BN_b(W_b x)`` into the main conv's centre tap
             and the bias of the BatchNorm after it (or the conv's own bias), exactly in eval mode.
             Other sites keep a plain branch (``self.not_foldable`` and the log say why).
+        where: which layers get a branch, read from the traced graph: ``"all"``; ``"plain"``,
+            only layers that every input-to-output path goes through (no residual shortcut or
+            other path around them: VGG's convs, the stem, MobileNetV2's blocks without a
+            residual add); ``"bypassed"``, only layers that another path goes around
+            (``fxsparse.graph.articulation_nodes``). Refused sites are counted as ``skipped``
+            with the reason ``where``.
 
     Stats: ``edges`` (merge points added), ``conv_edges``, ``mlp_edges``, ``unfolded``
     (BatchNormAct2d leaves split), ``skipped`` (candidates refused; reasons in ``self.skipped``
@@ -399,6 +405,7 @@ class GhostSkipPass(FxSparsePass):
         linear_norm: str = "batch",
         seed: int = 0,
         fold: bool = False,
+        where: str = "all",
     ):
         super().__init__()
         if not math.isfinite(init):
@@ -417,7 +424,10 @@ class GhostSkipPass(FxSparsePass):
         self.min_kernel = min_kernel
         self.linear_norm = linear_norm
         self.seed = seed
+        if where not in SITE_FILTERS:
+            raise PassError(f"GhostSkipPass: where must be one of {SITE_FILTERS}; got {where!r}")
         self.fold = bool(fold)
+        self.where = where
         self.sites: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}
         self.not_foldable: dict[str, str] = {}
@@ -451,6 +461,7 @@ class GhostSkipPass(FxSparsePass):
     # ------------------------------------------------------------------ planning
     def _plan(self, gm: GraphModule) -> list[_Site]:
         sites, taken = [], set()
+        wanted = site_filter(gm, self.where)
         for node in list(gm.graph.nodes):
             call = layer_call(gm, node)
             if call is None:
@@ -467,6 +478,11 @@ class GhostSkipPass(FxSparsePass):
                 if why:
                     log.debug("GhostSkipPass: %s is not in an MLP block: %s", call.layer.name, why)
                     continue
+            if not wanted(node):
+                around = "another path goes around" if self.where == "plain" else "no other path goes around"
+                self.skipped[call.layer.name] = f"where={self.where!r}: {around} this layer"
+                self.stats["skipped"] += 1
+                continue
             name = _site_name(call, taken)
             try:
                 sites.append(self._site(gm, name, call, kind, reaches))

@@ -169,6 +169,43 @@ def test_exact_at_identity_and_removal_restores_structure():
     assert set(gm.state_dict()) == set(before.state_dict())
 
 
+@pytest.mark.parametrize("build, plain, bypassed", [
+    # VGG: no shortcut anywhere; ResNet-20: the stem alone is not inside a residual block;
+    # MobileNetV2: the 3x3 convs of the stem and of the 6 blocks without a residual add are plain
+    (lambda: fxsparse.nets.vgg16(width=0.25), 13, 0),
+    (lambda: fxsparse.nets.resnet20(width=0.5), 1, 18),
+    (lambda: fxsparse.nets.mobilenetv2(width=0.25), 6, 12),
+], ids=["vgg16", "resnet20", "mobilenetv2"])
+def test_where_reads_residual_bypasses_from_the_graph(build, plain, bypassed):
+    import fxsparse.nets  # noqa: F401
+    from fxsparse.graph import articulation_nodes
+
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxsparse.trace(model, x)
+    counts = {}
+    for where in ("all", "plain", "bypassed"):
+        g = copy.deepcopy(gm)
+        p = GhostSkipPass(where=where)
+        p(g)
+        counts[where] = p.stats["conv_edges"]
+        sites = {n.meta["fxsparse"]["site"] for n in tagged_nodes(g, group=GROUP, role="merge")}
+        if where != "all":
+            assert p.stats["skipped"] == counts["all"] - counts[where]
+            assert all(f"where='{where}'" in why for why in p.skipped.values())
+        gates.set_identity(g)
+        assert compare(gm, g, x, exact=True) == []  # still exact at gate 0
+        assert len(sites) == counts[where]
+    assert (counts["plain"], counts["bypassed"]) == (plain, bypassed)
+    assert counts["all"] == plain + bypassed
+    # the stem conv is on every path; a conv inside a residual block is not
+    first_conv = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
+    assert first_conv in articulation_nodes(gm)
+    with pytest.raises(PassError, match="where must be one of"):
+        GhostSkipPass(where="residual")
+
+
 def test_train_mode_updates_only_branch_statistics():
     _, gm, x = tiny()
     before = copy.deepcopy(gm)
