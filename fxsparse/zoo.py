@@ -10,6 +10,15 @@ seconds, so one process per model would dominate the sweep). A worker that crash
 the per-model timeout is killed and replaced, and the model it was on is recorded as
 ``"crashed"`` / ``"timeout"``: one bad model never stops the sweep.
 
+With ``pipeline=True`` (``fxsparse zoo --pipeline``) each model within ``max_params`` goes
+through what a user of the ``tost`` recipe does, on CPU with random weights and a batch of 2 at
+the smallest input size the model accepts (``check_pipeline``): trace, every mask method that
+needs no training, ``fxsparse.transform`` with the shipped recipe (LRsI shortened), SGD steps at
+every gate value, the equivalence of the identity gates with the mask-only graph, every removal,
+``export`` loaded strict into a fresh instance, and its equivalence with the final graph. The
+first stage that fails is recorded with its error; a worker that dies or times out is recorded
+with the stage it was in.
+
 ``sweep(specs)`` returns one ``ModelResult`` per model; ``write_report`` writes them as JSON
 plus a markdown summary beside it.
 """
@@ -41,11 +50,16 @@ __all__ = [
     "list_specs",
     "select",
     "check_model",
+    "check_pipeline",
+    "PipelineOptions",
+    "PIPELINE_STAGES",
     "sweep",
     "summarize",
     "write_report",
     "render_markdown",
     "load_report",
+    "append_log",
+    "read_log",
 ]
 
 SOURCES = ("timm", "torchvision", "all")
@@ -77,6 +91,20 @@ class ModelResult:
     numeric: str | None = None
     numeric_detail: str | None = None
     numeric_s: float | None = None
+    # --pipeline: "ok" (every stage passed), "error" (a stage failed; also a timeout or a crash
+    # during the pipeline), or "skipped" (over the parameter budget); None when not asked
+    pipeline: str | None = None
+    pipeline_stage: str | None = None  # the first stage that failed (or the one a dead worker was in)
+    pipeline_error: str | None = None  # "ErrorType: first line" of that failure
+    pipeline_cause: str | None = None  # the innermost exception it chains to, when that says more
+    pipeline_failures: dict[str, str] | None = None  # every failed stage (mask methods go on after one fails)
+    pipeline_detail: str | None = None  # why it was skipped
+    pipeline_s: float | None = None
+    stage_s: dict[str, float] | None = None  # seconds per stage
+    input_size: list[int] | None = None  # C, H, W of the batch the pipeline ran on
+    ghosts: list[str] | None = None  # the ghost groups the tost transform added
+    identity: str | None = None  # gates at identity vs the mask-only graph: "equal" or "close"
+    exported: str | None = None  # exported model vs the final graph: "equal" or "close"
 
     @property
     def ok(self) -> bool:
@@ -162,7 +190,7 @@ def check_model(spec: str, *, numeric: bool = False, max_params: int = DEFAULT_M
         if not result.ok:
             result.numeric, result.numeric_detail = "skipped", "the meta trace failed"
         elif result.params > max_params:
-            result.numeric, result.numeric_detail = "skipped", f"{result.params:,} parameters > {max_params:,}"
+            result.numeric, result.numeric_detail = "skipped", f"{result.params:,} parameters > {max_params:,.0f}"
         else:
             t0 = time.perf_counter()
             result.numeric, result.numeric_detail = _check_numeric(spec)
@@ -198,6 +226,342 @@ def _check_numeric(spec: str) -> tuple[str, str | None]:
     return ("mismatch" if beyond_tol else "close"), detail
 
 
+# --------------------------------------------------------------------------- the pipeline
+MASK_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")  # every method that needs no training
+GATE_VALUES = (1.0, 0.5, 0.0)  # ghost fully on, half-way through the anneal, identity
+PIPELINE_STAGES = (
+    "build", "input", "trace", *(f"masks:{m}" for m in MASK_METHODS), "transform",
+    *(f"train@gate={g:g}" for g in GATE_VALUES), "identity", "removal", "export", "equivalence",
+)
+
+
+@dataclass
+class PipelineOptions:
+    """How ``check_pipeline`` runs each stage (kept small: the point is that every stage runs)."""
+
+    recipe: str = "tost"
+    sparsity: float = 0.95  # of every mask method
+    lrsi_iters: int = 2  # rescale.iters (the recipe's 180 search iterations cost minutes per model)
+    synflow_rounds: int = 2  # SynFlow's 100 rounds differ only in the density each one keeps
+    steps_per_gate: int = 2
+    batch_size: int = 2
+    small_size: int = 64  # the smallest spatial size tried (or the model's min_input_size)
+    seed: int = 0
+
+    def to_settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PipelineCheckFailed(AssertionError):
+    """A check of the pipeline did not hold (the stage ran without an exception, but wrongly)."""
+
+
+def check_pipeline(
+    spec: str,
+    *,
+    max_params: float = DEFAULT_MAX_PARAMS,
+    options: PipelineOptions | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> ModelResult:
+    """Trace ``spec`` on the meta device (as ``check_model``), then, if it has at most
+    ``max_params`` parameters, run the whole ``options.recipe`` pipeline on CPU (see the module
+    docstring and ``PIPELINE_STAGES``). Never raises for a model's own failure.
+
+    ``on_stage(name)`` is called as each stage starts (the pool's workers tell the parent, so a
+    timeout or crash is reported with its stage).
+    """
+    if on_stage:
+        on_stage("meta-trace")
+    result = check_model(spec)
+    if result.params is not None and result.params > max_params:
+        result.pipeline, result.pipeline_detail = "skipped", f"{result.params:,} parameters > {max_params:,.0f}"
+        return result
+    if result.params is None:  # not even built on the meta device: that is the pipeline's failure too
+        result.pipeline, result.pipeline_stage = "error", "build"
+        result.pipeline_error = f"{result.error_type}: {result.error}"
+        result.pipeline_failures = {"build": result.pipeline_error}
+        return result
+    options = options or PipelineOptions()
+    run = _PipelineRun(spec, options, result, on_stage)
+    t0 = time.perf_counter()
+    try:
+        run.run()
+    finally:
+        run.release()
+        result.pipeline_s = round(time.perf_counter() - t0, 3)
+        gc.collect()
+    return result
+
+
+class _PipelineRun:
+    """One model through the pipeline; each stage records its time and, if it fails, its error."""
+
+    def __init__(self, spec: str, options: PipelineOptions, result: ModelResult, on_stage):
+        self.spec, self.o, self.r, self.on_stage = spec, options, result, on_stage
+        self.r.stage_s, self.r.pipeline_failures = {}, {}
+        self.model = self.gm = self.plain = self.sgm = self.ref = self.fresh = None
+
+    def release(self) -> None:
+        self.model = self.gm = self.plain = self.sgm = self.ref = self.fresh = None
+
+    def stage(self, name: str, fn: Callable[[], Any], *, fatal: bool = True) -> bool:
+        """Run one stage; False (and the failure recorded) if it raised. With ``fatal`` a
+        failure ends the pipeline (the later stages need what this one made)."""
+        if self.on_stage:
+            self.on_stage(name)
+        t0 = time.perf_counter()
+        try:
+            fn()
+            ok = True
+        except Exception as e:  # a model's own failure, whatever the type
+            error = f"{type(e).__name__}: {_first_line(e)}"
+            self.r.pipeline_failures[name] = error
+            if self.r.pipeline_stage is None:
+                self.r.pipeline, self.r.pipeline_stage, self.r.pipeline_error = "error", name, error
+                cause = _innermost(e)
+                if cause is not e:
+                    self.r.pipeline_cause = f"{type(cause).__name__}: {_first_line(cause)}"
+            ok = False
+        self.r.stage_s[name] = round(time.perf_counter() - t0, 3)
+        if not ok and fatal:
+            raise _Stop
+        return ok
+
+    def run(self) -> None:
+        import torch
+
+        torch.manual_seed(self.o.seed)
+        try:
+            self.stage("build", self._build)
+            self.stage("input", self._input)
+            self.stage("trace", self._trace)
+            for method in MASK_METHODS:
+                self.stage(f"masks:{method}", lambda m=method: self._masks(m), fatal=False)
+            self.stage("transform", self._transform)
+            for g in GATE_VALUES:
+                self.stage(f"train@gate={g:g}", lambda g=g: self._train(g))
+            self.stage("identity", self._identity)
+            self.stage("removal", self._removal)
+            self.stage("export", self._export)
+            self.stage("equivalence", self._equivalence)
+        except _Stop:
+            return
+        if self.r.pipeline is None:
+            self.r.pipeline = "ok"
+        if not self.r.pipeline_failures:
+            self.r.pipeline_failures = None
+
+    # ----------------------------------------------------------------- stages
+    def _build(self) -> None:
+        from fxsparse.models import create
+
+        torch = _torch()
+        torch.manual_seed(self.o.seed)
+        self.model = create(self.spec, device="cpu").train()
+
+    def _input(self) -> None:
+        """The smallest input the model's eager forward accepts (batch ``batch_size``), and the targets."""
+        torch = _torch()
+        gen = torch.Generator().manual_seed(self.o.seed + 1)
+        errors = []
+        self.model.eval()
+        for size in _input_sizes(self.model, self.o.small_size):
+            x = torch.randn(self.o.batch_size, *size, generator=gen)
+            try:
+                with torch.no_grad():
+                    out = _main_output(self.model(x))
+            except Exception as e:
+                errors.append(f"{'x'.join(map(str, size[1:]))}: {type(e).__name__}: {_first_line(e)}")
+                continue
+            break
+        else:
+            raise PipelineCheckFailed("the model runs on no input size tried (" + "; ".join(errors) + ")")
+        self.model.train()
+        if out.ndim != 2:
+            raise PipelineCheckFailed(f"the model's output is shaped {tuple(out.shape)}, not (batch, classes)")
+        self.x = x
+        self.y = torch.randint(out.shape[-1], (self.o.batch_size,), generator=gen)
+        self.data = [(self.x, self.y)]
+        self.r.input_size = list(size)
+
+    def _trace(self) -> None:
+        import copy
+
+        import fxsparse
+
+        self.gm = fxsparse.trace(self.model, self.x)
+        # the reference of the identity check: the same trace, to be given the final weights and
+        # the masks (a copy, not a second trace: tracing is a large share of a small model's time)
+        self.plain = copy.deepcopy(self.gm)
+
+    def _masks(self, method: str) -> None:
+        import fxsparse.masks
+
+        opts = {"rounds": self.o.synflow_rounds} if method == "synflow" else {}
+        masks = fxsparse.masks.compute(self.gm, method=method, sparsity=self.o.sparsity, data=self.data,
+                                       loss_fn=_loss, seed=self.o.seed, **opts)
+        if not masks:
+            raise PipelineCheckFailed("no mask computed")
+        total = sum(m.numel() for m in masks.values())
+        kept = sum(int(m.sum()) for m in masks.values())
+        expected = total - int(self.o.sparsity * total)
+        if abs(kept - expected) > max(1, 0.001 * total):  # compute promises the exact count
+            raise PipelineCheckFailed(f"{kept} of {total} weights kept, expected about {expected}")
+
+    def _transform(self) -> None:
+        import fxsparse
+        from fxsparse.ghosts import present
+
+        recipe = fxsparse.load_recipe(self.o.recipe, overrides={"rescale.iters": self.o.lrsi_iters})
+        # transform takes the trace the trace stage made (it would make the same one); copy=False:
+        # neither it nor the eager model is needed afterwards
+        self.sgm = fxsparse.transform(self.gm, recipe, data=self.data, loss_fn=_loss, copy=False)
+        self.model = self.gm = None
+        self.r.ghosts = present(self.sgm)
+        self.mode_dependent = bool(self.sgm.meta["fxsparse"].mode_dependent)
+        self.sched = fxsparse.RecipeScheduler(self.sgm, total_steps=10)
+        self.opt = self.sched.build_optimizer()
+
+    def _train(self, value: float) -> None:
+        from fxsparse import gates
+
+        torch = _torch()
+        for group in gates.get(self.sgm):
+            gates.set(self.sgm, group, value)
+        self.sgm.train()
+        for step in range(self.o.steps_per_gate):
+            loss = self.sched.loss(_main_output(self.sgm(self.x)), self.y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            if not torch.isfinite(loss):
+                raise PipelineCheckFailed(f"the loss is {loss.item()} at step {step + 1}")
+        if gates.get(self.sgm) and any(v != value for v in gates.get(self.sgm).values()):
+            raise PipelineCheckFailed(f"the gates moved during the steps: {gates.get(self.sgm)}")
+
+    def _identity(self) -> None:
+        """Gates at identity: outputs and gradients equal the mask-only graph's (same weights)."""
+        import fxsparse
+        from fxsparse.pass_infra import CONTAINER
+        from fxsparse.passes.mask import MaskPass, masked_parameters
+
+        fxsparse.gates.set_identity(self.sgm)
+        state = {k: v for k, v in self.sgm.state_dict().items() if not k.startswith(CONTAINER + ".")}
+        self.ref, self.plain = self.plain, None
+        self.ref.load_state_dict(state, strict=True)  # the weights LRsI and the steps left
+        MaskPass({k: v.clone() for k, v in masked_parameters(self.sgm).items()})(self.ref)
+        self.r.identity = self._compare(self.ref, self.sgm, grads=True, what="at identity gates, the tost graph vs the mask-only graph")
+
+    def _removal(self) -> None:
+        import fxsparse
+        from fxsparse.ghosts import present
+
+        for _ in range(self.sched.total_steps):  # the scheduler removes each ghost at its remove_at
+            if not present(self.sgm):
+                break
+            self.sched.step()
+        left = present(self.sgm)
+        if left or fxsparse.gates.get(self.sgm):
+            raise PipelineCheckFailed(f"after the scheduler's last step, still present: {left or fxsparse.gates.get(self.sgm)}")
+        fxsparse.remove_ghosts(self.sgm)  # a no-op now; it must stay one
+        fxsparse.testing.assert_same_structure(self.ref, self.sgm)
+        self._compare(self.ref, self.sgm, grads=True, what="after removal, the graph vs the mask-only graph", exact=True)
+        self.ref = None
+
+    def _export(self) -> None:
+        import fxsparse
+        from fxsparse.models import create
+
+        torch = _torch()
+        state = fxsparse.export(self.sgm)
+        torch.manual_seed(self.o.seed + 7)  # other random weights: every value must come from state
+        self.fresh = create(self.spec, device="cpu")
+        self.fresh.load_state_dict(state, strict=True)
+
+    def _equivalence(self) -> None:
+        # outputs only: the masked graph's gradients are zero at pruned weights, the fresh model's are not
+        self.r.exported = self._compare(self.fresh, self.sgm, grads=False, what="the exported model vs the final graph")
+        self.fresh = None
+
+    def _compare(self, a, b, *, grads: bool, what: str, exact: bool = False) -> str:
+        """'equal' (bit-identical) or 'close' (within compare's rtol=1e-5, atol=1e-6); raises otherwise.
+
+        The modules are not copied (memory): both run the same batches in train mode, so their
+        BatchNorm statistics move alike, and stay equal if the outputs are.
+        """
+        from fxsparse.testing import compare
+
+        modes = ("train",) if self.mode_dependent else ("train", "eval")
+        diffs = compare(a, b, self.x, modes=modes, grads=grads, exact=True, copy_modules=False)
+        if not diffs:
+            return "equal"
+        if not exact:
+            beyond = compare(a, b, self.x, modes=modes, grads=grads, copy_modules=False)
+            if not beyond:
+                return "close"
+            diffs = beyond
+        raise PipelineCheckFailed(f"{what}: {len(diffs)} mismatches, first: {str(diffs[0]).strip()}")
+
+
+class _Stop(Exception):
+    """A fatal stage failed: the later stages cannot run."""
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _innermost(e: BaseException) -> BaseException:
+    seen = {id(e)}
+    while True:
+        nxt = e.__cause__ or (e.__context__ if not e.__suppress_context__ else None)
+        if nxt is None or id(nxt) in seen:
+            return e
+        seen.add(id(nxt))
+        e = nxt
+
+
+def _main_output(out: Any):
+    """The logits of a model's output: the tensor itself, or the first tensor of a tuple
+    (torchvision's GoogLeNet and Inception v3 add auxiliary logits in train mode)."""
+    from torch.utils._pytree import tree_flatten
+
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    for leaf in tree_flatten(out)[0]:
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    raise PipelineCheckFailed(f"the model returned {type(out).__name__} with no tensor in it")
+
+
+def _loss(out: Any, targets: Any):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(_main_output(out), targets)
+
+
+def _input_sizes(model: Any, small: int) -> list[tuple[int, ...]]:
+    """Input sizes to try, smallest first: ``small`` (or timm's ``min_input_size``), 128, then the
+    model's default. Models that fix their input size (timm's ``fixed_input_size``, torchvision's
+    ViTs) get only their default."""
+    from fxsparse.trace import default_example_inputs
+
+    default = tuple(default_example_inputs(model, batch_size=1)[0].shape[1:])
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if len(default) != 3 or default[1] != default[2] or cfg.get("fixed_input_size") or getattr(model, "image_size", None):
+        return [default]
+    c, side = default[0], default[1]
+    first = small
+    if cfg.get("min_input_size"):
+        first = max(first, int(cfg["min_input_size"][-1]))
+    sides = sorted({s for s in (first, 128) if s < side}) + [side]
+    return [(c, s, s) for s in sides]
+
+
 def _first_line(e: BaseException | str) -> str:
     """The message's first line, with installed packages' paths made relative (timm/models/...)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
@@ -230,12 +594,22 @@ def _worker_main(conn: multiprocessing.connection.Connection, options: dict[str,
     # reach, full collections (triggered often by tracing) stop costing a tenth of a trace
     gc.freeze()
     conn.send(("ready", os.getpid()))
+    done = 0
     while True:
         spec = conn.recv()
         if spec is None:
             return
-        result = check_model(spec, numeric=options["numeric"], max_params=options["max_params"])
+        if options.get("pipeline") is not None:
+            result = check_pipeline(spec, max_params=options["max_params"], options=options["pipeline"],
+                                    on_stage=lambda stage: conn.send(("stage", stage)))
+        else:
+            result = check_model(spec, numeric=options["numeric"], max_params=options["max_params"])
         conn.send(("result", result))
+        done += 1
+        if options.get("max_tasks") and done >= options["max_tasks"]:
+            # a fresh process for the next models: memory a long pipeline run fragments is given back
+            conn.send(("retire", done))
+            return
 
 
 def _warm_up() -> None:
@@ -261,11 +635,12 @@ class _Worker:
         self.started = time.monotonic()
         self.ready = False
         self.spec: str | None = None
+        self.stage: str | None = None  # the pipeline stage the current model is in
         self.deadline = math.inf
 
     def submit(self, spec: str, timeout: float) -> None:
         self.conn.send(spec)
-        self.spec, self.deadline = spec, time.monotonic() + timeout
+        self.spec, self.stage, self.deadline = spec, None, time.monotonic() + timeout
 
     def stop(self, *, kill: bool = False) -> None:
         if not kill and self.process.is_alive():
@@ -286,7 +661,9 @@ def sweep(
     timeout: float = 120.0,
     workers: int = 2,
     numeric: bool = False,
-    max_params: int = DEFAULT_MAX_PARAMS,
+    max_params: float = DEFAULT_MAX_PARAMS,
+    pipeline: PipelineOptions | bool | None = None,
+    max_tasks: int | None = None,
     time_budget: float | None = None,
     progress: bool = True,
     on_result: Callable[[ModelResult], None] | None = None,
@@ -297,7 +674,16 @@ def sweep(
     ``"timeout"`` / ``"crashed"`` and its worker replaced. ``workers=0`` runs everything in this
     process: no isolation and no timeout, but easy to debug. After ``time_budget`` seconds no
     new model is started: the models not reached are left out of the results.
+
+    ``pipeline`` (``True`` or a ``PipelineOptions``) runs ``check_pipeline`` on each model instead
+    (``max_params`` is then its budget). ``max_tasks``: a worker is replaced by a fresh process
+    after that many models (default: 10 with ``pipeline``, never without).
     """
+    if pipeline is True:
+        pipeline = PipelineOptions()
+    pipeline = pipeline or None
+    if max_tasks is None and pipeline is not None:
+        max_tasks = 10
     specs = list(dict.fromkeys(specs))  # each model once
     stop_at = time.monotonic() + time_budget if time_budget is not None else math.inf
     bar = _progress_bar(len(specs), progress)
@@ -317,9 +703,12 @@ def sweep(
             for spec in specs:
                 if time.monotonic() >= stop_at:
                     break
-                record(check_model(spec, numeric=numeric, max_params=max_params))
+                if pipeline is not None:
+                    record(check_pipeline(spec, max_params=max_params, options=pipeline))
+                else:
+                    record(check_model(spec, numeric=numeric, max_params=max_params))
         else:
-            options = {"numeric": numeric, "max_params": max_params}
+            options = {"numeric": numeric, "max_params": max_params, "pipeline": pipeline, "max_tasks": max_tasks}
             _run_pool(specs, record, timeout=timeout, workers=min(workers, max(len(specs), 1)),
                       options=options, stop_at=stop_at)
     finally:
@@ -350,8 +739,11 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
                     replace, reason = True, "timeout"
                 if not replace:
                     continue
-                if w.spec is not None:
-                    record(_lost(w.spec, reason, timeout, w.process))
+                if reason == "retired" and w.spec is None:
+                    pass  # it did its share of models; a fresh one takes its place
+                elif w.spec is not None:
+                    record(_lost(w.spec, reason, timeout, w.process, stage=w.stage,
+                                 pipeline=options.get("pipeline") is not None))
                     failed_starts = 0
                 elif not w.ready:
                     failed_starts += 1
@@ -374,9 +766,13 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None]) -> tuple[bool, str]
             kind, payload = w.conn.recv()
             if kind == "ready":
                 w.ready = True
+            elif kind == "stage":
+                w.stage = payload
+            elif kind == "retire":
+                return True, "retired"
             else:
                 record(payload)
-                w.spec, w.deadline = None, math.inf
+                w.spec, w.stage, w.deadline = None, None, math.inf
     except (EOFError, OSError):
         return True, "crashed"
     if not w.process.is_alive():
@@ -384,7 +780,8 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None]) -> tuple[bool, str]
     return False, ""
 
 
-def _lost(spec: str, reason: str, timeout: float, process: Any) -> ModelResult:
+def _lost(spec: str, reason: str, timeout: float, process: Any, *, stage: str | None = None,
+          pipeline: bool = False) -> ModelResult:
     from fxsparse.models import source_of
 
     if reason == "timeout":
@@ -393,7 +790,13 @@ def _lost(spec: str, reason: str, timeout: float, process: Any) -> ModelResult:
         code = process.exitcode
         how = f"signal {-code} ({_signal_name(-code)})" if code is not None and code < 0 else f"exit code {code}"
         error = f"the worker process died ({how})"
-    return ModelResult(model=spec, source=source_of(spec), status=reason, error_type=reason, error=error)
+    if stage:
+        error += f" (in stage {stage})"
+    r = ModelResult(model=spec, source=source_of(spec), status=reason, error_type=reason, error=error)
+    if pipeline:
+        r.pipeline, r.pipeline_stage, r.pipeline_error = "error", stage or "meta-trace", f"{reason}: {error}"
+        r.pipeline_failures = {r.pipeline_stage: r.pipeline_error}
+    return r
 
 
 def _signal_name(num: int) -> str:
@@ -487,7 +890,57 @@ def summarize(results: Sequence[ModelResult]) -> dict[str, Any]:
             **{k: sum(r.numeric == k for r in results) for k in ("equal", "close", "mismatch", "error", "skipped")},
             "not_equal": {r.model: f"{r.numeric}: {r.numeric_detail}" for r in checked if r.numeric != "equal"},
         }
+    if any(r.pipeline is not None for r in results):
+        out["pipeline"] = summarize_pipeline(results)
     return out
+
+
+def summarize_pipeline(results: Sequence[ModelResult]) -> dict[str, Any]:
+    """The pipeline figures: completed / ran, failures grouped by stage and message, skipped models."""
+    ran = [r for r in results if r.pipeline in ("ok", "error")]
+    ok = [r for r in ran if r.pipeline == "ok"]
+    failures: dict[str, list[str]] = collections.defaultdict(list)
+    for r in ran:
+        if r.pipeline == "error":
+            failures[pipeline_error_key(r)].append(r.model)
+    times = [r.pipeline_s for r in ok if r.pipeline_s is not None]
+    slowest = max(ok, key=lambda r: r.pipeline_s or 0.0, default=None)
+    stage_totals: dict[str, float] = collections.defaultdict(float)
+    for r in ok:
+        for stage, t in (r.stage_s or {}).items():
+            stage_totals[stage] += t
+    return {
+        "models": len(results),
+        "ran": len(ran),
+        "ok": len(ok),
+        "error": len(ran) - len(ok),
+        "skipped": sum(r.pipeline == "skipped" for r in results),
+        "success_rate": round(len(ok) / len(ran), 4) if ran else None,
+        "by_stage": dict(collections.Counter(r.pipeline_stage for r in ran if r.pipeline == "error").most_common()),
+        "failures": dict(sorted(failures.items(), key=lambda kv: (-len(kv[1]), kv[0]))),
+        "causes": {r.model: r.pipeline_cause for r in ran if r.pipeline_cause},
+        "skipped_models": {r.model: r.pipeline_detail for r in results if r.pipeline == "skipped"},
+        "identity": dict(collections.Counter(r.identity for r in ok)),
+        "exported": dict(collections.Counter(r.exported for r in ok)),
+        "ghosts": dict(collections.Counter(g for r in ok for g in (r.ghosts or ()))),
+        "no_ghosts": sorted(r.model for r in ok if not r.ghosts),
+        "input_sizes": dict(collections.Counter("x".join(map(str, r.input_size[1:])) for r in ran if r.input_size)),
+        "pipeline_s": {
+            "median": _round(statistics.median(times)) if times else None,
+            "p90": _round(_quantile(times, 0.9)),
+            "max": _round(slowest.pipeline_s) if slowest else None,
+            "max_model": slowest.model if slowest else None,
+            "total": _round(sum(r.pipeline_s or 0.0 for r in ran)),
+        },
+        "stage_share": {k: round(v / sum(stage_totals.values()), 3) for k, v in stage_totals.items()} if stage_totals else {},
+    }
+
+
+def pipeline_error_key(r: ModelResult) -> str:
+    """How pipeline failures are grouped: the stage, then the message without the model's name."""
+    name = re.escape(_bare(r.model))
+    msg = re.sub(rf"(?<![\w.-]){name}(?![\w.-])", "<model>", r.pipeline_error or "")
+    return f"{r.pipeline_stage}: {msg}"
 
 
 def error_key(r: ModelResult) -> str:
@@ -553,12 +1006,48 @@ def render_markdown(results: Sequence[ModelResult], *, env: dict[str, Any], sett
             f"| numeric check (eval, batch 1) | {num['checked']} checked: **{num['equal']} bit-identical**, "
             f"{num['close']} close, {num['mismatch']} mismatch, {num['error']} error; {num['skipped']} skipped |"
         )
+    pipe = s.get("pipeline")
+    if pipe:
+        lines.append(
+            f"| {settings.get('recipe', 'tost')} pipeline (CPU, random weights, batch "
+            f"{settings.get('batch_size', 2)}) | **{pipe['ok']} / {pipe['ran']} completed** "
+            f"({_pct(pipe['ok'], pipe['ran'])}); {pipe['skipped']} skipped by the parameter budget |"
+        )
+        pt = pipe["pipeline_s"]
+        if pt["median"] is not None:
+            lines.append(f"| pipeline time per model (s) | median {pt['median']:.1f} · p90 {pt['p90']:.1f} · max "
+                         f"{pt['max']:.1f} (`{pt['max_model']}`) · total {pt['total'] / 3600:.2f} h |")
+        if pipe["ok"]:
+            ident = ", ".join(f"{v} {k}" for k, v in pipe["identity"].items())
+            exp = ", ".join(f"{v} {k}" for k, v in pipe["exported"].items())
+            lines.append(f"| identity gates vs mask-only graph · exported vs final graph | {ident} · {exp} |")
+            ghosts = ", ".join(f"{k} {v}" for k, v in pipe["ghosts"].items())
+            lines.append(f"| models that got each ghost | {ghosts}; none: {len(pipe['no_ghosts'])} |")
     lines += ["", f"## Failures ({s['models'] - s['traced']})", ""]
     if not s["failures"]:
         lines.append("None.")
     for key, models in s["failures"].items():
         lines.append(f"- **{len(models)}×** `{_md_code(key)}`  ")
         lines.append("  " + ", ".join(f"`{m}`" for m in models))
+    if pipe:
+        lines += ["", f"## Pipeline failures ({pipe['error']})", ""]
+        if pipe["by_stage"]:
+            lines.append("By stage: " + ", ".join(f"{k} {v}" for k, v in pipe["by_stage"].items()) + ".")
+            lines.append("")
+        if not pipe["failures"]:
+            lines.append("None.")
+        for key, models in pipe["failures"].items():
+            lines.append(f"- **{len(models)}×** `{_md_code(key)}`  ")
+            lines.append("  " + ", ".join(f"`{m}`" for m in models))
+            causes = sorted({pipe["causes"][m] for m in models if m in pipe["causes"]})
+            for c in causes[:3]:
+                lines.append(f"  cause: `{_md_code(c)}`")
+        if pipe["skipped_models"]:
+            lines += ["", f"## Skipped by the parameter budget ({pipe['skipped']})", ""]
+            lines.append(", ".join(f"`{m}` ({d.split(' ')[0]})" for m, d in pipe["skipped_models"].items()))
+        if pipe["no_ghosts"]:
+            lines += ["", f"## Completed without any ghost site ({len(pipe['no_ghosts'])})", ""]
+            lines.append(", ".join(f"`{m}`" for m in pipe["no_ghosts"]))
     if num and num["not_equal"]:
         lines += ["", "## Numeric differences", ""]
         lines += [f"- `{m}`: {_md_code(d)}" for m, d in num["not_equal"].items()]
@@ -577,6 +1066,23 @@ def _pct(a: int, b: int) -> str:
 
 def _md_code(s: str) -> str:
     return s.replace("`", "'").replace("|", "\\|")
+
+
+def append_log(path: str | os.PathLike, result: ModelResult) -> None:
+    """Append one result to a sweep's log (JSON lines): what ``--resume`` reads back."""
+    with open(path, "a") as f:
+        f.write(json.dumps(result.to_json()) + "\n")
+
+
+def read_log(path: str | os.PathLike) -> list[ModelResult]:
+    """The results in a sweep's log; a last line cut short by a kill is ignored."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(ModelResult.from_json(json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return out
 
 
 def load_report(path: str | os.PathLike) -> list[ModelResult]:

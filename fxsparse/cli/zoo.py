@@ -1,8 +1,11 @@
-"""``fxsparse zoo``: trace every timm / torchvision classification model on the meta device."""
+"""``fxsparse zoo``: trace every timm / torchvision classification model on the meta device
+(``--numeric``: and compare outputs on CPU; ``--pipeline``: and run the whole recipe on CPU)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from pathlib import Path
 
 from ..errors import FxSparseError, ModelSpecError
 
@@ -24,15 +27,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sweep the MODEL specs listed in FILE (one per line, '#' comments), in that order")
     p.add_argument("--filter", metavar="GLOB", help="only models whose name matches GLOB (e.g. 'resnet*')")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N models (after --filter)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds per model before its worker is killed (default: 120)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="seconds per model before its worker is killed (default: 120; 900 with --pipeline)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                    help="worker processes (default: 2; 0 runs in this process, without timeout or isolation)")
     p.add_argument("--numeric", action="store_true",
                    help="also build small models on CPU with random weights and check that the traced "
                    "graph's eval output equals the module's")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also run the whole recipe on each model with at most --max-params parameters, on CPU "
+                   "with random weights: trace, every mask method that needs no training, fxsparse.transform, SGD "
+                   "steps at every gate value, the identity-gate check, every removal, export loaded strict into "
+                   "a fresh instance and its equivalence check; each failure is reported with its stage")
+    p.add_argument("--recipe", default="tost", metavar="R", help="--pipeline's recipe (default: tost)")
+    p.add_argument("--lrsi-iters", type=int, default=2, metavar="N",
+                   help="--pipeline: LRsI search iterations (rescale.iters; default: 2)")
     p.add_argument("--max-params", type=float, default=30e6, metavar="M",
-                   help="--numeric only checks models with at most M parameters (default: 30e6)")
+                   help="--numeric and --pipeline only run models with at most M parameters; larger ones are "
+                   "reported as skipped (default: 30e6; 'inf' for none)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results already in the report's .jsonl log (written as models finish) and "
+                   "sweep only the models not in it")
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="start no new model after S seconds; the report covers the models done by then")
     p.add_argument("--out", default="zoo-report.json", metavar="PATH",
@@ -44,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import zoo
 
+    if args.timeout is None:
+        args.timeout = 900.0 if args.pipeline else 120.0
     if args.timeout <= 0:
         raise FxSparseError(f"--timeout must be a positive number of seconds; got {args.timeout:g}.")
     explicit = list(args.model)
@@ -68,22 +85,57 @@ def run(args: argparse.Namespace) -> int:
         "requested": len(specs),
         "time_budget_s": args.time_budget,
         "numeric": args.numeric,
-        "max_params": int(args.max_params) if args.numeric else None,
+        "max_params": (int(args.max_params) if math.isfinite(args.max_params) else "none")
+        if args.numeric or args.pipeline else None,
         "device": "meta",
     }
+    pipeline = None
+    if args.pipeline:
+        if args.lrsi_iters < 1:
+            raise FxSparseError(f"--lrsi-iters must be at least 1; got {args.lrsi_iters}.")
+        from ..recipe import load_recipe
+
+        load_recipe(args.recipe)  # a bad recipe fails here, not once per model in the workers
+        pipeline = zoo.PipelineOptions(recipe=args.recipe, lrsi_iters=args.lrsi_iters)
+        settings.update(pipeline=True, device="meta, then CPU for the pipeline", **pipeline.to_settings())
     settings = {k: v for k, v in settings.items() if v is not None}
-    results = zoo.sweep(
-        specs,
+
+    out = Path(args.out)
+    log_path = out.with_suffix(".jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, zoo.ModelResult] = {}
+    if args.resume and log_path.exists():
+        done = {r.model: r for r in zoo.read_log(log_path)}
+    elif log_path.exists():
+        log_path.unlink()
+    todo = [s for s in specs if s not in done]
+    if done:
+        print(f"resuming: {len(specs) - len(todo)} of {len(specs)} models already in {log_path}")
+    title = _title(args, settings)
+    since_report = 0
+
+    def on_result(r: zoo.ModelResult) -> None:
+        nonlocal since_report
+        done[r.model] = r
+        zoo.append_log(log_path, r)
+        since_report += 1
+        if since_report >= 20:  # a long sweep's report is readable while it runs
+            since_report = 0
+            zoo.write_report([done[s] for s in specs if s in done], out, settings=settings, title=title)
+
+    zoo.sweep(
+        todo,
         timeout=args.timeout,
         workers=args.workers,
         numeric=args.numeric,
-        max_params=int(args.max_params),
+        max_params=args.max_params,
+        pipeline=pipeline,
         time_budget=args.time_budget,
         progress=not args.no_progress,
+        on_result=on_result,
     )
-    what = ", ".join(args.model) if args.model and len(args.model) <= 3 else (args.models_from or settings["source"])
-    title = f"fxsparse zoo: {what}, traced on the meta device" + (", checked numerically on CPU" if args.numeric else "")
-    json_path, md_path = zoo.write_report(results, args.out, settings=settings, title=title)
+    results = [done[s] for s in specs if s in done]
+    json_path, md_path = zoo.write_report(results, out, settings=settings, title=title)
     s = zoo.summarize(results)
     t = s["trace_s"]
     if len(results) < len(specs):
@@ -95,10 +147,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"numeric: {n['checked']} checked, {n['equal']} bit-identical, {n['close']} close, "
               f"{n['mismatch']} mismatch, {n['error']} error, {n['skipped']} skipped")
     for key, models in s["failures"].items():
-        shown = ", ".join(models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
-        print(f"  {len(models)} failed: {key}  [{shown}]")
+        print(f"  {len(models)} failed: {key}  [{_shown(models)}]")
+    if "pipeline" in s:
+        p = s["pipeline"]
+        print(f"{settings.get('recipe', 'tost')} pipeline: {p['ok']} / {p['ran']} completed "
+              f"({100 * (p['success_rate'] or 0):.1f}%), {p['skipped']} skipped by the parameter budget")
+        for key, models in p["failures"].items():
+            print(f"  {len(models)} failed at {key}  [{_shown(models)}]")
     print(f"report: {json_path}, {md_path}")
     return 0
+
+
+def _shown(models: list[str]) -> str:
+    return ", ".join(models[:5]) + (f" and {len(models) - 5} more" if len(models) > 5 else "")
+
+
+def _title(args: argparse.Namespace, settings: dict) -> str:
+    what = ", ".join(args.model) if args.model and len(args.model) <= 3 else (args.models_from or settings["source"])
+    title = f"fxsparse zoo: {what}, traced on the meta device"
+    if args.numeric:
+        title += ", checked numerically on CPU"
+    if args.pipeline:
+        title += f", the {args.recipe} pipeline on CPU"
+    return title
 
 
 def _read_model_list(path: str) -> list[str]:
