@@ -246,6 +246,49 @@ def test_synflow_conv_bn_eval_mode_matches_functional_reference():
     assert model.training, "the user's model mode must not change"
 
 
+class _AuxHead(nn.Module):
+    """A mode-dependent model (an auxiliary head only in training, like GoogLeNet's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc, self.aux = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        if self.training:
+            return self.fc(h) + self.aux(h)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_scores_run_on_a_mode_dependent_graph_in_the_other_mode(traced_in):
+    """SynFlow scores in eval mode, SNIP in train mode: a graph traced in the other mode (which
+    refuses to run there) is scored with its submodules in the asked mode (zoo: efficientformer_l1)."""
+    model = seeded(_AuxHead).train(traced_in == "train")
+    model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxsparse.trace(model, x)
+    assert gm.meta["fxsparse"].mode_dependent
+    data = [(x, torch.tensor([0, 2]))]
+    for method in ("synflow", "snip", "grasp"):
+        masks = compute(gm, method, 0.5, data=data, **({"rounds": 2} if method == "synflow" else {}))
+        assert set(masks) == {"conv.weight", "fc.weight"} | ({"aux.weight"} if traced_in == "train" else set())
+    assert gm.training == (traced_in == "train")  # the user's graph keeps its mode
+    if traced_in == "train":
+        # SynFlow on the train-mode graph with BatchNorm on running statistics (the aux head counts):
+        # the eager model in train mode with its BatchNorm alone in eval mode, |theta|, all-ones input
+        ref = copy.deepcopy(model).train()
+        ref.bn.eval()
+        state = {k: v.detach().abs() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+        names = ["conv.weight", "fc.weight", "aux.weight"]
+        weights = {n: state[n].clone().requires_grad_(True) for n in names}
+        out = functional_call(ref, {**state, **weights}, (torch.ones(1, 3, 8, 8),))
+        grads = dict(zip(names, torch.autograd.grad(out.sum(), [weights[n] for n in names])))
+        got = score(gm, "synflow", input_shape=(3, 8, 8))
+        for n in names:
+            torch.testing.assert_close(got[n], (grads[n] * state[n]).abs(), rtol=1e-5, atol=1e-6)
+
+
 def test_magnitude_and_random():
     model = seeded(MLP)
     mags = score(model, "magnitude")

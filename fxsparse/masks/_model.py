@@ -25,7 +25,7 @@ def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> tupl
     Only those parameters require grad on the copy: backward then skips every other weight.
     """
     work = copy.deepcopy(model)
-    work.train(train)
+    set_mode(work, train)
     for p in work.parameters():
         p.requires_grad_(False)
     params = {}
@@ -34,6 +34,21 @@ def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> tupl
         p.requires_grad_(True)
         params[name] = p
     return work, params
+
+
+def set_mode(work: nn.Module, train: bool) -> None:
+    """``work.train(train)``, also for a GraphModule that fxsparse.trace found mode-dependent.
+
+    Such a graph refuses to run in the mode it was not traced in (its guard reads the root's
+    ``training`` flag). Scoring in that mode then runs the traced graph with every submodule in
+    the requested mode and only the root's flag left as traced: BatchNorm and dropout behave as
+    asked (SynFlow's eval-mode running statistics), on the graph the user will train (e.g.
+    EfficientFormer's train-mode attention bias, GoogLeNet's auxiliary heads).
+    """
+    work.train(train)
+    info = getattr(work, "meta", {}).get("fxsparse") if isinstance(work, torch.fx.GraphModule) else None
+    if info is not None and getattr(info, "mode_dependent", False) and info.traced_training != train:
+        work.training = info.traced_training
 
 
 def as_batches(data: Iterable[Batch] | None, method: str) -> Iterable[Batch]:
