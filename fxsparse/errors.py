@@ -36,4 +36,5 @@ class RecipeError(FxSparseError):
 
 
 class PassError(FxSparseError):
-    """A pass was run on a graph that does not meet its preconditions."""
+    """A pass could not run on the graph (its preconditions do not hold), or failed while running:
+    then the message names the pass, the node where known and the original error (``err.cause``)."""

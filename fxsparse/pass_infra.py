@@ -12,12 +12,15 @@ Conventions (see docs/architecture.md):
   touched, so removal is deleting the container and the tagged nodes.
 * Each pass counts what it changed in ``self.stats`` and logs one line; the history of passes run
   is kept in ``gm.meta["fxsparse.passes"]`` for inspection.
+* Whatever a pass raises reaches the user as an ``fxsparse.errors.PassError`` naming the pass, the
+  node it was rewriting (``with self.at(node): ...``) and what to do, the original error chained.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -145,13 +148,23 @@ def require_tagged_state(gm: GraphModule, group: str, pass_name: str) -> None:
 
 def check_graph(gm: nn.Module) -> None:
     """The check run after every pass: the graph lints and every tag names a pass and a group."""
+    _check_graph(gm, after="")
+
+
+def _check_graph(gm: nn.Module, after: str) -> None:
+    where = f"after {after}: " if after else ""
     if not isinstance(gm, GraphModule):
-        raise PassError(f"expected a torch.fx.GraphModule after the pass, got {type(gm).__name__}")
-    gm.graph.lint()
+        raise PassError(f"{where}expected a torch.fx.GraphModule, got {type(gm).__name__}")
+    try:
+        gm.graph.lint()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]  # the rest prints the whole graph
+        raise PassError(f"{where}the graph is malformed: {first} This is a bug in the pass: please report "
+                        f"it with the model and the recipe.", cause=e) from e
     for node in gm.graph.nodes:
         t = node.meta.get("fxsparse")
         if t is not None and not (isinstance(t, dict) and "pass" in t and "group" in t and "role" in t):
-            raise PassError(f"node {node.name} has a malformed fxsparse tag {t!r}")
+            raise PassError(f"{where}node {node.name} has a malformed fxsparse tag {t!r}")
 
 
 class FxSparsePass(PassBase):
@@ -167,6 +180,7 @@ class FxSparsePass(PassBase):
 
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
+        self._at: list[Node] = []
 
     @property
     def name(self) -> str:
@@ -174,6 +188,17 @@ class FxSparsePass(PassBase):
 
     def tag(self, node: Node, role: str, **extra: Any) -> Node:
         return tag(node, self.name, self.group, role, **extra)
+
+    @contextlib.contextmanager
+    def at(self, node: Node) -> Iterator[Node]:
+        """Name ``node`` in the PassError if the block raises: ``for n in ...: with self.at(n): ...``."""
+        self._at.append(node)
+        yield node
+        self._at.pop()  # not reached when the block raised: __call__ reads the node from _at
+
+    def hint(self, error: Exception) -> str:
+        """What the user can do when the pass failed with ``error`` (passes add specific advice)."""
+        return _generic_hint(self.group)
 
     def requires(self, graph_module: GraphModule) -> None:
         if not isinstance(graph_module, GraphModule):
@@ -183,11 +208,17 @@ class FxSparsePass(PassBase):
             )
 
     def ensures(self, graph_module: GraphModule) -> None:
-        check_graph(graph_module)
+        _check_graph(graph_module, after=self.name)
 
     def __call__(self, graph_module: GraphModule) -> PassResult:
-        self.stats = Counter()
-        result = super().__call__(graph_module)
+        self.stats, self._at = Counter(), []
+        try:
+            result = super().__call__(graph_module)
+        except FxSparseError:
+            raise  # raised on purpose: it says what to do already
+        except Exception as e:
+            node = self._at[-1] if self._at else None
+            raise pass_error(self.name, e, node=node, hint=self.hint(e)) from e
         if result is None:
             result = PassResult(graph_module, bool(self.stats))
         if result.modified:
@@ -203,15 +234,69 @@ class FxSparsePass(PassBase):
         return ", ".join(f"{k}={v}" for k, v in self.stats.items()) or "no change"
 
 
+def pass_error(pass_name: str, error: BaseException, *, node: Node | None = None, hint: str = "") -> PassError:
+    """The PassError for a pass that failed with an error it did not raise on purpose."""
+    where = f" at node {node.name} ({node.format_node()})" if node is not None else ""
+    text = str(error).strip() or "(no message)"
+    if len(text) > 600:
+        text = text[:600] + " [...]"
+    return PassError(
+        f"{pass_name} failed{where}: {type(error).__name__}: {text}\n{hint or _generic_hint('')}",
+        cause=error,
+    )
+
+
+def _generic_hint(group: str) -> str:
+    skip = (f" To go on without it, disable it: `{group}.enabled = false` in the recipe, or "
+            f"fxsparse.transform(..., skip=[{group!r}]).") if group else ""
+    return ("This is a bug in the pass or an operation of the model it does not handle: please report it "
+            "with the model and the recipe (the original error and its traceback are chained above, and "
+            f"kept as err.cause).{skip}")
+
+
+def _reported(p: Callable, check: bool) -> Callable:
+    """A pass that is not an FxSparsePass, made to check the graph after it (as an FxSparsePass's
+    ``ensures`` does) and to fail with a PassError naming it."""
+    if isinstance(p, FxSparsePass):
+        return p
+    name = getattr(p, "__name__", type(p).__name__)
+
+    def run(gm: GraphModule) -> PassResult:
+        try:
+            result = p(gm)
+        except FxSparseError:
+            raise
+        except Exception as e:
+            raise pass_error(name, e) from e
+        if check:
+            _check_graph(getattr(result, "graph_module", gm), after=name)
+        return result
+
+    run.__name__ = name  # what PassManager logs
+    return run
+
+
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:
-    """Run ``passes`` in order with ``torch.fx``'s PassManager, checking the graph after each."""
-    pm = PassManager(passes=list(passes), run_checks_after_each_pass=check, suppress_check_failures=False)
+    """Run ``passes`` in order with ``torch.fx``'s PassManager, checking the graph after each.
+
+    A failure raises the ``FxSparseError`` the pass raised, or a ``PassError`` naming the pass
+    (and the node, where the pass said) with the original error as its cause.
+    """
+    # each pass checks the graph after itself, so that a failed check names it; PassManager's
+    # checks run once, before the first pass
+    pm = PassManager(passes=[_reported(p, check) for p in passes], run_checks_after_each_pass=False)
     if check:
         pm.add_checks(check_graph)
     try:
         return pm(gm)
+    except FxSparseError:
+        raise  # the check before the first pass
     except Exception as e:
-        # PassManager wraps every failure in a bare Exception; surface our own readable errors
-        if isinstance(e.__cause__, FxSparseError):
-            raise e.__cause__ from None
-        raise
+        # PassManager wraps every failure in a bare Exception ("An error occurred when running the
+        # 'X' pass after ..."); the user needs the error under it
+        error = e.__cause__
+        if isinstance(error, FxSparseError):
+            raise error from error.__cause__  # keeps a pass error's own cause, drops the wrapper
+        if error is None:
+            raise
+        raise PassError(f"{e}: {type(error).__name__}: {error}", cause=error) from error

@@ -545,7 +545,8 @@ class GhostChannelPass(FxSparsePass):
         root = container(gm, GROUP)
         for site in planned:
             root.add_module(site.name, site.branch)
-            self._insert(gm, site, gate)
+            with self.at(site.producer.node):
+                self._insert(gm, site, gate)
             self.stats["sites"] += 1
             self.stats["channels"] += site.k
             self.sites.append({"site": site.name, "producer": site.producer.name,

@@ -203,10 +203,11 @@ class GhostNeuronPass(FxSparsePass):
         gates_module = gm.get_submodule(gates.target(GROUP).rpartition(".")[0])
         self._device = getattr(gates_module, GROUP).device
         for site in sites:
-            if site.style == "leaf":
-                self._rewrite_leaf(gm, site, group, gates_module)
-            else:
-                self._rewrite_node(gm, site, group)
+            with self.at(site.node):
+                if site.style == "leaf":
+                    self._rewrite_leaf(gm, site, group, gates_module)
+                else:
+                    self._rewrite_node(gm, site, group)
         return PassResult(gm, True)
 
     # ------------------------------------------------------------------ graph sites

@@ -178,12 +178,15 @@ class MaskPass(FxSparsePass):
             style = layers[0].style
             if style == "function":
                 function_weights.update(l.weight for l in layers)
-            elif style == "module" and _is_plain_module_call(gm.get_submodule(node.target), node):
-                self._functional_module_call(gm, node, layers[0])
-            else:
-                self._functional_call(gm, node, layers)
+                continue
+            with self.at(node):
+                if style == "module" and _is_plain_module_call(gm.get_submodule(node.target), node):
+                    self._functional_module_call(gm, node, layers[0])
+                else:
+                    self._functional_call(gm, node, layers)
         for getattr_node in [n for n in graph.nodes if n.op == "get_attr" and n.target in function_weights]:
-            self._mask_get_attr(gm, getattr_node)
+            with self.at(getattr_node):
+                self._mask_get_attr(gm, getattr_node)
         return PassResult(gm, True)
 
     def _masked_weight(self, gm: GraphModule, weight_node: Node, param: str) -> Node:

@@ -147,6 +147,20 @@ class RescaleInitPass(FxSparsePass):
         self.stats["lookahead_steps"] = self.report.lookahead_steps
         return PassResult(gm, True)
 
+    def hint(self, error: Exception) -> str:
+        if "derivative for" in str(error) and "is not implemented" in str(error):
+            return (
+                "GradInit differentiates through a gradient, and PyTorch cannot differentiate the backward "
+                "of the operation named above. fxsparse.autograd.twice_differentiable gives the search "
+                "equivalents of the same value for fused attention and hardsigmoid: add one for this "
+                "operation there (and report it), or go on without LRsI: `rescale.enabled = false` in the "
+                "recipe, or fxsparse.transform(..., skip=['rescale'])."
+            )
+        if isinstance(error, torch.OutOfMemoryError):
+            return ("The search keeps the graph of a gradient for two batches at once: give LRsI smaller "
+                    "batches (data=...), or disable it (`rescale.enabled = false`).")
+        return super().hint(error)
+
     def _gradient(self, gm, names, base, scales, x, y):
         eff = {n: scales[i] * base[n] for i, n in enumerate(names)}
         out = functional_call(gm, eff, (x,))
