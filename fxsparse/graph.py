@@ -201,6 +201,13 @@ def _resolve_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+def _is_parameter(gm: GraphModule, target: str) -> bool:
+    try:
+        return isinstance(_resolve_attr(gm, target), nn.Parameter)
+    except AttributeError:
+        return False
+
+
 def layer_of(gm: GraphModule, node: Node) -> Layer | list[Layer] | None:
     """The layer(s) a node applies: one Layer, a list (a leaf holding several), or None."""
     if node.op == "call_module":
@@ -216,8 +223,8 @@ def layer_of(gm: GraphModule, node: Node) -> Layer | list[Layer] | None:
     if node.op == "call_function" and (node.target in CONV_FUNCTIONS or node.target in LINEAR_FUNCTIONS):
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         src = weight_source(w) if isinstance(w, Node) else None
-        if src is None:
-            return None
+        if src is None or not _is_parameter(gm, src.target):
+            return None  # a fixed filter held in a buffer (timm's BlurPool2d) is not a layer to mask
         kind = "conv" if node.target in CONV_FUNCTIONS else "linear"
         owner = src.target.rpartition(".")[0]
         return Layer(owner, src.target, kind, node, "function")

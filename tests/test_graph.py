@@ -74,6 +74,28 @@ def test_functional_layers_and_weight_source():
     assert [(l.weight, l.kind, l.style) for l in layers] == [("w", "conv", "function"), ("proj", "linear", "function")]
 
 
+def test_a_fixed_filter_in_a_buffer_is_not_a_layer():
+    """timm's BlurPool2d convolves with a registered buffer: nothing to mask (zoo: resnetblur50)."""
+
+    class Blur(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("filt", torch.ones(4, 1, 3, 3) / 9)
+
+        def forward(self, x):
+            return F.conv2d(self.conv(x), self.filt, padding=1, groups=4)
+
+    gm = _trace(Blur(), 1, 3, 6, 6)
+    assert [l.weight for l in graph.parameterized_layers(gm)] == ["conv.weight"]
+    masks = fxsparse.masks.compute(gm, "random", 0.5)
+    assert set(masks) == {"conv.weight"}
+    with torch.device("meta"):
+        blur = fxsparse.models.create("resnetblur18", device="meta")
+    layers = graph.parameterized_layers(fxsparse.trace(blur))
+    assert layers and not any(l.weight.endswith("filt") for l in layers)
+
+
 def test_shared_module_called_twice_is_one_layer():
     class Shared(nn.Module):
         def __init__(self):
