@@ -10,6 +10,7 @@ examples:
   fxsparse compare --out runs/compare --report-only         # tables and plots from what finished
   fxsparse compare --out runs/sweep --recipes tost --methods random --sparsities 0.95 --seeds 0 1 --no-dense \\
       --schedule late=0.2,0.5,0.5,cosine --schedule early=0,0.15,0.15,linear   # ghost-schedule sweep
+  fxsparse compare --map runs/map/* runs/c1/* --out runs/map-report     # the regime map across studies
   fxsparse compare --preset gpu --data cifar10 --data-root cifar10-16k.safetensors --out runs/compare-gpu
 
 Outputs in --out: results.jsonl (one line per finished run; a rerun skips them and continues a
@@ -37,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cpu: CIFAR ResNet-8, 3 epochs, Fashion-MNIST subset (or MNIST-5k), 10 LRsI iterations; "
                    "gpu: CIFAR ResNet-18, 182 epochs, the recipe's LRsI, --data cifar10 (default: cpu)")
     p.add_argument("--report-only", action="store_true", help="train nothing: summarize what results.jsonl holds")
+    p.add_argument("--map", nargs="+", metavar="DIR", help="train nothing: the regime map across studies (one --out "
+                   "directory per architecture, budget or recipe variant), paired with their baselines, into --out "
+                   "(map.md, map_test.png, map_val.png)")
 
     g = p.add_argument_group("grid")
     g.add_argument("--methods", nargs="+", default=["random", "snip"], metavar="M",
@@ -78,6 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareConfig, ScheduleVariant, report, run_grid
     from .train import parse_value
+
+    if args.map:
+        from ..regime import write_map
+
+        print(write_map(args.map, args.out))
+        return 0
 
     if not args.report_only:
         overrides = {}
