@@ -291,13 +291,33 @@ def _quiet_profiler():
 # --------------------------------------------------------------------------- one model
 def bench_model(name: str, mode: str, config: BenchConfig, say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Step time (and memory) of every variant of ``config`` for one model in one mode."""
-    from torch._dynamo.utils import counters
-
     model, x, y = create_model(name, config)
     masks = random_masks(model, x, config.sparsity)
+    # One reset per (model, mode), none between variants: a reset drops every compiled variant's
+    # code cache, so each earlier variant would recompile inside the first timed round (on a cold
+    # GPU machine, a compile per variant). Each variant is its own module, so its warm-up is still
+    # its own compile; the recompile limit is raised so that no variant falls back to eager.
+    torch._dynamo.reset()
+    dynamo = torch._dynamo.config
+    key = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # the older name
+    with dynamo.patch(**{key: max(getattr(dynamo, key), 8 * len(config.variants))}):
+        runners, failed = _build_runners(name, mode, config, model, masks, x, y, say)
+        times = measure(runners, config.rounds)
+    memory = {}
+    if config.memory:
+        with _quiet_profiler():
+            for r in runners:
+                memory[r.kind] = step_memory(r)
+    return _rows(name, mode, runners, times, memory) + failed
+
+
+def _build_runners(name: str, mode: str, config: BenchConfig, model: nn.Module, masks: dict[str, torch.Tensor],
+                   x: torch.Tensor, y: torch.Tensor, say: Callable[[str], None]) -> tuple[list[Runner], list[dict]]:
+    """Every variant's runner, warmed up (compiled); a variant that fails is reported, not raised."""
+    from torch._dynamo.utils import counters
+
     runners, failed = [], []
     for kind in config.variants:
-        torch._dynamo.reset()  # each variant compiles from scratch; its warm-up time is its compile time
         counters.clear()
         try:
             r = Runner(kind, build_variant(kind, model, masks, x), mode == "compiled", x, y, config.bf16,
@@ -316,12 +336,11 @@ def bench_model(name: str, mode: str, config: BenchConfig, say: Callable[[str], 
         runners.append(r)
         say(f"  {name} {mode} {kind}: warm-up {r.warmup_s:.1f} s"
             + (f", graph breaks {r.graph_breaks}" if r.graph_breaks is not None else ""))
-    times = measure(runners, config.rounds)
-    memory = {}
-    if config.memory:
-        with _quiet_profiler():
-            for r in runners:
-                memory[r.kind] = step_memory(r)
+    return runners, failed
+
+
+def _rows(name: str, mode: str, runners: Sequence[Runner], times: dict[str, list[float]],
+          memory: dict[str, int]) -> list[dict[str, Any]]:
     rows = []
     for r in runners:
         ts = times[r.kind]
@@ -339,7 +358,7 @@ def bench_model(name: str, mode: str, config: BenchConfig, say: Callable[[str], 
         ref = next((q for q in rows if q["variant"] == row["reference"]), None)
         if ref is not None and "peak_mb" in row and "peak_mb" in ref:
             row["memory_ratio"] = row["peak_mb"] / ref["peak_mb"]
-    return rows + failed
+    return rows
 
 
 def compiled_over_eager(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -472,6 +491,8 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
     say = say or (lambda s: print(s, file=sys.stderr, flush=True)) if config.progress else (lambda s: None)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # as the Trainer on CUDA: autotuned convolutions (warm-up picks them)
     logging.getLogger("fxsparse").setLevel(logging.WARNING)
     out = Path(config.out) if config.out else None
     rows = read_rows(out / RESULTS) if out else []
