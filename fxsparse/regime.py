@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 
 from .compare import PROTOCOL, CompareError, _pyplot, _save, read_results
 
-__all__ = ["Cell", "read_map", "cells", "verdict", "markdown", "shock_markdown", "plot_map", "write_map"]
+__all__ = ["Cell", "read_map", "cells", "verdict", "markdown", "shock_markdown", "epoch_markdown", "plot_map", "write_map"]
 
 
 @dataclass
@@ -182,6 +182,41 @@ def shock_markdown(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def epoch_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """Where the gap opens and whether it closes: the paired validation-accuracy difference to the
+    baseline at the end of every epoch, per variant, architecture and budget (mean ± spread over
+    every (mask, sparsity, seed) pair)."""
+    base = {(r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"]): r for r in results
+            if r["variant"] == "baseline"}
+    groups: dict[tuple, dict[int, list[float]]] = {}
+    for r in results:
+        b = base.get((r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"]))
+        if r["variant"] in ("baseline", "dense") or b is None:
+            continue
+        ours = {e["epoch"]: e.get("val_acc") for e in r.get("epoch_curve") or []}
+        theirs = {e["epoch"]: e.get("val_acc") for e in b.get("epoch_curve") or []}
+        by_epoch = groups.setdefault((r["variant"], r["arch"], r["epochs"]), {})
+        for epoch, acc in ours.items():
+            if acc is not None and theirs.get(epoch) is not None:
+                by_epoch.setdefault(epoch, []).append(100.0 * (acc - theirs[epoch]))
+    if not groups:
+        return ""
+    width = max(len(v) for v in groups.values())
+    shown = sorted({e for v in groups.values() for e in v})
+    if width > 6:  # a long budget: the first epochs (the ghost phase) and a few after
+        shown = sorted(set(shown[:3]) | set(shown[:: max(1, len(shown) // 4)]) | {shown[-1]})
+    lines = ["| recipe | architecture | epochs | pairs | " + " | ".join(f"epoch {e}" for e in shown) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(shown)]
+    for (variant, arch, epochs), by_epoch in sorted(groups.items()):
+        n = max(len(v) for v in by_epoch.values())
+        text = []
+        for e in shown:
+            ds = by_epoch.get(e, [])
+            text.append(f"{statistics.fmean(ds):+.1f} ± {statistics.stdev(ds):.1f}" if len(ds) > 1 else "–")
+        lines.append(f"| {variant} | {arch} | {epochs} | {n} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def plot_map(table: Sequence[Cell], path: str | Path, title: str = "") -> Path:
     """A heat map per variant: rows (architecture, budget, mask), columns sparsity, colour = mean d
     in points (green: the recipe ahead), each cell annotated with mean ± spread and its verdict."""
@@ -225,6 +260,9 @@ def write_map(dirs: Sequence[str | Path], out: str | Path) -> str:
         if table:
             plot_map(table, out / f"map_{which}.png", title=f"{which} accuracy: recipe − baseline, paired by seed")
         parts.append(markdown(table, which))
+    by_epoch = epoch_markdown(results)
+    if by_epoch:
+        parts += ["Validation accuracy, recipe − baseline at the end of each epoch (points, paired):", "", by_epoch, ""]
     shock = shock_markdown(results)
     if shock:
         parts += ["Around each removal (validation split, eval mode):", "", shock, ""]
