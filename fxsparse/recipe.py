@@ -7,7 +7,9 @@ their names or a path. ``docs/recipes.md`` documents every key.
 
 Validation is strict: an unknown key, a value of the wrong type or out of range, or schedule
 fractions out of order raise ``fxsparse.errors.RecipeError`` naming the key path, the bad value
-and what is allowed, so a typo never silently falls back to a default.
+and what is allowed, so a typo never silently falls back to a default. Pass options are checked
+against the pass's constructor (``fxsparse.registry.check_options``) in every table, enabled or
+not.
 
 Inheritance: ``extends = "tost"`` (a shipped name or a path relative to the extending file)
 loads the parent's tables and deep-merges the child's keys over them before validation.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import RecipeError
+from .registry import BadOption, check_options, pass_names, pass_option_names
 
 __all__ = [
     "Recipe", "PassSpec", "Schedule", "LabelSmoothing", "Training", "load_recipe", "from_dict",
@@ -326,8 +329,6 @@ def _schedule(source: str, path: str, table: Any, *, ghost: bool, early_removal:
 
 
 def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
-    from .transform import pass_option_names
-
     c = _Checker(source, name, table, None)
     enabled = c.bool("enabled", False)
     options = {k: v for k, v in c.table.items() if k not in _PASS_RESERVED}
@@ -340,6 +341,14 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
                     f"{c._where()}unknown key {name + '.' + key!r} = {value!r}; allowed keys in [{name}]: "
                     f"{', '.join((*reserved, *sorted(allowed)))}"
                 )
+    try:  # values too, also in a disabled table: enabling it later must not be what reveals a typo
+        check_options(name, options)
+    except BadOption as bad:
+        if bad.key is None:
+            raise RecipeError(f"{c._where()}the options of [{name}] do not fit together: {bad.reason}") from None
+        if bad.allowed:
+            c.fail(bad.key, bad.value, bad.allowed)
+        raise RecipeError(f"{c._where()}{c._key(bad.key)} = {bad.value!r} is not allowed: {bad.reason}") from None
     schedule = None
     if ghost:
         if "schedule" not in c.table:
@@ -439,7 +448,6 @@ def _training(source: str, table: Any) -> Training:
 
 def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe") -> Recipe:
     """Validate the tables of a recipe (as ``tomllib`` reads them) and build a ``Recipe``."""
-    from .transform import pass_names
     from .passes import GHOST_GROUPS
 
     passes = [p for p in pass_names() if p != "masks"]

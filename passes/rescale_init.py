@@ -57,7 +57,8 @@ class RescaleInitPass(FxSparsePass):
     """GradInit per-tensor scales on the (masked) graph, folded into the parameters.
 
     Args:
-        data: an iterable of ``(inputs, targets)`` batches; it is cycled if shorter than needed.
+        data: an iterable of ``(inputs, targets)`` batches (required to run); it is cycled if
+            shorter than needed.
         loss_fn: ``loss_fn(logits, targets)``; cross-entropy by default.
         iters: search iterations (ToST: 180).
         eta: the look-ahead SGD step size (0.1).
@@ -72,7 +73,7 @@ class RescaleInitPass(FxSparsePass):
 
     def __init__(
         self,
-        data: Iterable,
+        data: Iterable | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         *,
         iters: int = 180,
@@ -84,18 +85,22 @@ class RescaleInitPass(FxSparsePass):
         normalize_grad: bool = True,
     ) -> None:
         super().__init__()
-        if data is None:
-            raise PassError("RescaleInitPass (LRsI) needs data: an iterable of (inputs, targets) batches.")
-        if iters < 1 or eta <= 0 or gamma <= 0 or lr <= 0 or min_scale < 0:
+        if iters < 1 or eta <= 0 or gamma <= 0 or lr <= 0 or min_scale < 0 or grad_clip <= 0:
             raise PassError(
                 f"RescaleInitPass options out of range: iters={iters} (>= 1), eta={eta} (> 0), "
-                f"gamma={gamma} (> 0), lr={lr} (> 0), min_scale={min_scale} (>= 0)."
+                f"gamma={gamma} (> 0), lr={lr} (> 0), min_scale={min_scale} (>= 0), grad_clip={grad_clip} (> 0)."
             )
         self.data = data
         self.loss_fn = loss_fn or F.cross_entropy
         self.iters, self.eta, self.gamma, self.lr = iters, eta, gamma, lr
         self.min_scale, self.grad_clip, self.normalize_grad = min_scale, grad_clip, normalize_grad
         self.report = RescaleReport()
+
+    def requires(self, graph_module: GraphModule) -> None:
+        super().requires(graph_module)
+        # checked here, not in __init__: recipes validate options by constructing the pass without data
+        if self.data is None:
+            raise PassError("RescaleInitPass (LRsI) needs data: an iterable of (inputs, targets) batches.")
 
     def call(self, gm: GraphModule) -> PassResult:
         names = [n for n, p in gm.named_parameters() if p.requires_grad and not n.startswith(CONTAINER + ".")]

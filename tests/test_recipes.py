@@ -11,7 +11,7 @@ import fxsparse
 from fxsparse.errors import RecipeError
 from fxsparse.recipe import Recipe, Schedule, from_dict, load_recipe
 from fxsparse.recipes import available
-from fxsparse.transform import pass_names, register_pass
+from fxsparse.transform import pass_names, register_pass, unregister_pass
 
 SHIPPED = ("tost", "baseline", "ghost_neurons", "ghost_skips", "ghost_channels", "lrsi", "label_smoothing")
 TECHNIQUES = {"ghost_neurons": "ghost_neurons", "ghost_skips": "ghost_skips", "ghost_channels": "ghost_channels",
@@ -137,6 +137,18 @@ BAD = {
     "bad smoothing form": ('[label_smoothing]\nform = "uniform"\n', ["label_smoothing.form", "'tost'", "'torch'"]),
     "table expected": ('training = 3\n', ["training", "3", "a table"]),
     "extends missing": ('extends = "nope"\n', ["'nope'", "tost", "baseline"]),
+    # option values, checked against the pass's constructor, also in a disabled table
+    "bad choice in a disabled pass": ('[ghost_neurons]\nenabled = false\nsoft = "tanhh"\n',
+                                      ["ghost_neurons.soft", "'tanhh'", "'mish'", "'pswish'", "'swish'"]),
+    "option out of range": ('extends = "tost"\n[ghost_channels]\nratio = -0.5\n',
+                            ["ghost_channels.ratio", "-0.5", "must be > 0"]),
+    "option of the wrong type": ('[ghost_skips]\nmasked_branch = "yes"\n',
+                                 ["ghost_skips.masked_branch", "'yes'", "true or false"]),
+    "float for an integer option": ('[rescale]\niters = 180.5\n', ["rescale.iters", "180.5", "an integer"]),
+    "bad list element": ('[ghost_neurons]\nkinds = ["relu", "gelu"]\n',
+                         ["ghost_neurons.kinds", "'gelu'", "('relu', 'relu6')"]),
+    "options that need each other": ('[ghost_neurons]\nlearn_beta = true\n',
+                                     ["ghost_neurons.learn_beta", "True", "soft='pswish'"]),
 }
 
 
@@ -147,6 +159,31 @@ def test_malformed_recipe_names_key_value_and_allowed(tmp_path, case):
     for needle in needles:
         assert needle in message, f"{case}: {needle!r} not in {message!r}"
     assert "bad.toml" in message or "nope" in message
+
+
+def test_option_values_that_fit_together_load():
+    r = load_recipe("baseline", overrides={"ghost_neurons.soft": "pswish", "ghost_neurons.learn_beta": True,
+                                           "ghost_neurons.kinds": ["relu", "relu6"], "rescale.iters": 3})
+    assert r.passes["ghost_neurons"].options["learn_beta"] is True and not r.passes["ghost_neurons"].enabled
+
+
+def test_registry_sits_below_recipe_and_transform():
+    import ast
+    import inspect as pyinspect
+
+    import fxsparse.recipe
+    import fxsparse.registry
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(pyinspect.getsource(module))
+        return {(n.module or "").lstrip(".") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not imported(fxsparse.registry) & {"recipe", "transform", "fxsparse.recipe", "fxsparse.transform"}
+    assert not imported(fxsparse.recipe) & {"transform", "fxsparse.transform"}
+    # the public names stay where users import them from
+    assert (register_pass, unregister_pass, pass_names) == (
+        fxsparse.registry.register_pass, fxsparse.registry.unregister_pass, fxsparse.registry.pass_names)
 
 
 def test_invalid_toml_and_inheritance_loop(tmp_path):
@@ -218,9 +255,7 @@ def test_transform_skip_and_registry():
         with pytest.raises(RecipeError, match="names no pass"):
             fxsparse.transform(_Small(), r, skip=["nothing"])
     finally:
-        from fxsparse.transform import _REGISTRY
-
-        _REGISTRY.pop("marker", None)
+        unregister_pass("marker")
 
 
 def test_tost_masks_its_ghost_skip_branches():
