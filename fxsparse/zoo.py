@@ -25,6 +25,7 @@ plus a markdown summary beside it.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import datetime
 import fnmatch
@@ -158,7 +159,7 @@ def _bare(spec: str) -> str:
 
 
 # --------------------------------------------------------------------------- one model
-def check_model(spec: str, *, numeric: bool = False, max_params: int = DEFAULT_MAX_PARAMS) -> ModelResult:
+def check_model(spec: str, *, numeric: bool = False, max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS) -> ModelResult:
     """Build ``spec`` on the meta device and trace it; with ``numeric`` also check outputs on CPU.
 
     Never raises for a model's own failure: exceptions become ``status="error"`` with the stage,
@@ -186,6 +187,8 @@ def check_model(spec: str, *, numeric: bool = False, max_params: int = DEFAULT_M
         result.error_type, result.error = type(e).__name__, _first_line(e)
     finally:
         model = gm = None  # noqa: F841 -- free the meta model before the numeric check
+    if isinstance(max_params, collections.abc.Mapping):  # a budget per source
+        max_params = max_params.get(result.source, max_params.get("default", DEFAULT_MAX_PARAMS))
     if numeric:
         if not result.ok:
             result.numeric, result.numeric_detail = "skipped", "the meta trace failed"
@@ -259,13 +262,14 @@ class PipelineCheckFailed(AssertionError):
 def check_pipeline(
     spec: str,
     *,
-    max_params: float = DEFAULT_MAX_PARAMS,
+    max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
     options: PipelineOptions | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ModelResult:
     """Trace ``spec`` on the meta device (as ``check_model``), then, if it has at most
-    ``max_params`` parameters, run the whole ``options.recipe`` pipeline on CPU (see the module
-    docstring and ``PIPELINE_STAGES``). Never raises for a model's own failure.
+    ``max_params`` parameters (or ``max_params[source]``, e.g. ``{"timm": 30e6, "torchvision":
+    inf}``), run the whole ``options.recipe`` pipeline on CPU (see the module docstring and
+    ``PIPELINE_STAGES``). Never raises for a model's own failure.
 
     ``on_stage(name)`` is called as each stage starts (the pool's workers tell the parent, so a
     timeout or crash is reported with its stage).
@@ -273,6 +277,8 @@ def check_pipeline(
     if on_stage:
         on_stage("meta-trace")
     result = check_model(spec)
+    if isinstance(max_params, collections.abc.Mapping):  # a budget per source
+        max_params = max_params.get(result.source, max_params.get("default", DEFAULT_MAX_PARAMS))
     if result.params is not None and result.params > max_params:
         result.pipeline, result.pipeline_detail = "skipped", f"{result.params:,} parameters > {max_params:,.0f}"
         return result
@@ -661,7 +667,7 @@ def sweep(
     timeout: float = 120.0,
     workers: int = 2,
     numeric: bool = False,
-    max_params: float = DEFAULT_MAX_PARAMS,
+    max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
     pipeline: PipelineOptions | bool | None = None,
     max_tasks: int | None = None,
     time_budget: float | None = None,
@@ -909,10 +915,17 @@ def summarize_pipeline(results: Sequence[ModelResult]) -> dict[str, Any]:
     for r in ok:
         for stage, t in (r.stage_s or {}).items():
             stage_totals[stage] += t
+    by_source = {}
+    for source in sorted({r.source for r in results}):
+        mine = [r for r in results if r.source == source]
+        by_source[source] = {"models": len(mine), "ran": sum(r.pipeline in ("ok", "error") for r in mine),
+                             "ok": sum(r.pipeline == "ok" for r in mine),
+                             "skipped": sum(r.pipeline == "skipped" for r in mine)}
     return {
         "models": len(results),
         "ran": len(ran),
         "ok": len(ok),
+        "by_source": by_source,
         "error": len(ran) - len(ok),
         "skipped": sum(r.pipeline == "skipped" for r in results),
         "success_rate": round(len(ok) / len(ran), 4) if ran else None,
@@ -1014,6 +1027,10 @@ def render_markdown(results: Sequence[ModelResult], *, env: dict[str, Any], sett
             f"({_pct(pipe['ok'], pipe['ran'])}); {pipe['skipped']} skipped by the parameter budget |"
         )
         pt = pipe["pipeline_s"]
+        if len(pipe["by_source"]) > 1:
+            for source, b in pipe["by_source"].items():
+                lines.append(f"| {source} | {b['ok']} / {b['ran']} completed ({_pct(b['ok'], b['ran'])}); "
+                             f"{b['skipped']} skipped |")
         if pt["median"] is not None:
             lines.append(f"| pipeline time per model (s) | median {pt['median']:.1f} · p90 {pt['p90']:.1f} · max "
                          f"{pt['max']:.1f} (`{pt['max_model']}`) · total {pt['total'] / 3600:.2f} h |")

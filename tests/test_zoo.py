@@ -248,6 +248,13 @@ def test_pipeline_runs_every_stage_and_reports_budget_skips(tmp_path):
     assert {r.model for r in zoo.read_log(tmp_path / "pipe.jsonl")} == set(models)
 
 
+def test_pipeline_budget_per_source():
+    budget = {"torchvision": 1e6, "default": float("inf")}
+    r = zoo.check_pipeline("tv:resnet18", max_params=budget)
+    assert r.pipeline == "skipped" and r.pipeline_detail == "11,689,512 parameters > 1,000,000"
+    assert zoo.check_model("tv:resnet18", numeric=False, max_params=budget).ok
+
+
 def test_pipeline_failures_name_their_stage_and_mask_methods_go_on():
     r = zoo.check_pipeline("test_zoo:no_layers_net")
     assert (r.pipeline, r.pipeline_stage) == ("error", "masks:random")

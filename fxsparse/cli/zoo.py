@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-params", type=float, default=30e6, metavar="M",
                    help="--numeric and --pipeline only run models with at most M parameters; larger ones are "
                    "reported as skipped (default: 30e6; 'inf' for none)")
+    p.add_argument("--max-params-for", action="append", default=[], metavar="SOURCE=M",
+                   help="a budget for one source instead of --max-params, e.g. torchvision=inf; repeatable")
+    p.add_argument("--rerun-failed", action="store_true",
+                   help="with --resume: run the models whose logged result failed again")
     p.add_argument("--resume", action="store_true",
                    help="keep the results already in the report's .jsonl log (written as models finish) and "
                    "sweep only the models not in it")
@@ -106,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     done: dict[str, zoo.ModelResult] = {}
     if args.resume and log_path.exists():
         done = {r.model: r for r in zoo.read_log(log_path)}
+        if args.rerun_failed:
+            done = {m: r for m, r in done.items() if r.ok and r.pipeline != "error" and r.numeric not in ("error", "mismatch")}
     elif log_path.exists():
         log_path.unlink()
     todo = [s for s in specs if s not in done]
@@ -123,12 +129,22 @@ def run(args: argparse.Namespace) -> int:
             since_report = 0
             zoo.write_report([done[s] for s in specs if s in done], out, settings=settings, title=title)
 
+    budget: float | dict[str, float] = args.max_params
+    if args.max_params_for:
+        budget = {"default": args.max_params}
+        for item in args.max_params_for:
+            source, _, value = item.partition("=")
+            try:
+                budget[source] = float(value)
+            except ValueError:
+                raise FxSparseError(f"--max-params-for takes SOURCE=M (e.g. torchvision=inf); got {item!r}.") from None
+        settings["max_params_for"] = {k: (int(v) if math.isfinite(v) else "none") for k, v in budget.items()}
     zoo.sweep(
         todo,
         timeout=args.timeout,
         workers=args.workers,
         numeric=args.numeric,
-        max_params=args.max_params,
+        max_params=budget,
         pipeline=pipeline,
         time_budget=args.time_budget,
         progress=not args.no_progress,
