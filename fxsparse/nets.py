@@ -120,17 +120,18 @@ class CifarResNet(nn.Module):
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, stages of 2 BasicBlocks (64-128-256-512)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        in_planes, stages = 64, []
-        for i, planes in enumerate((64, 128, 256, 512)):
+        widths = tuple(scaled(c, width) for c in (64, 128, 256, 512))
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes, stages = widths[0], []
+        for i, planes in enumerate(widths):
             stride = 1 if i == 0 else 2
             stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride, "B"), BasicBlock(planes, planes, 1, "B")))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(widths[3], num_classes)
         self.fxsparse_input_size = (in_chans, 32, 32)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -163,9 +164,9 @@ def resnet56(num_classes: int = 10, in_chans: int = 3, shortcut: str = "A", widt
     return CifarResNet(56, num_classes, in_chans, shortcut, width)
 
 
-def resnet18(num_classes: int = 10, in_chans: int = 3) -> ResNet18:
-    """CIFAR ResNet-18 (11.2M parameters)."""
-    return ResNet18(num_classes, in_chans)
+def resnet18(num_classes: int = 10, in_chans: int = 3, width: float = 1.0) -> ResNet18:
+    """CIFAR ResNet-18 (11.2M parameters at width 1)."""
+    return ResNet18(num_classes, in_chans, width)
 
 
 # --------------------------------------------------------------------------- VGG

@@ -59,7 +59,7 @@ def test_nets_have_the_published_sizes(name, params):
     assert first.weight.shape[1] == 1
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vgg16", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "vgg16", "mobilenetv2"])
 def test_nets_width_scales_every_hidden_layer(name):
     full, half = getattr(nets, name)(), getattr(nets, name)(width=0.5)
     convs = lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
