@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             done = {m: r for m, r in done.items() if r.ok and r.pipeline != "error" and r.numeric not in ("error", "mismatch")}
     elif log_path.exists():
         log_path.unlink()
+    specs = list(dict.fromkeys(specs))  # each model once
     todo = [s for s in specs if s not in done]
     if done:
         print(f"resuming: {len(specs) - len(todo)} of {len(specs)} models already in {log_path}")
