@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from torch.fx import GraphModule, Node
 
 from . import graph as fxgraph
 from .pass_infra import CONTAINER, HISTORY_KEY, container
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Row", "GraphDiff", "Report", "inspect_graph", "rows", "summary", "graph_diff", "masks_of",
@@ -319,8 +322,20 @@ def inspect_graph(gm: GraphModule, before: GraphModule | None = None, *, all_nod
             f"inspect expects a torch.fx.GraphModule; got {type(gm).__name__}. Trace the model "
             f"first: fxsparse.trace(model)."
         )
+    _complete_shapes(gm)
     diff = graph_diff(before, gm) if before is not None else None
     return Report(gm, rows(gm, all_nodes=all_nodes), summary(gm), diff, before)
+
+
+def _complete_shapes(gm: GraphModule) -> None:
+    # passes add nodes without a shape (ghost channels have new widths): fill them in here, where
+    # they are shown, rather than in every transform
+    from .trace import complete_shapes
+
+    try:
+        complete_shapes(gm)
+    except Exception as e:  # an annotation, not worth failing the report: those rows show "?"
+        log.warning("could not propagate shapes to the nodes passes added: %s: %s", type(e).__name__, e)
 
 
 # --------------------------------------------------------------------------- text / json

@@ -34,7 +34,7 @@ from .errors import ExampleInputError, TraceError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["trace", "FxSparseTracer", "propagate_shapes", "default_leaf_modules", "TraceInfo"]
+__all__ = ["trace", "FxSparseTracer", "propagate_shapes", "complete_shapes", "default_leaf_modules", "TraceInfo"]
 
 META_KEY = "fxsparse"  # key of gm.meta and node.meta entries written by fxsparse
 
@@ -521,6 +521,84 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             except Exception as real_error:
                 e = real_error
         raise ExampleInputError(_explain_shape_failure(gm, inputs, e), cause=e) from None
+
+
+def complete_shapes(gm: torch.fx.GraphModule) -> bool:
+    """Give the nodes that passes added without a shape their ``node.meta["tensor_meta"]``.
+
+    Ghost channels compute new widths, so no pass can copy a shape for them. Only the nodes
+    without one run, on meta tensors; every other node's value is a meta tensor rebuilt from its
+    recorded metadata. That needs no example inputs and costs a fraction of a full propagation.
+    Returns whether anything was missing; a graph ``trace`` did not propagate is left alone.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    if not all("type" in n.meta for n in nodes if n.op == "placeholder"):
+        return False  # never propagated
+    # ShapeProp records every node's result type, tensor or not: a node with neither is new
+    if all("type" in n.meta or "tensor_meta" in n.meta for n in nodes):
+        return False
+    _CompleteShapes(gm).run(*(None for n in nodes if n.op == "placeholder"))
+    return True
+
+
+class _CompleteShapes(torch.fx.Interpreter):
+    """Runs the nodes without a recorded shape on meta tensors and records it; rebuilds the others'
+    values from their metadata. Parameters and buffers are read as meta copies, never changed."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if "tensor_meta" in n.meta:
+            return self._rebuild(n.meta["tensor_meta"])
+        if n.op == "placeholder":  # a non-tensor input: pinned at trace time (its default) or None
+            return n.args[0] if n.args else None
+        result = super().run_node(n)
+        if n.op != "output":
+            found: list[bool] = []
+            meta = self._describe(result, found)
+            if found:
+                n.meta["tensor_meta"] = meta
+            n.meta["type"] = type(result)
+        return result
+
+    def get_attr(self, target: str, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        from torch.func import functional_call
+
+        module = self.fetch_attr(target)
+        state = {name: t.to("meta") for name, t in (*module.named_parameters(), *module.named_buffers())}
+        return functional_call(module, state, tuple(args), dict(kwargs))
+
+    def _rebuild(self, meta: Any) -> Any:
+        from torch.fx.passes.shape_prop import TensorMetadata
+
+        if isinstance(meta, TensorMetadata):
+            return torch.empty_strided(meta.shape, meta.stride, dtype=meta.dtype, device="meta")
+        if isinstance(meta, (list, tuple)):
+            return _same_sequence(meta, [self._rebuild(m) for m in meta])
+        if isinstance(meta, dict):
+            return {k: self._rebuild(m) for k, m in meta.items()}
+        return meta
+
+    def _describe(self, value: Any, found: list) -> Any:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        if isinstance(value, torch.Tensor):
+            found.append(True)
+            return _extract_tensor_metadata(value)
+        if isinstance(value, (list, tuple)):
+            return _same_sequence(value, [self._describe(v, found) for v in value])
+        if isinstance(value, dict):
+            return {k: self._describe(v, found) for k, v in value.items()}
+        return value
+
+
+def _same_sequence(like: Sequence, items: list) -> Any:
+    """``items`` in the sequence type of ``like`` (list, tuple, namedtuple, torch.return_types)."""
+    if type(like) in (list, tuple):
+        return type(like)(items)
+    return type(like)(*items) if hasattr(like, "_fields") else type(like)(items)
 
 
 @functools.cache

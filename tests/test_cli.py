@@ -116,6 +116,10 @@ def test_inspect_recipe_shows_the_diff(tmp_path):
     data = json.loads(out.read_text())
     assert data["diff"]["added_by_group"].get("masks", 0) > 0
     assert data["summary"]["masks"]["tensors"] == 21
+    # every node a pass added has its shape, ghost channels' new widths included
+    added = [r for r in data["rows"] if r["tag"]]
+    assert any(r["tag"].startswith("ghost_channels/") for r in added)
+    assert [r for r in added if r["shape"] is None] == []
 
 
 def test_check_passes_on_resnet18(capsys):

@@ -256,6 +256,26 @@ def test_a_masked_graph_on_random_masks_of_any_density():
     assert len(rows) == 21 and all(0.4 < r.density < 0.6 for r in rows if r.params > 1000)
 
 
+def test_shapes_of_the_nodes_passes_added_are_filled_in():
+    from fxsparse.trace import complete_shapes, propagate_shapes
+
+    model, gm, x = build("resnet18")
+    recipe = fxsparse.load_recipe("tost", overrides={"rescale.enabled": False})
+    gm = fxsparse.transform(gm, recipe, example_inputs=x, copy=True)
+    new = [n for n in gm.graph.nodes if n.op != "output" and "tensor_meta" not in n.meta]
+    assert any(n.meta["fxsparse"]["group"] == "ghost_channels" for n in new)  # ghost channels have none
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+
+    report = inspect_graph(gm)
+    assert not [r for r in report.rows if r.tag and r.shape is None]
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())  # ran on meta copies
+    assert complete_shapes(gm) is False  # nothing left to do
+    # the same shapes as a full propagation from the example input
+    filled = {n.name: shape_of(n) for n in new}
+    propagate_shapes(gm, (x,))
+    assert filled == {n.name: shape_of(n) for n in new}
+
+
 def test_inspect_rejects_a_plain_module():
     with pytest.raises(FxSparseError, match="expects a torch.fx.GraphModule"):
         inspect_graph(nn.Linear(2, 2))
