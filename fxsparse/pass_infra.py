@@ -250,8 +250,8 @@ def _generic_hint(group: str) -> str:
     skip = (f" To go on without it, disable it: `{group}.enabled = false` in the recipe, or "
             f"fxsparse.transform(..., skip=[{group!r}]).") if group else ""
     return ("This is a bug in the pass or an operation of the model it does not handle: please report it "
-            "with the model and the recipe (the original error and its traceback are chained above, and "
-            f"kept as err.cause).{skip}")
+            "with the model, the recipe and the original error's traceback (chained to this error as its "
+            f"cause, err.cause).{skip}")
 
 
 def _reported(p: Callable, check: bool) -> Callable:
