@@ -38,6 +38,10 @@ EXPECTED_SITES = {
     "tv:convnext_tiny": 18, "vit_tiny_patch16_224": 12, "deit_tiny_patch16_224": 12, "tv:vit_b_16": 12,
     "swin_tiny_patch4_window7_224": 12, "tv:swin_t": 12, "mobilevit_xxs": 7, "edgenext_xx_small": 12,
     "poolformer_s12": 12,
+    # conv pairs inside a stage (a max-pool in between is not channel-wise): VGG-16 1+1+2+2+2,
+    # VGG-11 0+0+1+1+1; one per BasicBlock; MobileNetV2 as torchvision's
+    "fxsparse.nets:vgg16": 8, "fxsparse.nets:vgg11": 3, "fxsparse.nets:resnet32": 15,
+    "fxsparse.nets:mobilenetv2(width=0.5)": 19,
 }
 
 
