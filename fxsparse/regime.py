@@ -226,7 +226,9 @@ def plot_map(table: Sequence[Cell], path: str | Path, title: str = "") -> Path:
         raise CompareError("nothing to plot: no cell has both a recipe and its baseline")
     sparsities = sorted({c.sparsity for c in table})
     row_keys = list(dict.fromkeys((c.arch, c.epochs, c.method) for c in table))
-    lim = max(1.0, max(abs(c.mean) for c in table if not math.isnan(c.mean)))
+    # the colour range follows the complete cells: one single-seed outlier must not wash out the rest
+    judged = [abs(c.mean) for c in table if c.verdict != "?"] or [abs(c.mean) for c in table if not math.isnan(c.mean)]
+    lim = max(1.0, max(judged, default=1.0))
     fig, axes = plt.subplots(1, len(variants), figsize=(2.2 + 2.1 * len(sparsities) * len(variants),
                                                          1.2 + 0.5 * len(row_keys)), squeeze=False)
     for ax, variant in zip(axes[0], variants):
@@ -237,12 +239,13 @@ def plot_map(table: Sequence[Cell], path: str | Path, title: str = "") -> Path:
                 grid[i][j] = c.mean
                 ax.text(j, i, f"{c.mean:+.1f}±{c.spread:.1f}\n{c.verdict}", ha="center", va="center", fontsize=7,
                         fontweight="bold" if c.verdict in ("win", "loss") else "normal")
-        im = ax.imshow(grid, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")
+        im = ax.imshow(grid, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")  # beyond the range: end colours
         ax.set_xticks(range(len(sparsities)), [f"{s:g}" for s in sparsities])
-        ax.set_yticks(range(len(row_keys)), [f"{a}, {e} ep, {m}" for a, e, m in row_keys], fontsize=7)
+        ax.set_yticks(range(len(row_keys)), [f"{a.split('(')[0]}, {e} ep, {m}" for a, e, m in row_keys], fontsize=7)
         ax.set_xlabel("sparsity")
         ax.set_title(f"{variant} − baseline", fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), label="points (paired mean)")
+    fig.subplots_adjust(left=0.2, right=0.86)
+    fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.015, 0.7)), label="points (paired mean)")
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, Path(path))
