@@ -199,6 +199,7 @@ def epoch_markdown(results: Sequence[dict[str, Any]]) -> str:
         for epoch, acc in ours.items():
             if acc is not None and theirs.get(epoch) is not None:
                 by_epoch.setdefault(epoch, []).append(100.0 * (acc - theirs[epoch]))
+    groups = {k: v for k, v in groups.items() if v}  # runs without per-epoch curves add nothing
     if not groups:
         return ""
     width = max(len(v) for v in groups.values())

@@ -21,7 +21,8 @@ def _study(path, model, epochs, overrides, runs):
         for recipe, method, sparsity, seed, test, val, shock in runs:
             f.write(json.dumps({"key": f"{method}-s{sparsity}-{recipe}-seed{seed}", "recipe": recipe, "method": method,
                                 "sparsity": sparsity, "seed": seed, "test_acc": test, "val_acc": val,
-                                "mask_sha256": f"{method}{sparsity}{seed}", "removal_shock": shock}) + "\n")
+                                "mask_sha256": f"{method}{sparsity}{seed}", "removal_shock": shock,
+                                "epoch_curve": [{"epoch": 1, "val_acc": val - 0.1}, {"epoch": 2, "val_acc": val}]}) + "\n")
     return path
 
 
@@ -61,6 +62,7 @@ def test_map_pairs_across_studies_and_names_variants(tmp_path):
     text = (out / "map.md").read_text()
     assert "+3.00 ± 1.00 (3/3) **win**" in text and "1 wins, 0 ties, 1 losses in 2 cells" in text
     assert "| tost | vgg16(width=0.25) | 3 | ghost_skips | 3 | 70.0 → 60.0 (-10.0) |" in text
+    assert "| tost | vgg16(width=0.25) | 3 | 3 | -1.0 ± 0.0 | -1.0 ± 0.0 |" in text  # the gap per epoch
     assert (out / "map_test.png").stat().st_size > 0 and (out / "map_val.png").exists()
 
 
