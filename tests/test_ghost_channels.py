@@ -40,7 +40,7 @@ EXPECTED_SITES = {
     "poolformer_s12": 12,
     # conv pairs inside a stage (a max-pool in between is not channel-wise): VGG-16 1+1+2+2+2,
     # VGG-11 0+0+1+1+1; one per BasicBlock; MobileNetV2 as torchvision's
-    "fxsparse.nets:vgg16": 8, "fxsparse.nets:vgg11": 3, "fxsparse.nets:resnet32": 15,
+    "fxsparse.nets:vgg16(width=0.25)": 8, "fxsparse.nets:vgg11(width=0.25)": 3, "fxsparse.nets:resnet32": 15,
     "fxsparse.nets:mobilenetv2(width=0.5)": 19,
 }
 

@@ -5,8 +5,8 @@ the whole list runs in the default test suite on 2 CPU cores; transformers keep 
 """
 ZOO: list[tuple[str, tuple[int, int, int]]] = [
     # the CIFAR nets of ToST's paper (fxsparse.nets): plain VGG, deep ResNets, MobileNetV2
-    ("fxsparse.nets:vgg16", (3, 32, 32)),
-    ("fxsparse.nets:vgg11", (3, 32, 32)),
+    ("fxsparse.nets:vgg16(width=0.25)", (3, 32, 32)),
+    ("fxsparse.nets:vgg11(width=0.25)", (3, 32, 32)),
     ("fxsparse.nets:resnet32", (3, 32, 32)),
     ("fxsparse.nets:mobilenetv2(width=0.5)", (3, 32, 32)),
     # plain / residual CNNs
