@@ -23,10 +23,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     spec = spec.strip()
     if not spec.endswith(")"):
         return spec, {}
-    name, paren, _ = spec.partition("(")
+    name = spec.partition("(")[0]
     try:
-        call = ast.parse(spec[len(name):].join(("f", "")), mode="eval").body
-        if not isinstance(call, ast.Call) or call.args:
+        call = ast.parse("f" + spec[len(name):], mode="eval").body  # the keywords as a call of f
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
             raise ValueError
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
         if len(kwargs) != len(call.keywords):

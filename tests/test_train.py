@@ -95,7 +95,7 @@ def test_model_spec_passes_constructor_keywords():
     assert parse_spec("resnet50") == ("resnet50", {})
     model = create("fxsparse.nets:resnet20(width=0.5, shortcut='B')", num_classes=3)
     assert model.fc.out_features == 3 and model.conv1.out_channels == 8 and model.layer2[0].pad == 0
-    for bad in ("fxsparse.nets:vgg16(0.25)", "fxsparse.nets:vgg16(width=w)"):
+    for bad in ("fxsparse.nets:vgg16(0.25)", "fxsparse.nets:vgg16(width=w)", "fxsparse.nets:vgg16(width=1)(depth=2)"):
         with pytest.raises(ModelSpecError, match="keywords with literal values"):
             create(bad)
 
