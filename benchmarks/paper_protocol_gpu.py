@@ -59,7 +59,6 @@ batch 32, 2 LRsI iterations) on a small saved file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -220,19 +219,10 @@ def estimate_run(name: str, recipe: str, flops: float, epochs: int, steps: int, 
 
 
 # --------------------------------------------------------------------------- one run
-def mask_hash(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    from safetensors.torch import load_file
-
-    h = hashlib.sha256()
-    for name, t in sorted(load_file(str(path)).items()):
-        h.update(name.encode())
-        h.update(t.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def run_one(args, name: str, recipe: str, seed: int, data_path: str, out: Path) -> dict:
+    from fxsparse.compare import mask_hash  # the hash compare's pairing checks, so the two agree
     from fxsparse.metrics import read_metrics
     from fxsparse.train import TrainConfig, Trainer
 

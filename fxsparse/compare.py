@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CompareConfig", "CompareError", "RunSpec", "ScheduleVariant", "PRESETS", "RECIPES", "DISTRIBUTION",
-    "run_grid", "execute", "report", "aggregate", "read_results", "prepare_data",
+    "run_grid", "execute", "report", "aggregate", "read_results", "prepare_data", "mask_hash",
 ]
 
 # The recipes of the study: baseline and full ToST first, then each technique alone.
@@ -314,7 +314,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "weights_kept": summary["weights_kept"], "steps": summary["steps"], "epochs": summary["epochs"],
         "data": summary["data"], "images": summary["images"], "removals": summary["removals"],
         "ghost_schedules": ghost_schedules,
-        "mask_sha256": _mask_hash(run_dir / "masks.safetensors"),
+        "mask_sha256": mask_hash(run_dir / "masks.safetensors"),
         "time_s": {**summary["time_s"], "wall": wall},
         "epoch_curve": epochs,
         "loss_curve": [[r["step"], r["loss"]] for r in steps[::stride]],
@@ -333,7 +333,7 @@ def recipe_has_lrsi(name: str) -> bool:
     return spec is not None and spec.enabled
 
 
-def _mask_hash(path: Path) -> str | None:
+def mask_hash(path: Path) -> str | None:
     """SHA-256 over the masks' names and bits: equal hashes = the same mask."""
     if not path.exists():
         return None
