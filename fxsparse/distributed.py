@@ -56,12 +56,14 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DistributedError", "Env", "init", "destroy", "is_distributed", "rank", "world_size",
     "is_main", "barrier", "seed", "shard", "wrap", "rewrap", "unwrap", "step", "broadcast_masks",
-    "check_identical", "sync_buffers", "all_reduce_metrics", "save_checkpoint",
+    "check_identical", "sync_buffers", "all_reduce_metrics", "all_reduce_tensors", "save_checkpoint", "fully_shard", "export",
 ]
 
-# state the DDP wrapper need not sync at every forward: masks never change, gates are set by the
-# deterministic scheduler on every rank (wrap checks both are identical instead)
-_NOT_SYNCED = (f"{CONTAINER}.masks.", f"{CONTAINER}.gates.")
+# state the DDP wrapper need not sync at every forward: masks change only in [dynamic] updates, which
+# rank 0 decides and broadcasts (fxsparse.masks.dynamic), gates are set by the deterministic scheduler on
+# every rank (wrap checks both are identical instead); [dynamic]'s gradient probes are zeros, their
+# gradients averaged at each mask update only
+_NOT_SYNCED = (f"{CONTAINER}.masks.", f"{CONTAINER}.gates.", f"{CONTAINER}.dynamic.")
 _WRAP_OPTIONS = "_fxsparse_ddp_options"  # attribute of a DDP made by wrap(): its options, for rewrap()
 _GRAPH = "<graph code>"  # pseudo-entry of check_identical: the module's generated code
 
@@ -289,9 +291,45 @@ def step(scheduler, model: nn.Module) -> nn.Module:
         # each rank updated from its own batch since the last forward: use rank 0's on every rank
         sync_buffers(model)
     scheduler.step()
-    if len(scheduler.removed) == removed or not isinstance(model, DDP):
+    if len(scheduler.removed) == removed:
+        return model
+    if is_distributed() and _is_fsdp(model):
+        # the same module stays in use; FSDP's groups must let go of the removed parameters
+        from .fsdp import forget_removed
+
+        _check_same({"step": scheduler.step_count, "removed": list(scheduler.removed)}, "the ghost removals")
+        info = forget_removed(model)
+        if scheduler.events:  # the trainer's summary and metrics show the removal events
+            scheduler.events[-1]["fsdp_shard_bytes_freed"] = info["bytes"]
+        log.info("fsdp: %d removed parameters left FSDP's groups (%d bytes of this rank's shards)",
+                 info["parameters"], info["bytes"])
+        return model
+    if not isinstance(model, DDP):
         return model
     return rewrap(model, scheduler=scheduler)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def fully_shard(gm: nn.Module, units="layers", **options: Any) -> nn.Module:
+    """FSDP2 for a transformed GraphModule: ``fxsparse.fsdp.shard`` (see there and docs/distributed.md)."""
+    from .fsdp import shard as _shard
+
+    return _shard(gm, units, **options)
+
+
+def export(model: nn.Module):
+    """``fxsparse.export`` of a DDP-wrapped, FSDP-sharded or plain module. Under FSDP it gathers the
+    full state dict, so every rank must call it (every rank gets the state)."""
+    from .fsdp import export as _export
+
+    return _export(unwrap(model))
 
 
 # --------------------------------------------------------------------------- agreement checks
@@ -480,6 +518,28 @@ def sync_buffers(module: nn.Module, *, op: str = "broadcast", src: int = 0) -> N
 
 
 _OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce_tensors(tensors: list[torch.Tensor], op: str = "mean") -> list[torch.Tensor]:
+    """Reduce each tensor over the ranks in place (``"sum"``, ``"mean"``, ``"max"``, ``"min"``);
+    every rank gets the result. Nothing happens in a single process. Used for [dynamic]'s RigL
+    gradients at a mask update: one flat collective for all of them."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {sorted(_OPS)}; got {op!r}")
+    if not is_distributed() or not tensors:
+        return tensors
+    device = _comm_device()
+    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=getattr(dist.ReduceOp, _OPS[op]))
+    if op == "mean":
+        flat /= dist.get_world_size()
+    start = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[start:start + n].view(t.shape).to(t.dtype))  # view(shape): logical order, any strides
+            start += n
+    return tensors
 
 
 def all_reduce_metrics(metrics: Mapping[str, float | int | torch.Tensor], op: str = "sum") -> dict[str, float]:

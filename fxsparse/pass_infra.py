@@ -35,7 +35,7 @@ log = logging.getLogger("fxsparse.passes")
 __all__ = [
     "FxSparsePass", "PassResult", "run_passes", "tag", "tagged_nodes", "container",
     "group_parameters", "delete_container", "require_tagged_state", "register_nested_buffer", "CONTAINER", "HISTORY_KEY",
-    "check_graph",
+    "check_graph", "recompile",
 ]
 
 CONTAINER = "fxsparse"  # gm.<CONTAINER>.<group> holds what passes add
@@ -146,6 +146,30 @@ def require_tagged_state(gm: GraphModule, group: str, pass_name: str) -> None:
         )
 
 
+def recompile(gm: GraphModule):
+    """``gm.recompile()``, also after a library swapped ``gm``'s class for a subclass of it.
+
+    ``GraphModule.recompile`` installs ``forward``, ``__call__`` and ``_wrapped_call`` on
+    ``type(gm)`` (and recompiles GraphModule children the same way). FSDP2's ``fully_shard`` makes
+    ``type(gm)`` a dynamic subclass ``FSDP<graph class>``; patched there, its ``_wrapped_call``
+    calls the parent's ``__call__``, which finds the subclass's ``_wrapped_call`` again, and the
+    next call recurses without end. So recompile with each GraphModule set back to the class that
+    holds ``_wrapped_call`` (its graph class; the FSDP subclass inherits the new forward).
+    """
+    swapped = []
+    for m in gm.modules():
+        cls = type(m)
+        owner = next((c for c in cls.__mro__ if "_wrapped_call" in vars(c)), cls)
+        if isinstance(m, GraphModule) and owner is not cls:
+            swapped.append((m, cls))
+            m.__class__ = owner
+    try:
+        return gm.recompile()
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
 def check_graph(gm: nn.Module) -> None:
     """The check run after every pass: the graph lints and every tag names a pass and a group."""
     _check_graph(gm, after="")
@@ -222,7 +246,7 @@ class FxSparsePass(PassBase):
         if result is None:
             result = PassResult(graph_module, bool(self.stats))
         if result.modified:
-            result.graph_module.recompile()
+            recompile(result.graph_module)
         summary = self.summary()
         log.info("%s: %s", self.name, summary)
         result.graph_module.meta.setdefault(HISTORY_KEY, []).append(

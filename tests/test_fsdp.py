@@ -1,0 +1,212 @@
+"""FSDP2 (``fully_shard``) through the ghost removals, on 2 CPU processes (gloo) launched by torchrun.
+
+``ranks`` runs this file as the worker script (``torchrun --nproc-per-node 2 tests/test_fsdp.py
+OUT``); each rank writes what it saw to ``OUT/rank<r>.pt``. The scenarios are those of
+tests/test_distributed.py: A (no BatchNorm; ghost neurons removed at step 4, ghost channels at
+step 5) trained under DDP and under FSDP with one unit per layer, from the same start, must end
+at the same weights; B (the whole recipe with BatchNorm, ghost skips included) trains under FSDP
+with a block as one unit and the ranks must agree. Errors for bad units are checked in the
+worker too (they need a process group).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxsparse
+from fxsparse import distributed as fxdist
+from fxsparse.scheduler import RecipeScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import STEPS, BNNet, PlainNet, batches, recipe_a, recipe_b, train_loader  # noqa: E402
+
+
+class BlockNet(nn.Module):
+    """BNNet's layers with the residual pair in a submodule: a block to shard as one unit."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            h = F.relu(self.b2(self.c2(x)))
+            return F.relu(self.b3(self.c3(h)) + x)
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block = self.Block()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.b1(self.c1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _train(model, gm, sched, opt, loader, on_step=None):
+    for x, y in batches(loader, 0, STEPS):
+        loss = sched.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model = fxdist.step(sched, model)
+        if on_step is not None:
+            on_step(sched)
+    return model
+
+
+def run_a(fsdp: bool) -> dict:
+    """Scenario A under DDP or under FSDP with one unit per layer, from the same start."""
+    from fxsparse import fsdp as fxfsdp
+
+    fxdist.seed(0)
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    loader = fxdist.shard(train_loader())
+    out: dict = {}
+    if fsdp:
+        before = {k: v.clone() for k, v in gm.state_dict().items()}
+        model = fxdist.fully_shard(gm, units="layers")
+        out["units"] = dict(gm.meta[fxfsdp.META_KEY])
+        out["same_keys"] = sorted(gm.state_dict()) == sorted(before)
+        out["unit_types"] = {u: type(gm.get_submodule(u)).__name__ for u in out["units"]}
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = sched.build_optimizer()
+    if not fsdp:
+        model = fxdist.wrap(gm, scheduler=sched)
+    fxdist.seed(0, per_rank=True)
+    shard_bytes: list[tuple[int, int, int]] = []  # (step, local shard bytes, optimizer tensors)
+
+    def record(s):
+        if fsdp:
+            shard_bytes.append((s.step_count, fxfsdp.local_shard_bytes(gm), len(s.optimizer.state)))
+
+    if fsdp:
+        shard_bytes.append((0, fxfsdp.local_shard_bytes(gm), 0))
+    model = _train(model, gm, sched, opt, loader, record)
+    out["events"] = sched.events
+    out["shard_bytes"] = shard_bytes
+    out["export"] = fxdist.export(model)
+    out["masks"] = {k: v.clone() for k, v in gm.state_dict().items() if k.startswith("fxsparse.masks.")}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        out["state"] = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True))
+        out["fsdp_params"] = sum(len(g.fsdp_params) for _, g in fxfsdp._param_groups(gm))
+        out["module_params"] = len(list(gm.parameters()))
+        out["local_state_is_dtensor"] = type(gm.state_dict()["c2.weight"]).__name__
+    else:
+        out["state"] = {k: v.clone() for k, v in gm.state_dict().items()}
+    return out
+
+
+def run_b() -> dict:
+    """The whole recipe with BatchNorm and ghost skips, the block as one unit, c1 and fc as layers."""
+    fxdist.seed(1)
+    calib = list(batches(train_loader(), 0, 2))
+    gm = fxsparse.transform(BlockNet(), recipe_b(), data=calib)
+    ghosts = fxsparse.ghosts.present(gm)
+    model = fxdist.fully_shard(gm, units=["c1", "block", "fc"])
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = sched.build_optimizer()
+    fxdist.seed(1, per_rank=True)
+    model = _train(model, gm, sched, opt, fxdist.shard(train_loader(crop_padding=1)))
+    fxdist.sync_buffers(gm)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return {"ghosts": ghosts, "events": sched.events, "units": dict(gm.meta["fxsparse.fsdp"]),
+            "state": get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True)),
+            "export": fxdist.export(model)}
+
+
+def bad_units() -> dict:
+    """The errors for units FSDP cannot have, each message as the user sees it."""
+    errors = {}
+    cases = {
+        "tiny_model": (Tiny, "layers", torch.zeros(2, 3)),
+        "ghost_unit": (PlainNet, ["fxsparse.ghost_channels"], None),
+        "no_such": (PlainNet, ["c9"], None),
+        "overlap": (BlockNet, ["block", "block.c2"], None),
+    }
+    for name, (cls, units, example) in cases.items():
+        fxdist.seed(0)
+        model = cls()
+        recipe = recipe_a() if cls is not Tiny else fxsparse.load_recipe("baseline", overrides={"masks.sparsity": 0.5})
+        gm = fxsparse.transform(model, recipe, example_inputs=example if example is not None else torch.zeros(2, 1, 8, 8))
+        try:
+            fxdist.fully_shard(gm, units=units)
+            errors[name] = None
+        except fxdist.DistributedError as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    # a ghost node reading a layer's weight outside the layer's call: the unit would split them
+    fxdist.seed(0)
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    graph = gm.graph
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        w = graph.get_attr("c2.weight")
+        extra = graph.call_function(torch.sum, (w,))
+        extra.meta["fxsparse"] = {"pass": "GhostChannelPass", "group": "ghost_channels", "role": "branch"}
+        total = graph.call_function(torch.add, (out.args[0], extra))
+    out.args = (total,)
+    gm.recompile()
+    code = gm.code
+    try:
+        fxdist.fully_shard(gm, units=["c2"])
+        errors["split"] = None
+    except fxdist.DistributedError as e:
+        errors["split"] = f"{type(e).__name__}: {e}"
+    errors["split_untouched"] = gm.code == code and not fxsparse.fsdp.is_sharded(gm)
+    return errors
+
+
+# --------------------------------------------------------------------------- the worker (one rank)
+def worker(out: Path) -> None:
+    torch.set_num_threads(1)
+    env = fxdist.init(timeout=timedelta(seconds=90))
+    result: dict = {"rank": env.rank, "world": env.world_size}
+    result["ddp"] = run_a(fsdp=False)
+    result["fsdp"] = run_a(fsdp=True)
+    result["b"] = run_b()
+    result["errors"] = bad_units()
+    torch.save(result, out / f"rank{env.rank}.pt")
+    fxdist.destroy()
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]))
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--max-restarts", "0", __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_smoke(ranks):
+    for r in ranks:
+        print(r["fsdp"]["units"], r["fsdp"]["shard_bytes"], r["errors"])
