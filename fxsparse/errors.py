@@ -31,6 +31,15 @@ class MaskError(FxSparseError):
     """A mask does not fit the model, or a requested sparsity is impossible."""
 
 
+class MaskOptionError(MaskError):
+    """A mask method's option has a value it does not accept: ``key``, ``value`` and ``allowed``
+    (what is) let a recipe name the key it came from."""
+
+    def __init__(self, key: str, value, allowed: str):
+        super().__init__(f"{key} = {value!r} is not allowed; allowed: {allowed}.")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
 class RecipeError(FxSparseError):
     """A recipe is malformed."""
 

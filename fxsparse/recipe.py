@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
+import logging
 import math
 import os
 import tomllib
@@ -364,48 +364,69 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
 
 
 def _mask_spec(source: str, table: Any) -> PassSpec:
-    methods, distributions, option_names = _mask_vocabulary()
+    masks_mod = _masks_module()
+    methods, distributions = _mask_vocabulary(masks_mod)
     c = _Checker(source, "masks", table, None)
     enabled = c.bool("enabled", True)
     method = c.choice("method", "random", methods)
     sparsity = c.number("sparsity", 0.9, 0.0, 1.0, hi_open=True)
     # no distribution: the method's own default (fxsparse.masks: erk for random, global otherwise)
     distribution = c.choice("distribution", None, distributions) if "distribution" in c.table else None
+    if method == "nm":  # N in every M fixes both; a parent's (tost: 0.95, erk) cannot be unset in TOML
+        ignored = {k: c.table[k] for k in ("sparsity", "distribution") if k in c.table}
+        if ignored:
+            logging.getLogger(__name__).warning(
+                "%s[masks] method = 'nm': %s do not apply to an N:M mask (its sparsity is 1 - N/M); ignored",
+                c._where(), ", ".join(f"{k} = {v!r}" for k, v in ignored.items()))
+        sparsity = distribution = None
     path = c.string("path", None)
     if method == "file" and not path:
         c.fail("path", path, "a path to a mask file (fxsparse.masks.save) when method = 'file'")
     extra = {k: v for k, v in c.table.items() if k not in _MASK_KEYS}
-    if option_names is not None:
-        for key, value in extra.items():
-            if key not in option_names:
-                raise RecipeError(
-                    f"{c._where()}unknown key {'masks.' + key!r} = {value!r}; allowed keys in [masks]: "
-                    f"{', '.join((*_MASK_KEYS, *sorted(option_names)))}"
-                )
-    options = {"method": method, "sparsity": sparsity, "distribution": distribution, **extra}
     if path:
-        options["path"] = path
+        extra["path"] = path
+    if masks_mod is not None:
+        _check_mask_request(c, masks_mod, method, sparsity, distribution, extra)
+    options = {"method": method, "sparsity": sparsity, "distribution": distribution, **extra}
     return PassSpec(name="masks", enabled=enabled, options=options)
 
 
-def _mask_vocabulary() -> tuple[tuple[str, ...], tuple[str, ...], set[str] | None]:
-    """Methods, distributions and extra ``compute`` options, from fxsparse.masks when it is there."""
+def _check_mask_request(c: _Checker, masks_mod, method: str, sparsity, distribution, extra: dict) -> None:
+    """The extra keys are ``compute``'s keyword options and the method's own (both read off
+    fxsparse.masks, never listed here); their values are checked as ``compute`` checks them."""
+    from .errors import MaskError, MaskOptionError
+
+    allowed = (*masks_mod.compute_keywords(), *masks_mod.method_options(method, extra))
+    for key, value in extra.items():
+        if key not in allowed and key != "path":  # path: a key of [masks] itself, checked below
+            raise RecipeError(
+                f"{c._where()}unknown key {'masks.' + key!r} = {value!r}; allowed keys in [masks] with "
+                f"method = {method!r}: {', '.join(dict.fromkeys((*_MASK_KEYS, *allowed)))}"
+            )
+    try:
+        masks_mod.check_request(method, sparsity, distribution, **extra)
+    except MaskOptionError as bad:
+        c.fail(bad.key, bad.value, bad.allowed)
+    except MaskError as bad:
+        raise RecipeError(f"{c._where()}[masks] method = {method!r}: {bad}") from None
+
+
+def _masks_module():
     try:
         import fxsparse.masks as masks_mod
     except ImportError:
-        return MASK_METHODS, MASK_DISTRIBUTIONS, None
+        return None
+    return masks_mod
+
+
+def _mask_vocabulary(masks_mod) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Methods and distributions, from fxsparse.masks when it is there."""
+    if masks_mod is None:
+        return MASK_METHODS, MASK_DISTRIBUTIONS
     methods = tuple(getattr(masks_mod, "METHODS", MASK_METHODS))
     if "file" not in methods:
         methods = (*methods, "file")
-    distributions = tuple(getattr(masks_mod, "DISTRIBUTIONS", MASK_DISTRIBUTIONS))
-    compute = getattr(masks_mod, "compute", None)
-    names = None
-    if compute is not None:
-        params = inspect.signature(compute).parameters.values()
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            names = {p.name for p in params} - {"model", "model_or_gm", "method", "sparsity", "distribution",
-                                                "data", "loss_fn"}
-    return methods, distributions, names
+    return methods, tuple(getattr(masks_mod, "DISTRIBUTIONS", MASK_DISTRIBUTIONS))
 
 
 def _label_smoothing(source: str, table: Any) -> LabelSmoothing:
@@ -446,6 +467,32 @@ def _training(source: str, table: Any) -> Training:
     )
 
 
+def _dynamic_with_masks(source: str, dynamic: PassSpec | None, masks: PassSpec) -> PassSpec:
+    """``[dynamic]`` against ``[masks]``: moving masks need masks; gmp ends at ``masks.sparsity``
+    (``dynamic.final_sparsity``, when given, replaces it) and never below its initial sparsity."""
+    if dynamic is None or not dynamic.enabled:
+        return masks
+    c = _Checker(source, "dynamic", dynamic.options, None)
+    method = dynamic.options.get("method", "rigl")
+    if not masks.enabled:
+        c.fail("enabled", True, "false while masks.enabled = false: [dynamic] moves the masks [masks] makes")
+    if masks.options.get("method") == "nm":
+        c.fail("enabled", True, "false with masks.method = 'nm': rigl, set and gmp do not keep an N:M pattern")
+    if method != "gmp":
+        return masks
+    final = dynamic.options.get("final_sparsity")
+    key = "final_sparsity"
+    if final is None:
+        final, key = masks.options.get("sparsity"), "masks.sparsity"
+    initial = dynamic.options.get("initial_sparsity") or 0.0
+    if final is None or final < initial:
+        what = f"dynamic.{key}" if key == "final_sparsity" else key
+        c.fail_value(what, final, f"a sparsity >= dynamic.initial_sparsity ({initial:g}): gmp prunes from "
+                                  f"initial_sparsity to the final sparsity (masks.sparsity, or dynamic.final_sparsity) "
+                                  f"and never regrows")
+    return dataclasses.replace(masks, options={**masks.options, "sparsity": float(final)})
+
+
 def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe") -> Recipe:
     """Validate the tables of a recipe (as ``tomllib`` reads them) and build a ``Recipe``."""
     from .passes import GHOST_GROUPS
@@ -455,10 +502,11 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe")
     recipe_name = top.string("name", name) or name
     description = top.string("description", "") or ""
     specs = {p: _pass_spec(source, p, top.table.get(p, {}), ghost=p in GHOST_GROUPS) for p in passes}
+    masks = _dynamic_with_masks(source, specs.get("dynamic"), _mask_spec(source, top.table.get("masks", {})))
     return Recipe(
         name=recipe_name,
         description=description.strip(),
-        masks=_mask_spec(source, top.table.get("masks", {})),
+        masks=masks,
         passes=specs,
         label_smoothing=_label_smoothing(source, top.table.get("label_smoothing", {})),
         training=_training(source, top.table.get("training", {})),

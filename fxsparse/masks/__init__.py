@@ -9,18 +9,20 @@ masks = fxsparse.masks.load("mask.safetensors", model)             # validated a
 
 Modules: ``selection`` (which layers), ``distribution`` (uniform/ER/ERK per-layer densities),
 ``ranking`` (exact top-k, per-layer minimum), ``scores`` (random, magnitude, Taylor, SNIP, GraSP),
-``synflow``, ``imp``, ``report``, ``io`` (safetensors save/load, validation), ``compute`` (the
+``synflow``, ``imp``, ``nm`` (N:M masks), ``report``, ``io`` (safetensors save/load, validation), ``compute`` (the
 entry point). The formulas and their sources are in docs/masks.md.
 """
 from __future__ import annotations
 
-from .compute import METHODS, compute, score
+from .compute import METHODS, check_request, compute, compute_keywords, method_options, score
 from .distribution import DISTRIBUTIONS
 from .io import load, read_metadata, save, validate
+from .nm import is_nm, parse_pattern
 from .report import LayerCollapseWarning, LayerStats, MaskReport
 from .selection import select_layers
 
 __all__ = [
     "compute", "score", "select_layers", "save", "load", "read_metadata", "validate",
     "MaskReport", "LayerStats", "LayerCollapseWarning", "METHODS", "DISTRIBUTIONS",
+    "is_nm", "parse_pattern", "check_request", "method_options", "compute_keywords",
 ]

@@ -1,6 +1,7 @@
 """``compute``: masks for a model by any method, at exactly the requested sparsity."""
 from __future__ import annotations
 
+import inspect
 import logging
 import numbers
 from typing import Any, Callable, Iterable, Sequence
@@ -10,24 +11,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
-from ..errors import MaskError
+from ..errors import MaskError, MaskOptionError
 from ..graph import Layer
-from . import io, scores, synflow
+from . import io, nm, scores, synflow
 from .distribution import DISTRIBUTIONS, logical_shape
 from .imp import imp_masks
 from .ranking import make_budget
 from .report import MaskReport
 from .selection import select_layers, traced
 
-__all__ = ["compute", "score", "METHODS"]
+__all__ = ["compute", "score", "check_request", "method_options", "compute_keywords", "METHODS", "ONE_SHOT"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp", "file")
+METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp", "file", "nm")
 DATA_METHODS = ("taylor", "snip", "grasp")
+ONE_SHOT = ("random", "magnitude", *DATA_METHODS, "synflow")  # what score() computes
 # the distribution each method uses when none is given: ToST prunes every score with one global
-# threshold (scope="global"); random pruning defaults to ERK (Liu et al. 2022's best)
-DEFAULT_DISTRIBUTION = {m: "global" for m in METHODS} | {"random": "erk"}
+# threshold (scope="global"); random pruning defaults to ERK (Liu et al. 2022's best); N:M masks
+# have their own, N in every group of M
+DEFAULT_DISTRIBUTION = {m: "global" for m in METHODS} | {"random": "erk", "nm": None}
 # the options each method accepts as keyword arguments of compute()
 OPTIONS = {
     "random": (), "magnitude": (),
@@ -35,6 +38,7 @@ OPTIONS = {
     "synflow": ("rounds", "input_shape", "dtype"),
     "imp": ("train_fn", "rounds", "rate", "rewind_state"),
     "file": ("path",),
+    "nm": ("pattern", "score", "incompatible"),  # plus the options of its score (method_options)
 }
 
 
@@ -57,10 +61,10 @@ def compute(
     Args:
         model_or_gm: the model (traced here to find its layers) or its GraphModule. Never
             modified: scores that run the model run a deep copy.
-        method: ``random``, ``magnitude``, ``taylor``, ``snip``, ``grasp``, ``synflow``, ``imp`` or
-            ``file`` (see docs/masks.md for each formula and its source).
+        method: ``random``, ``magnitude``, ``taylor``, ``snip``, ``grasp``, ``synflow``, ``imp``,
+            ``file`` or ``nm`` (see docs/masks.md for each formula and its source).
         sparsity: fraction of the selected weights removed, in [0, 1). Optional for ``file``
-            (checked against the file's when given).
+            (checked against the file's when given); for ``nm`` left out or ``1 - N/M``.
         distribution: ``global`` (one threshold over all layers), ``uniform``, ``er`` or ``erk``
             (per-layer counts). Default: ``erk`` for random, ``global`` for the others (ToST).
         data: iterable of (inputs, targets) batches, for taylor, snip and grasp (and synflow's
@@ -72,7 +76,9 @@ def compute(
         layers: the layers to mask (Layers or weight names); default ``select_layers(model)``.
         method_opts: ``train_mode`` (taylor/snip/grasp, default True), ``temperature``/``eps``
             (grasp, 200 / 1e-10), ``rounds``/``input_shape``/``dtype`` (synflow, 100 rounds),
-            ``train_fn``/``rounds``/``rate``/``rewind_state`` (imp), ``path`` (file).
+            ``train_fn``/``rounds``/``rate``/``rewind_state`` (imp), ``path`` (file);
+            ``pattern`` (``"N:M"``, required), ``score`` (a one-shot method, ``magnitude`` by
+            default) and its options, ``incompatible`` (``"error"`` or ``"dense"``) for nm.
 
     Raises ``MaskError`` for impossible requests. Warns (``LayerCollapseWarning``) when a layer
     keeps no weights.
@@ -84,8 +90,10 @@ def compute(
         masks = _from_file(gm, sparsity, **method_opts)
         _finish(masks, method, None, sparsity)
         return masks
-    budget = make_budget(_shapes(gm, names), sparsity, distribution, min_per_layer)
     runner = model_or_gm  # the user's own module (or GraphModule) runs the forward passes
+    if method == "nm":
+        return _nm_masks(runner, gm, names, data, loss_fn, seed, **method_opts)
+    budget = make_budget(_shapes(gm, names), sparsity, distribution, min_per_layer)
     if method == "synflow":
         opts = dict(method_opts)
         opts["input_shape"] = _input_shape(opts.get("input_shape"), data, gm, model_or_gm)
@@ -113,8 +121,8 @@ def score(
 
     ``synflow`` gives its first round's scores (nothing pruned yet).
     """
-    if method not in ("random", "magnitude", *DATA_METHODS, "synflow"):
-        raise MaskError(f"score() computes one-shot scores: random, magnitude, {', '.join(DATA_METHODS)}, synflow; got {method!r}.")
+    if method not in ONE_SHOT:
+        raise MaskError(f"score() computes one-shot scores: {', '.join(ONE_SHOT)}; got {method!r}.")
     _check_options(method, method_opts)
     if method == "synflow" and "rounds" in method_opts:
         raise MaskError("score() gives SynFlow's first-round scores; rounds is an option of compute().")
@@ -134,10 +142,48 @@ def score(
     return fn(model_or_gm, names, data, loss_fn, seed=seed, **method_opts)
 
 
+def _nm_masks(model, gm, names, data, loss_fn, seed, *, pattern, incompatible: str = "error",
+              **score_opts) -> dict[str, torch.Tensor]:
+    n, m = nm.parse_pattern(pattern)
+    dense = nm.check_fit(gm, names, n, m, incompatible)  # before any scoring work
+    method = score_opts.pop("score", "magnitude")
+    raw = score(model, method, data, loss_fn, layers=names, seed=seed, **score_opts)
+    masks = nm.nm_masks(gm, raw, n, m, dense=dense)
+    report = MaskReport.from_masks(masks, method="nm", pattern=f"{n}:{m}")
+    log.info("%s", report.summary())
+    return masks
+
+
 # --------------------------------------------------------------------------- checks
-def _check_request(method, sparsity, distribution, min_per_layer, opts) -> tuple[str, str]:
+def check_request(method: str, sparsity: float | None = None, distribution: str | None = None, **options: Any) -> None:
+    """Check what ``compute(model, method, sparsity, distribution, **options)`` would be asked,
+    without a model (a recipe's ``[masks]`` table at load). Raises ``MaskError``, and
+    ``MaskOptionError`` (with the key) for a bad option value."""
+    method_opts = {k: v for k, v in options.items() if k not in compute_keywords()}
+    _check_request(method, sparsity, distribution, options.get("min_per_layer", 0), method_opts)
+
+
+def compute_keywords() -> tuple[str, ...]:
+    """``compute``'s own keyword-only options, taken by every method (seed, min_per_layer, layers)."""
+    return tuple(p.name for p in inspect.signature(compute).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def method_options(method: str, opts: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The option names ``method`` takes as keywords of ``compute`` (for ``nm``, with those of the
+    score ``opts`` names; SynFlow's ``rounds`` belongs to its iterative method, not its score)."""
+    names = OPTIONS.get(method, ())
+    if method == "nm":
+        chosen = (opts or {}).get("score", "magnitude")
+        names += tuple(o for o in OPTIONS.get(chosen, ()) if o != "rounds") if chosen in ONE_SHOT else ()
+    return names
+
+
+def _check_request(method, sparsity, distribution, min_per_layer, opts) -> tuple[str, str | None]:
     if method not in METHODS:
         raise MaskError(f"unknown mask method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method == "nm":
+        _check_nm_request(sparsity, distribution, min_per_layer, opts)
+        return method, None
     distribution = DEFAULT_DISTRIBUTION[method] if distribution is None else distribution
     if distribution not in DISTRIBUTIONS:
         raise MaskError(f"unknown distribution {distribution!r}; choose one of {', '.join(DISTRIBUTIONS)}.")
@@ -155,10 +201,29 @@ def _check_request(method, sparsity, distribution, min_per_layer, opts) -> tuple
 
 
 def _check_options(method: str, opts: dict[str, Any]) -> None:
-    unknown = sorted(set(opts) - set(OPTIONS[method]))
+    allowed = method_options(method, opts)
+    unknown = sorted(set(opts) - set(allowed))
     if unknown:
-        allowed = ", ".join(OPTIONS[method]) or "none"
-        raise MaskError(f"method {method!r} takes no option(s) {', '.join(unknown)} (its options: {allowed}).")
+        raise MaskError(f"method {method!r} takes no option(s) {', '.join(unknown)} (its options: {', '.join(allowed) or 'none'}).")
+
+
+def _check_nm_request(sparsity, distribution, min_per_layer, opts: dict[str, Any]) -> None:
+    """N:M fixes every count itself: one pattern, a one-shot score, what to do with misfits."""
+    if "pattern" not in opts:
+        raise MaskOptionError("pattern", None, nm.PATTERN_FORM + " (required for method 'nm')")
+    n, m = nm.parse_pattern(opts["pattern"])
+    score_name = opts.get("score", "magnitude")
+    if score_name not in ONE_SHOT:
+        raise MaskOptionError("score", score_name, " | ".join(repr(s) for s in ONE_SHOT))
+    if opts.get("incompatible", "error") not in nm.INCOMPATIBLE:
+        raise MaskOptionError("incompatible", opts["incompatible"], " | ".join(repr(s) for s in nm.INCOMPATIBLE))
+    if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-9:
+        raise MaskError(f"a {n}:{m} mask removes {m - n} of every {m} weights (sparsity {1 - n / m:g}); "
+                        f"leave sparsity out or set it to {1 - n / m:g}, got {sparsity!r}.")
+    if distribution is not None or min_per_layer:
+        raise MaskError("an N:M mask keeps N weights in every group of M: it takes no distribution and no "
+                        "min_per_layer.")
+    _check_options("nm", opts)
 
 
 def _layer_names(gm: GraphModule, layers: Sequence[Layer | str] | None) -> list[str]:

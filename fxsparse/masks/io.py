@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import MaskError
 from ..graph import Layer
+from . import nm
 from .report import MaskReport
 from .selection import select_layers, traced
 
@@ -82,7 +83,8 @@ def load(
     """Read masks from a safetensors file or a ``torch.save``d dict.
 
     With ``model``, the masks are checked against it (see :func:`validate`) before they are
-    returned: a file that does not fit raises ``MaskError`` listing every mismatch.
+    returned: a file that does not fit raises ``MaskError`` listing every mismatch. A file saved
+    with a ``pattern`` (``save(masks, path, method="nm", pattern="2:4")``) is checked to follow it.
     """
     if not os.path.exists(path):
         raise MaskError(f"mask file {os.fspath(path)!r} does not exist.")
@@ -90,27 +92,33 @@ def load(
         from safetensors.torch import load_file
 
         masks = load_file(os.fspath(path))
-        order = read_metadata(path).get("layer_density")  # safetensors sorts keys; restore save order
+        metadata = read_metadata(path)
+        order = metadata.get("layer_density")  # safetensors sorts keys; restore save order
         if isinstance(order, dict) and set(order) == set(masks):
             masks = {n: masks[n] for n in order}
     else:
-        masks = _load_torch(path)
+        masks, metadata = _load_torch(path), {}
     if model is not None:
-        validate(masks, model, required=required)
+        validate(masks, model, required=required, pattern=metadata.get("pattern"))
     else:
         _check_tensors(masks)
     return masks
 
 
 def validate(
-    masks: Mapping[str, torch.Tensor], model_or_gm: nn.Module, *, required: Iterable[str | Layer] | None = None
+    masks: Mapping[str, torch.Tensor],
+    model_or_gm: nn.Module,
+    *,
+    required: Iterable[str | Layer] | None = None,
+    pattern: str | None = None,
 ) -> None:
     """Raise ``MaskError`` listing every way ``masks`` does not fit the model.
 
     Every key must name the weight of a conv/linear layer of the model (``select_layers`` with
     every layer included) and hold a bool tensor of that weight's shape. ``required`` lists
     weights (names or Layers) that must have a mask; by default a mask may leave layers out,
-    which then stay dense.
+    which then stay dense. With ``pattern`` (``"2:4"``), every mask must be N:M along its layer's
+    input channels (``fxsparse.masks.nm``) or keep all of its layer (a layer left dense).
     """
     gm = traced(model_or_gm)
     maskable = {l.weight for l in select_layers(gm)}
@@ -133,6 +141,9 @@ def validate(
     for name in _names(required):
         if name not in masks:
             problems.append(f"missing: no mask for {name!r}")
+    if pattern is not None and not problems:  # the pattern is read off shapes that fit
+        n, m = nm.parse_pattern(pattern)
+        problems += nm.violations(masks, gm, n, m)
     if problems:
         raise MaskError(
             f"the masks do not fit {type(model_or_gm).__name__} ({len(problems)} problem(s)); nothing "

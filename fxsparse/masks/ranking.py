@@ -20,7 +20,7 @@ import torch
 from ..errors import MaskError
 from .distribution import apportion, layer_densities
 
-__all__ = ["Budget", "top_k", "make_budget"]
+__all__ = ["Budget", "top_k", "top_k_rows", "make_budget"]
 
 
 def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,6 +36,14 @@ def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
     tied = (values == threshold).nonzero().squeeze(1)[:missing]
     keep[tied] = True
     return keep
+
+
+def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of each row of a 2-D tensor, ties going to the lower
+    index (the rule of :func:`top_k`, row by row)."""
+    order = values.sort(dim=1, descending=True, stable=True).indices  # stable: lower index first on ties
+    keep = torch.zeros_like(values, dtype=torch.bool)
+    return keep.scatter_(1, order[:, :k], True)
 
 
 def rankable(score: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:

@@ -36,6 +36,7 @@ class MaskReport:
     method: str | None = None
     distribution: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    pattern: str | None = None  # "N:M" for an N:M mask: its fully kept layers are the ones left dense
 
     @classmethod
     def from_masks(
@@ -45,10 +46,11 @@ class MaskReport:
         requested_sparsity: float | None = None,
         method: str | None = None,
         distribution: str | None = None,
+        pattern: str | None = None,
         **extra: Any,
     ) -> MaskReport:
         layers = [LayerStats(n, tuple(m.shape), int(m.count_nonzero()), m.numel()) for n, m in masks.items()]
-        return cls(layers, requested_sparsity, method, distribution, dict(extra))
+        return cls(layers, requested_sparsity, method, distribution, dict(extra), pattern)
 
     @property
     def total(self) -> int:
@@ -71,6 +73,11 @@ class MaskReport:
     def collapsed(self) -> list[str]:
         """Layers with no weight kept."""
         return [l.name for l in self.layers if l.kept == 0]
+
+    @property
+    def dense(self) -> list[str]:
+        """Layers with every weight kept (for an N:M mask: the layers left dense)."""
+        return [l.name for l in self.layers if l.kept == l.numel]
 
     @property
     def error(self) -> float | None:
@@ -96,6 +103,7 @@ class MaskReport:
             "kept": self.kept,
             "total": self.total,
             "collapsed": self.collapsed,
+            **({"pattern": self.pattern, "left_dense": self.dense} if self.pattern else {}),
             "layers": [{**asdict(l), "density": l.density} for l in self.layers],
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -105,12 +113,16 @@ class MaskReport:
 
     def summary(self) -> str:
         """One line: method, requested vs achieved sparsity, kept weights, collapsed layers."""
-        what = " ".join(x for x in (self.method, self.distribution and f"({self.distribution})") if x)
+        what = " ".join(x for x in (self.method, self.pattern, self.distribution and f"({self.distribution})") if x)
         req = "" if self.requested_sparsity is None else f"requested {self.requested_sparsity:.2%}, "
         collapsed = f"; {len(self.collapsed)} collapsed" if self.collapsed else ""
+        dense = ""
+        if self.pattern and self.dense:
+            names = ", ".join(self.dense[:4]) + (" ..." if len(self.dense) > 4 else "")
+            dense = f"; {len(self.dense)} left dense: {names}"
         return (
             f"{what + ': ' if what else ''}{req}achieved sparsity {self.achieved_sparsity:.2%} "
-            f"({self.kept:,} of {self.total:,} weights kept in {len(self.layers)} layers{collapsed})"
+            f"({self.kept:,} of {self.total:,} weights kept in {len(self.layers)} layers{collapsed}{dense})"
         )
 
     def __str__(self) -> str:
@@ -118,6 +130,8 @@ class MaskReport:
         lines = [self.summary(), f"{'layer':<{width}}  {'shape':<20} {'kept':>12} {'total':>12} {'density':>8}"]
         for l in self.layers:
             mark = "  <- collapsed" if l.kept == 0 else ""
+            if self.pattern and l.kept == l.numel:
+                mark = f"  <- left dense (not {self.pattern})"
             lines.append(
                 f"{l.name:<{width}}  {str(l.shape):<20} {l.kept:>12,} {l.numel:>12,} {l.density:>8.2%}{mark}"
             )
