@@ -154,7 +154,7 @@ def weight_source(node: Node) -> Node | None:
         seen.add(n)
         if n.op == "get_attr":
             tag = n.meta.get("fxsparse") or {}
-            if tag.get("role") == "mask":
+            if tag.get("role") in ("mask", "grad_probe"):  # a mask, or [dynamic]'s gradient probe (rigl)
                 continue
             found.append(n)
             continue

@@ -276,3 +276,15 @@ def _register_builtins() -> None:
                                   ("data", "loss_fn"))
     for group in GHOST_GROUPS:
         _REGISTRY[group] = _Entry(group, _ghost_builder(group), _ghost_class(group), ())
+    # [dynamic]: masks that move (RigL, SET, gmp); runs last, after the ghosts (docs/dynamic-masks.md)
+    _REGISTRY["dynamic"] = _Entry("dynamic", _build_dynamic, "fxsparse.passes.dynamic_masks:DynamicMaskPass", ())
+
+
+def _build_dynamic(options: dict, ctx: Context) -> "FxSparsePass":
+    from .passes.dynamic_masks import DynamicMaskPass
+
+    options = dict(options)
+    if "seed" not in options:  # SET's random regrowth follows the run's seed (the mask's)
+        options["seed"] = int(ctx.recipe.masks.options.get("seed", 0))
+    # gmp ends at the [masks] mask (final_sparsity, when given, became masks.sparsity at load)
+    return DynamicMaskPass(**options)

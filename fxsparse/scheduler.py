@@ -156,6 +156,7 @@ class RecipeScheduler:
         self.schedules = {g: spec.schedule for g, spec in self.recipe.ghosts.items() if g in present}
         for g in set(self.recipe.ghosts) - present:
             log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
+        self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
         self._apply()
 
     # ------------------------------------------------------------------ schedule
@@ -188,9 +189,18 @@ class RecipeScheduler:
         return math.ceil(self.schedules[group].remove_at * self.total_steps - 1e-6)
 
     def step(self) -> None:
-        """Call once after every optimizer step: move the gates, remove ghosts that are done."""
+        """Call once after every optimizer step: move the gates, remove ghosts that are done, and
+        (with ``[dynamic]``) move the masks when an update is due (in place, with the optimizer's
+        state at the positions that changed)."""
         self._step += 1
         self._apply(notify=True)
+        if self.dynamic is not None:
+            self.dynamic.step(self._step, self.optimizer)
+
+    @property
+    def mask_updates(self) -> list[dict[str, Any]]:
+        """One record per ``[dynamic]`` mask update so far (``fxsparse.masks.dynamic.DynamicMasks``)."""
+        return self.dynamic.history if self.dynamic is not None else []
 
     def due(self) -> list[str]:
         """The ghost groups the next ``step()`` removes."""
@@ -274,6 +284,7 @@ class RecipeScheduler:
             "events": [dict(e) for e in self.events],
             "recipe": self.recipe.to_dict(),
             "recipe_name": self.recipe.name,
+            **({"dynamic": self.dynamic.state_dict()} if self.dynamic is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -290,6 +301,8 @@ class RecipeScheduler:
                 self._remove(group)
         self._step = int(state["step"])
         self.events = [dict(e) for e in state["events"]]
+        if self.dynamic is not None and "dynamic" in state:  # replays the end of the phase, if it had come
+            self.dynamic.load_state_dict(state["dynamic"])
         self._apply()
 
     def checkpoint(self) -> dict[str, Any]:
@@ -300,6 +313,19 @@ class RecipeScheduler:
         if self.lr_scheduler is not None:
             ckpt["lr_scheduler"] = self.lr_scheduler.state_dict()
         return ckpt
+
+
+def _dynamic_masks(gm: GraphModule, recipe: Recipe, total_steps: int):
+    """The ``[dynamic]`` mask updater of a run, or None when the recipe's masks stay fixed."""
+    spec = recipe.passes.get("dynamic")
+    if spec is None or not spec.enabled:
+        return None
+    from .masks.dynamic import DynamicMasks, DynamicSchedule
+
+    options = {k: v for k, v in spec.options.items() if k != "final_sparsity"}  # gmp: the [masks] mask's
+    options.setdefault("seed", int(recipe.masks.options.get("seed", 0)))
+    return DynamicMasks(gm, DynamicSchedule.create(**options), total_steps,
+                        final_sparsity=recipe.masks.options.get("sparsity"))
 
 
 def restore(
