@@ -299,8 +299,8 @@ def step(scheduler, model: nn.Module) -> nn.Module:
 
         _check_same({"step": scheduler.step_count, "removed": list(scheduler.removed)}, "the ghost removals")
         info = forget_removed(model)
-        if scheduler.events:  # the trainer's summary and metrics show the removal events
-            scheduler.events[-1]["fsdp_shard_bytes_freed"] = info["bytes"]
+        for event in scheduler.events[len(scheduler.events) - (len(scheduler.removed) - removed):]:
+            event["fsdp_shard_bytes_freed_at_step"] = info["bytes"]  # all of this step's removals together
         log.info("fsdp: %d removed parameters left FSDP's groups (%d bytes of this rank's shards)",
                  info["parameters"], info["bytes"])
         return model

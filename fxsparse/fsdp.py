@@ -171,9 +171,9 @@ def _unit_of(target: str, units: Sequence[str]) -> str | None:
     return next((u for u in units if _under(target, u)), None)
 
 
-def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, list[Node]]]:
-    """{layer node: (unit, the unit-parameter nodes it reads)}: each operation that applies a
-    unit's parameters, with the attribute computations (weight * mask) that feed it."""
+def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, list[Node], set[Node]]]:
+    """{layer node: (unit, the unit-parameter reads, every node that would move)}: each operation
+    that applies a unit's parameters, with the attribute computations (weight * mask) feeding it."""
     graph = gm.graph
     attr_only = _param_only(graph)
     clusters: dict[Node, tuple[str, list[Node]]] = {}
@@ -198,9 +198,9 @@ def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, li
                     layers.append(user)
         if len(layers) != 1:
             readers = ", ".join(_describe(n) for n in layers) or "nothing"
-            ghost = any((n.meta.get("fxsparse") or {}).get("group", "masks") != "masks" for n in layers)
-            why = (" A ghost branch reads it outside its layer: the unit boundary splits the ghost branch from the "
-                   "layer." if ghost else "")
+            ghost = _ghost_groups(layers + list(derived))
+            why = (f" A {ghost[0]} branch reads it outside its layer: the unit boundary splits the ghost branch from "
+                   f"its layer." if ghost else "")
             raise UnitError(
                 f"unit {unit!r}: parameter {read.target} is applied by {len(layers)} operations ({readers}); FSDP "
                 f"gathers a unit's parameters for one call of its module, so each parameter must feed exactly one "
@@ -213,8 +213,15 @@ def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, li
         prev = clusters.get(layer)
         if prev is not None and prev[0] != unit:
             raise UnitError(f"{layer.name} applies parameters of two units, {prev[0]!r} and {unit!r}: make them one unit")
-        clusters.setdefault(layer, (unit, []))[1].append(read)
+        entry = clusters.setdefault(layer, (unit, [], {layer}))
+        entry[1].append(read)
+        entry[2].update(derived)
     return clusters
+
+
+def _ghost_groups(nodes: Iterable[Node]) -> list[str]:
+    groups = {(n.meta.get("fxsparse") or {}).get("group") for n in nodes}
+    return sorted(g for g in groups if g and g != "masks")
 
 
 def _common_owner(gm: GraphModule, layer: Node, unit: str, reads: list[Node]) -> str:
@@ -295,18 +302,24 @@ def to_unit_form(gm: GraphModule, units: Sequence[str]) -> dict[str, list[str]]:
         if node.op == "call_module":
             called[node.target] = called.get(node.target, 0) + 1
     plan: dict[str, tuple[Node, str, list[Node]]] = {}
-    for layer, (unit, reads) in clusters.items():
+    for layer, (unit, reads, moved) in clusters.items():
         owner = _common_owner(gm, layer, unit, reads)
         if owner in plan or called.get(owner):
-            n = 1 + (owner in plan) + called.get(owner, 0)
-            raise UnitError(f"unit {unit!r}: {owner}'s parameters are applied by {n} operations; FSDP gathers a "
-                            f"module's parameters for one call of it. Leave {owner} out of the units")
+            others = [plan[owner][0]] if owner in plan else []
+            others += [n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner]
+            ghost = _ghost_groups(moved | set(clusters.get(others[0], (None, [], set()))[2] if others else ()))
+            why = (f" One of them is a {ghost[0]} branch reading the layer's parameters: the unit boundary splits the "
+                   f"ghost branch from its layer." if ghost else "")
+            raise UnitError(f"unit {unit!r}: {owner}'s parameters are applied by {1 + len(others)} operations "
+                            f"({', '.join(_describe(n) for n in [*others, layer])}); FSDP gathers a module's parameters "
+                            f"for one call of it.{why} Leave {owner} out of the units (its parameters then belong to "
+                            f"the root unit)")
         nested = next((o for o in plan if _under(owner, o) or _under(o, owner)), None)
         if nested is not None:
             raise UnitError(f"unit {unit!r}: {owner} and {nested} both apply their own parameters and one holds the "
                             f"other; leave them out of the units")
         plan[owner] = (layer, unit, reads)
-    made = {owner: _extract(gm, layer, owner, reads, attr_only) for owner, (layer, unit, reads) in plan.items()}
+    made = {owner: _extract(gm, layer, owner, reads, attr_only) for owner, (layer, _, reads) in plan.items()}
     for path, unit_module in made.items():
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, unit_module)

@@ -97,6 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     quiet: bool = False
+    fsdp: str | None = None  # under torchrun: FSDP2 units, "layers" or comma-separated module names; None: DDP
 
     # what defines a run: resuming with other values would continue a different run
     IDENTITY: ClassVar[tuple[str, ...]] = ("model", "data", "data_root", "recipe", "overrides", "seed",
@@ -301,6 +302,9 @@ class Trainer:
         from .recipe import from_dict
         from .scheduler import restore
 
+        if self.config.fsdp:
+            raise TrainError("--resume with --fsdp is not supported: FSDP runs write no checkpoints (each rank holds "
+                             "only its shards; sharded checkpoints are not implemented). Resume without --fsdp (DDP)")
         state = ckpt["scheduler"]
         self.recipe = from_dict(state["recipe"], name=state.get("recipe_name", "recipe"))
         model, channels = self._build_model()
@@ -326,7 +330,13 @@ class Trainer:
             self.sched.before_removal, self.sched.on_removal = self._before_removal, self._after_removal
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-        self.model = fxdist.wrap(gm, scheduler=self.sched)  # DDP under torchrun, else gm itself
+        if self.config.fsdp and fxdist.is_distributed():  # FSDP2, in place: gm is the sharded model
+            units = self.config.fsdp
+            self.model = fxdist.fully_shard(gm, units if units == "layers" else units.split(","), scheduler=self.sched)
+        else:
+            if self.config.fsdp:
+                self._note("--fsdp in a single process (not under torchrun): nothing to shard")
+            self.model = fxdist.wrap(gm, scheduler=self.sched)  # DDP under torchrun, else gm itself
         self.forward = self._compiled(self.model)
         # evaluation runs the module itself: ranks evaluate different numbers of batches, and DDP's
         # forward would broadcast buffers at each one
@@ -406,6 +416,7 @@ class Trainer:
         pending: list[tuple[dict, torch.Tensor, torch.Tensor]] = []  # steps whose loss is not read yet
         totals = {"loss": 0.0, "correct": 0, "seen": 0}
         n_events, last = len(sched.events), time.perf_counter()
+        n_updates = len(sched.mask_updates)  # [dynamic] mask updates, logged as "mask_update" records
         for x, y in loader:
             record = {"type": "step", "epoch": epoch + 1, "lr": sched.optimizer.param_groups[0]["lr"],
                       "gates": {g: sched.gate_at(g, sched.step_count) for g in sched.schedules if g not in sched.removed},
@@ -416,11 +427,16 @@ class Trainer:
             last = now
             pending.append((record, loss, hits))
             removed = len(sched.events) > n_events
-            if len(pending) >= self.sync_every or removed:
+            moved = len(sched.mask_updates) > n_updates
+            if len(pending) >= self.sync_every or removed or moved:
                 self._write_steps(pending, totals)
                 bar.update(len(pending))
                 bar.set_postfix_str(self._postfix(pending[-1][0]), refresh=False)
                 pending = []
+            if moved:
+                for update in sched.mask_updates[n_updates:]:
+                    self.metrics.write({"type": "mask_update", **update})
+                n_updates = len(sched.mask_updates)
             if removed:
                 for event in sched.events[n_events:]:
                     self.metrics.write({"type": "event", **event})
@@ -529,6 +545,8 @@ class Trainer:
     def evaluate(self, loader) -> tuple[float, float] | None:
         """(mean cross-entropy, accuracy) over ``loader`` in eval mode; ``None`` for an empty split.
         Under torchrun every rank evaluates its shard with rank 0's BatchNorm statistics."""
+        import fxsparse.fsdp
+
         fxdist.sync_buffers(self.gm)
         runner = self._eval_runner()
         if runner is None or len(loader.dataset) == 0:
@@ -539,6 +557,10 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         hits = torch.zeros((), dtype=torch.int64, device=self.device)
         n = 0
+        # under FSDP every forward of the sharded module is a collective: every rank runs as many
+        # forwards as the rank with the most batches, the extra ones on a batch they do not count
+        extra = int(fxdist.all_reduce_metrics({"b": len(loader)}, op="max")["b"]) - len(loader) \
+            if fxdist.is_distributed() and fxsparse.fsdp.is_sharded(module) else 0
         try:
             for x, y in loader:
                 n += len(y)
@@ -548,6 +570,8 @@ class Trainer:
                     logits = forward(x).float()
                 total += F.cross_entropy(logits, y, reduction="sum")
                 hits += (logits.argmax(1) == y).sum()
+            for _ in range(extra):
+                forward(next(iter(self.full_train))[0][:1].to(self.device))
         finally:
             module.train(was_training)
         r = fxdist.all_reduce_metrics({"loss": total, "hits": hits, "n": n})  # sums over the ranks' shards
@@ -566,10 +590,15 @@ class Trainer:
             self._note("the model's graph depends on train/eval mode: no evaluation while ghosts are in it")
             return None
         model, _ = self._build_model()
-        model.load_state_dict(fxsparse.export(self.gm))
+        model.load_state_dict(fxdist.export(self.gm))  # under FSDP: gathered on every rank
         return model, model
 
     def _checkpoint(self, epoch: int) -> None:
+        import fxsparse.fsdp
+
+        if fxsparse.fsdp.is_sharded(self.gm):  # each rank holds its own shards: not rank 0's to write
+            self._note("no checkpoints under FSDP (sharded checkpoints and --resume are not implemented)")
+            return
         if fxdist.is_main():  # every rank holds the same state
             self.metrics.sync()
             state = self.sched.checkpoint()
@@ -581,6 +610,7 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def _finish(self, wall_time: float) -> dict[str, Any]:
         import fxsparse
+        import fxsparse.fsdp
         import fxsparse.masks
         from safetensors.torch import save as safetensors_bytes
 
@@ -592,6 +622,13 @@ class Trainer:
         if left:  # a recipe may remove a ghost only at the very end
             self._note(f"removing {', '.join(left)} before export (still in the graph after the last step)")
             fxsparse.remove_ghosts(gm)
+            if fxsparse.fsdp.is_sharded(gm):
+                fxsparse.fsdp.forget_removed(gm)
+        import fxsparse.masks.dynamic as dynamic
+
+        if dynamic.present(gm):  # a [dynamic] phase that had not ended: its probes have no place in the export
+            self._note("ending the dynamic-mask phase before export (its end was not reached)")
+            dynamic.finish(gm)
         test = self.evaluate(self.test_loader)
         val = self.evaluate(self.val_loader) if c.val else None
         record = {"type": "test", "step": self.sched.step_count}
@@ -602,8 +639,9 @@ class Trainer:
         self.metrics.write(record)  # a re-finished run's log was cut back to its last checkpoint: no duplicate
 
         main = fxdist.is_main()  # under torchrun rank 0 writes the files (gm is the module, not the DDP wrapper)
+        state = fxdist.export(gm) if fxsparse.fsdp.is_sharded(gm) else None  # gathered on every rank
         if main:
-            state = fxsparse.export(gm)
+            state = state if state is not None else fxsparse.export(gm)
             meta = {"format": "pt", "fxsparse.model": c.model, "fxsparse.num_classes": str(self.splits.num_classes)}
             blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
             atomic_write(self.out / "model.safetensors", lambda f: f.write(blob))
@@ -639,6 +677,7 @@ class Trainer:
             "weights_masked_total": report.total if report else None,
             "mask_method": mask_opts.get("method") if masks else None,
             "removals": [dict(e) for e in self.sched.events],
+            "mask_updates": _mask_update_summary(self.sched),
             "passes": gm.meta.get("fxsparse.passes", []),
             "time_s": {"setup": self.setup_time, "train": self.elapsed, "this_process": wall_time},
             "device": str(self.device),
@@ -734,6 +773,15 @@ class _Unlogged(MetricsLog):
 
     def close(self) -> None:
         pass
+
+
+def _mask_update_summary(sched) -> dict[str, Any] | None:
+    """[dynamic]: the method, how many updates ran and how many weights they moved in all."""
+    if getattr(sched, "dynamic", None) is None:
+        return None
+    updates = sched.mask_updates
+    return {"method": sched.dynamic.schedule.method, "updates": len(updates),
+            "dropped": sum(u["dropped"] for u in updates), "grown": sum(u["grown"] for u in updates)}
 
 
 def _input_channels(model: nn.Module) -> int | None:

@@ -10,9 +10,12 @@ worker too (they need a process group).
 """
 from __future__ import annotations
 
+import gc
+import json
 import os
 import subprocess
 import sys
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -101,7 +104,11 @@ def run_a(fsdp: bool) -> dict:
 
     if fsdp:
         shard_bytes.append((0, fxfsdp.local_shard_bytes(gm), 0))
+        ghost_params = [weakref.ref(p) for g in fxsparse.ghosts.present(gm) for p in fxsparse.ghosts.parameters(gm, g)]
     model = _train(model, gm, sched, opt, loader, record)
+    if fsdp:
+        gc.collect()
+        out["ghost_params"] = (len(ghost_params), sum(r() is not None for r in ghost_params))
     out["events"] = sched.events
     out["shard_bytes"] = shard_bytes
     out["export"] = fxdist.export(model)
@@ -207,6 +214,124 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
-def test_smoke(ranks):
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    worst = 0.0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        if a[k].is_floating_point():
+            worst = max(worst, (a[k] - b[k]).abs().max().item() if a[k].numel() else 0.0)
+        else:
+            assert torch.equal(a[k], b[k]), k
+    return worst
+
+
+def test_fsdp_per_layer_matches_ddp_through_removals(ranks):
+    """FSDP2 with one unit per layer trains through both removals to DDP's weights."""
     for r in ranks:
-        print(r["fsdp"]["units"], r["fsdp"]["shard_bytes"], r["errors"])
+        ddp, fsdp = r["ddp"], r["fsdp"]
+        steps = [(e["group"], e["step"]) for e in fsdp["events"]]
+        assert steps == [("ghost_neurons", 4), ("ghost_channels", 5)] == [(e["group"], e["step"]) for e in ddp["events"]]
+        worst = _max_diff(ddp["state"], fsdp["state"])
+        assert worst <= 1e-6, worst
+        assert _max_diff(ddp["export"], fsdp["export"]) <= 1e-6
+    print(f"FSDP2 per layer vs DDP after {STEPS} steps, 2 removals: max abs diff {worst:.3g}")
+
+
+def test_units_shard_at_rest_and_keep_keys(ranks):
+    """Every conv/linear is its own unit, in a module that keeps the layer's state-dict keys; at
+    rest each rank holds a DTensor shard."""
+    for r in ranks:
+        f = r["fsdp"]
+        assert f["units"] == {"c1": ["c1"], "c2": ["c2"], "fc": ["fc"]}
+        assert set(f["unit_types"].values()) == {"FSDPShardUnit"}
+        assert f["same_keys"] and f["local_state_is_dtensor"] == "DTensor"
+
+
+def test_removed_parameters_leave_fsdp_and_are_freed(ranks):
+    for r in ranks:
+        f = r["fsdp"]
+        by_step = {step: (nbytes, opt) for step, nbytes, opt in f["shard_bytes"]}
+        # ghost neurons hold no parameters; the ghost channels' shards go at their removal (step 5)
+        assert by_step[4][0] == by_step[0][0] > by_step[5][0] == by_step[STEPS][0]
+        freed = by_step[4][0] - by_step[5][0]
+        assert f["events"][1]["fsdp_shard_bytes_freed_at_step"] == freed > 0
+        assert by_step[5][1] < by_step[4][1]  # and their optimizer state
+        assert f["fsdp_params"] == f["module_params"]  # FSDP's groups hold exactly the module's parameters
+        assert f["ghost_params"][0] > 0 and f["ghost_params"][1] == 0  # nothing keeps a removed parameter alive
+    print(f"local shard bytes per rank: {by_step[0][0]} before, {by_step[5][0]} after the removal ({freed} freed)")
+
+
+def test_masks_identical_on_both_ranks(ranks):
+    r0, r1 = ranks
+    assert r0["fsdp"]["masks"] and _max_diff(r0["fsdp"]["masks"], r1["fsdp"]["masks"]) == 0.0
+    assert _max_diff(r0["fsdp"]["masks"], r0["ddp"]["masks"]) == 0.0
+
+
+def test_export_loads_strict(ranks):
+    for r in ranks:  # every rank gathers the whole state
+        PlainNet().load_state_dict(r["fsdp"]["export"], strict=True)
+        BlockNet().load_state_dict(r["b"]["export"], strict=True)
+    assert _max_diff(ranks[0]["fsdp"]["export"], ranks[1]["fsdp"]["export"]) == 0.0
+
+
+def test_block_unit_whole_recipe(ranks):
+    """The whole recipe (LRsI, BatchNorm, ghost skips, all three removals at one step) with a block
+    as one unit: its layers and BatchNorms share one FSDP group; the ranks agree."""
+    r0, r1 = ranks
+    assert r0["b"]["ghosts"] == ["ghost_neurons", "ghost_skips", "ghost_channels"]
+    assert [(e["group"], e["step"]) for e in r0["b"]["events"]] == [(g, 5) for g in r0["b"]["ghosts"]]
+    assert r0["b"]["events"][-1]["fsdp_shard_bytes_freed_at_step"] > 0
+    assert r0["b"]["units"] == {"c1": ["c1"], "block": ["block.c2", "block.c3", "block.b2", "block.b3"], "fc": ["fc"]}
+    assert _max_diff(r0["b"]["state"], r1["b"]["state"]) == 0.0
+
+
+def test_bad_units_are_named(ranks):
+    e = ranks[0]["errors"]
+    assert e["tiny_model"].startswith("UnitError: the model is too small to shard over 2 ranks"), e["tiny_model"]
+    assert "unit 'fxsparse.ghost_channels' is fxsparse state" in e["ghost_unit"]
+    assert "unit 'c9': no such submodule" in e["no_such"]
+    assert "unit 'block.c2' overlaps unit 'block'" in e["overlap"]
+    assert "unit 'c2'" in e["split"] and "ghost_channels" in e["split"] and "splits the ghost branch from its layer" in e["split"], e["split"]
+    assert e["split_untouched"]  # refused before anything changed
+    assert ranks[1]["errors"] == e
+
+
+def test_single_process_leaves_the_graph_alone():
+    """Without a process group fully_shard is a no-op: the graph of a plain or DDP run never changes."""
+    import fxsparse.fsdp
+
+    gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
+    code = gm.code
+    assert fxdist.fully_shard(gm) is gm and gm.code == code and not fxsparse.fsdp.is_sharded(gm)
+    assert all(type(m).__name__ != "ShardUnit" for m in gm.modules())
+
+
+def test_fxsparse_train_fsdp_under_torchrun(tmp_path):
+    """``fxsparse train --fsdp`` under ``torchrun --nproc-per-node 2`` (gloo, CPU): resnet8, tost on
+    digits for one epoch, three removals; rank 0 writes the files, the weights load strict."""
+    from safetensors.torch import load_file
+
+    from fxsparse import nets
+
+    script = Path(sys.executable).with_name("fxsparse")
+    if not script.exists():
+        pytest.skip("the fxsparse console script is not installed next to this Python")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0",
+           str(script), "train", "fxsparse.nets:resnet8", "--recipe", "tost", "--data", "digits", "--epochs", "1",
+           "--batch-size", "64", "--set", "training.crop_padding=1", "--sparsity", "0.8", "--lrsi-iters", "2",
+           "--calib-batches", "2", "--device", "cpu", "--no-progress", "--fsdp", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.stdout.count("trained with recipe tost") == 1
+    assert "no checkpoints under FSDP" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["fsdp"] == "layers" and summary["steps"] == 20
+    assert [(e["group"], e["step"]) for e in summary["removals"]] == \
+        [("ghost_neurons", 6), ("ghost_skips", 6), ("ghost_channels", 6)]
+    assert summary["removals"][-1]["fsdp_shard_bytes_freed_at_step"] > 0
+    assert 0.0 < summary["test_accuracy"] <= 1.0 and summary["sparsity"] == pytest.approx(0.8, abs=0.01)
+    model = nets.resnet8(num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(out / "model.safetensors"), strict=True)

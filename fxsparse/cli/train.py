@@ -91,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (recompiles once per removal)")
     g.add_argument("--workers", type=int, metavar="N", help="CPU threads for torch (torch.set_num_threads); "
                    "batches are built on the device, so there are no loader worker processes")
+    g.add_argument("--fsdp", nargs="?", const="layers", default=None, metavar="UNITS",
+                   help="under torchrun, shard with FSDP2 instead of DDP: one unit per conv/linear layer, or UNITS, "
+                   "comma-separated module names (blocks); no checkpoints, no --resume (docs/distributed.md)")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (with --workers 1 on CPU: bit-identical reruns)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the model init, random mask, data order and "
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, compile=args.compile, deterministic=args.deterministic,
         threads=args.workers, val=args.val, resume=args.resume, calib_batches=args.calib_batches,
         lrsi_iters=args.lrsi_iters, imp_epochs=args.imp_epochs, keep_checkpoints=args.keep_checkpoints,
-        progress=args.progress, quiet=args.quiet,
+        progress=args.progress, quiet=args.quiet, fsdp=args.fsdp,
     )
     Trainer(config).run()
     return 0
