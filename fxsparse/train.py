@@ -649,12 +649,13 @@ class Trainer:
         mask_opts = self.recipe.masks.options
         report = None
         if masks:
-            report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"))
+            report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"),
+                                                          pattern=mask_opts.get("pattern"))
         if masks and main:
             tmp = self.out / ".masks.safetensors.tmp"
             fxsparse.masks.save(masks, tmp, method=mask_opts.get("method"), requested_sparsity=mask_opts.get("sparsity"),
                                 distribution=mask_opts.get("distribution"), model=c.model, recipe=self.recipe.name,
-                                seed=c.seed)
+                                seed=c.seed, **({"pattern": mask_opts["pattern"]} if "pattern" in mask_opts else {}))
             os.replace(tmp, self.out / "masks.safetensors")
         plots = plot_run(self.metrics.records, self.out, report.density if report else None,
                          report.achieved_sparsity if report else None) if main else []
