@@ -37,7 +37,7 @@ __all__ = [
 
 # Groups whose nodes rewrite an existing layer's weight rather than add computation: their nodes
 # are shown as part of the layer (mask density) instead of as rows / boxes of their own.
-WEIGHT_GROUPS = frozenset({"masks", "rescale"})
+WEIGHT_GROUPS = frozenset({"masks", "rescale", "dynamic"})  # dynamic: RigL's gradient probe on a masked weight
 
 
 # --------------------------------------------------------------------------- rows
@@ -227,6 +227,7 @@ def summary(gm: GraphModule) -> dict[str, Any]:
         "gates": _gates(gm),
         "tagged_nodes": dict(Counter(t["group"] for n in gm.graph.nodes if (t := _tag(n)))),
         "passes": list(gm.meta.get(HISTORY_KEY, [])),
+        "dynamic": _dynamic(gm),
     }
     if masks:
         masked_params = [params[p] for p in masks if p in params]
@@ -236,6 +237,21 @@ def summary(gm: GraphModule) -> dict[str, Any]:
             "weights_masked": sum(_numel(p) for p in masked_params),
         }
     return out
+
+
+def _dynamic(gm: GraphModule) -> dict[str, Any] | None:
+    """The ``[dynamic]`` mask schedule of the recipe ``gm`` was transformed with (None: masks fixed)."""
+    recipe = gm.meta.get("fxsparse.recipe")
+    spec = getattr(recipe, "passes", {}).get("dynamic") if recipe is not None else None
+    if spec is None or not spec.enabled:
+        return None
+    from .masks.dynamic import DynamicSchedule, describe
+
+    options = {k: v for k, v in spec.options.items() if k != "final_sparsity"}
+    schedule = DynamicSchedule.create(**options)
+    final = recipe.masks.options.get("sparsity")
+    return {"method": schedule.method, "options": dict(spec.options), "final_sparsity": final,
+            "schedule": describe(schedule, final_sparsity=final)}
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -394,6 +410,8 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(f"masks: {s['masks']['tensors']} weight tensors, overall density {s['masks']['density']:.2%}")
     if s["gates"]:
         lines.append("gates: " + ", ".join(f"{k}={v:g}" for k, v in s["gates"].items()))
+    if s.get("dynamic"):
+        lines.extend(s["dynamic"]["schedule"])
     if s["passes"]:
         lines.append("passes: " + "; ".join(
             f"{p['pass']} ({', '.join(f'{k}={v}' for k, v in p.get('changes', {}).items()) or 'no change'})"

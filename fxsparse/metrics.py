@@ -9,6 +9,9 @@ Record types (the ``type`` key):
 ``event``   a ghost removal: ``event``, ``group``, ``step``, ``fraction``, ``parameters``, ...
 ``epoch``   ``epoch``, ``step``, ``train_loss`` and ``train_acc`` (means over the epoch),
             ``val_loss``, ``val_acc`` (with validation on), ``lr``, ``epoch_time``, ``elapsed``
+``mask_update``  a ``[dynamic]`` mask update (RigL/SET/gmp): ``step``, ``fraction``, ``method``,
+            ``drop_fraction`` (rigl/set) or ``sparsity`` (gmp), ``dropped``, ``grown``, ``kept``,
+            ``total`` and ``layers`` ({parameter: {``kept``, ``dropped``, ``grown``}}): the churn
 ``test``    at the end: ``test_loss``, ``test_acc``, ``val_loss``, ``val_acc``
 ==========  ==================================================================================
 

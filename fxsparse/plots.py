@@ -3,7 +3,9 @@
 * ``training_curves.png``: loss, accuracy (train per step and per epoch, validation, test),
   learning rate and step time against optimizer steps;
 * ``gates.png``: every ghost gate and the label smoothing eps over training, removals marked;
-* ``mask_density.png``: the density each masked layer keeps.
+* ``mask_density.png``: the density each masked layer keeps;
+* ``mask_churn.png`` (``[dynamic]`` runs): weights dropped and grown at each mask update, per layer,
+  and the sparsity over training.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["plot_run", "plot_training_curves", "plot_gates", "plot_mask_density"]
+__all__ = ["plot_run", "plot_training_curves", "plot_gates", "plot_mask_density", "plot_mask_churn"]
 
 
 def _pyplot():
@@ -116,6 +118,32 @@ def plot_mask_density(density: Mapping[str, float], path: str | os.PathLike, ach
     return _save(fig, path)
 
 
+def plot_mask_churn(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """``[dynamic]`` mask updates: weights dropped and grown per update (all layers, and the share
+    of each layer as a stacked area), and the sparsity of the masked weights, against steps."""
+    plt = _pyplot()
+    updates = [r for r in records if r.get("type") == "mask_update"]
+    steps = [r["step"] for r in updates]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    ax = axes[0]
+    ax.plot(steps, [r["dropped"] for r in updates], "o-", ms=3, color="C3", label="dropped")
+    ax.plot(steps, [r["grown"] for r in updates], "s--", ms=3, color="C2", label="grown")
+    ax.set(title="mask churn per update (all layers)", xlabel="step", ylabel="weights")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    layers = list(updates[0]["layers"]) if updates else []
+    if layers:
+        churn = [[u["layers"].get(n, {}).get("dropped", 0) for u in updates] for n in layers]
+        ax.stackplot(steps, churn, labels=[n.removesuffix(".weight") for n in layers])
+        if len(layers) <= 12:
+            ax.legend(fontsize=6, loc="upper right")
+    ax.set(title="dropped per layer (stacked)", xlabel="step", ylabel="weights")
+    ax = axes[2]
+    ax.plot(steps, [100 * (1 - r["kept"] / r["total"]) for r in updates], "o-", ms=3, color="C0")
+    ax.set(title="sparsity of the masked weights (%)", xlabel="step")
+    return _save(fig, path)
+
+
 def plot_run(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, density: Mapping[str, float] | None = None,
              achieved_sparsity: float | None = None) -> list[Path]:
     """Every plot of a run into ``out_dir``; returns the files written."""
@@ -123,6 +151,8 @@ def plot_run(records: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike, d
     paths = [plot_training_curves(records, out / "training_curves.png"), plot_gates(records, out / "gates.png")]
     if density:
         paths.append(plot_mask_density(density, out / "mask_density.png", achieved_sparsity))
+    if any(r.get("type") == "mask_update" for r in records):
+        paths.append(plot_mask_churn(records, out / "mask_churn.png"))
     return paths
 
 
