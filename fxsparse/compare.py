@@ -26,6 +26,7 @@ ghost-phase defaults are chosen, on the validation split (docs/results.md).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -531,12 +532,25 @@ def aggregate(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def same_masks(results: Iterable[dict[str, Any]]) -> list[str]:
-    """(method, sparsity, seed) cells whose recipes trained with different masks (should be none)."""
+    """(method, sparsity, seed) cells whose recipes trained with different masks (should be none).
+    Recipes whose masks move ([dynamic]: rigl, set, gmp) end with masks of their own: not compared."""
     cells: dict[tuple, set] = {}
     for r in results:
-        if r["recipe"] != DENSE and r.get("mask_sha256"):
+        if r["recipe"] != DENSE and r.get("mask_sha256") and not _masks_move(r["recipe"]):
             cells.setdefault((r["method"], r["sparsity"], r["seed"]), set()).add(r["mask_sha256"])
     return [f"{m} {s:g} seed {seed}" for (m, s, seed), h in sorted(cells.items()) if len(h) > 1]
+
+
+@functools.lru_cache(maxsize=None)
+def _masks_move(recipe: str) -> bool:
+    """Whether ``recipe`` moves its masks during training (an enabled ``[dynamic]`` table)."""
+    from .recipe import load_recipe
+
+    try:
+        spec = load_recipe(recipe).passes.get("dynamic")
+    except FxSparseError:  # a recipe file gone since the run: compare its masks as before
+        return False
+    return spec is not None and spec.enabled
 
 
 def bar_check(rows: list[dict[str, Any]], recipe: str = "tost", at: Sequence[float] = (0.95, 0.98)) -> dict[str, Any]:
@@ -582,9 +596,16 @@ def _recipe_table(rows: list[dict[str, Any]], recipes: Sequence[str], cell) -> l
     return lines
 
 
+def _recipes_in(rows: list[dict[str, Any]]) -> list[str]:
+    """The recipes the rows hold: the study's (RECIPES order), then any other (rigl, set, gmp, a
+    TOML path, ...) in the order they first appear; not the dense reference."""
+    present = list(dict.fromkeys(x["recipe"] for x in rows if x["recipe"] != DENSE))
+    return [r for r in RECIPES if r in present] + [r for r in present if r not in RECIPES]
+
+
 def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], which: str = "test") -> str:
     """A table: one line per (method, sparsity), one column per recipe, mean ± std (%) of ``which``."""
-    recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    recipes = _recipes_in(rows)
     lines = _recipe_table(rows, recipes, lambda r: "–" if r is None else
                           f"{_pct(r[which + '_mean'], r[which + '_std'])} (n={r['n']})")
     dense = next((r for r in rows if r["recipe"] == DENSE and r["schedule"] == DEFAULT_SCHEDULE), None)
@@ -596,7 +617,7 @@ def markdown(rows: list[dict[str, Any]], results: list[dict[str, Any]], which: s
 
 def delta_markdown(rows: list[dict[str, Any]], which: str = "test") -> str:
     """Paired differences to the baseline (same seed, init and mask), mean ± std over seeds (points)."""
-    recipes = [r for r in RECIPES if r != "baseline" and any(x["recipe"] == r for x in rows)]
+    recipes = [r for r in _recipes_in(rows) if r != "baseline"]
     return "\n".join(_recipe_table(rows, recipes, lambda r: "–" if r is None or not r["delta_n"] else
                                     _pct(r[f"delta_{which}_mean"], r[f"delta_{which}_std"], signed=True)))
 
@@ -683,7 +704,7 @@ def plot_accuracy(rows, path: Path) -> Path:
     dense = next((r for r in rows if r["recipe"] == DENSE), None)
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 4), squeeze=False, sharey=True,
                              constrained_layout=True)
-    recipes = [r for r in RECIPES if any(x["recipe"] == r for x in rows)]
+    recipes = _recipes_in(rows)
     for ax, method in zip(axes[0], methods):
         for i, rec in enumerate(recipes):
             pts = sorted((r["sparsity"], r["test_mean"], r["test_std"]) for r in rows

@@ -211,9 +211,12 @@ _ALL_STEPS = 60  # 3 epochs of 20 steps
 
 def _resume_args(out) -> list[str]:
     # ghosts live until 50% (step 30), so the run resumes from epoch 1 (step 20) with ghosts in it
-    # and must replay their removal; deterministic kernels on one thread make reruns bit-identical
+    # and must replay their removal; deterministic kernels on one thread make reruns bit-identical.
+    # tost_rigl: the mask moves too (RigL every 7 steps until 75% = step 45): the resumed run replays
+    # the updates at steps 21..42 and the end of the phase; masks, weights and momentum must agree
     sched = [f"--set={g}.schedule.{k}=0.5" for g in GHOSTS for k in ("anneal_until", "remove_at")]
     return ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--epochs", "3", *sched, "--deterministic",
+            "--recipe", "tost_rigl", "--set", "dynamic.update_every=7",
             "--workers", "1", "--seed", "1", "--out", str(out)]
 
 
@@ -281,6 +284,10 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, caplog, capsys, t
     ra, rb = read_metrics(killed / "metrics.jsonl"), read_metrics(reference / "metrics.jsonl")
     assert [r["step"] for r in ra if r["type"] == "step"] == list(range(1, _ALL_STEPS + 1))
     assert strip(ra) == strip(rb)
+    updates = [r for r in ra if r["type"] == "mask_update"]  # the churn of every RigL update, logged once
+    assert [r["step"] for r in updates] == [7, 14, 21, 28, 35, 42] and all(r["grown"] > 0 for r in updates[:3])
+    assert (killed / "mask_churn.png").exists()
+    assert json.loads((killed / "summary.json").read_text())["mask_updates"]["updates"] == 6
     assert json.loads((killed / "summary.json").read_text())["removals"] == \
         json.loads((reference / "summary.json").read_text())["removals"]
 
