@@ -27,6 +27,8 @@ The integration in a training loop (docs/distributed.md has the whole story)::
     totals = fxdist.all_reduce_metrics({"correct": c, "count": n})   # sums over ranks
     state = fxsparse.export(fxdist.unwrap(model))
 
+FSDP2 instead of DDP: ``fully_shard(gm, units=...)`` (fxsparse/fsdp.py; docs/distributed.md, "FSDP2").
+
 Buffers: ``wrap`` keeps DDP's default of broadcasting buffers from rank 0 at every forward
 (BatchNorm running statistics, so every rank evaluates with rank 0's), except masks and gates:
 masks never change and gates are set by the deterministic scheduler on every rank, so

@@ -387,9 +387,9 @@ def shard(gm: GraphModule, units: str | Iterable[str] = "layers", *, scheduler=N
                      "removed": list(scheduler.removed)}, "the ghost schedule")
     if check:
         check_identical(gm, graph=True)
-    chosen = layer_units(gm, ranks) if units == "layers" else list(units)
     if isinstance(units, str) and units != "layers":
         raise UnitError(f"units must be 'layers' or a list of module names; got {units!r}")
+    chosen = layer_units(gm, ranks) if units == "layers" else list(units)
     _check_units(gm, chosen, ranks)
     members = to_unit_form(gm, chosen)
     if check:

@@ -29,7 +29,7 @@ from fxsparse import distributed as fxdist
 from fxsparse.scheduler import RecipeScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import STEPS, BNNet, PlainNet, batches, recipe_a, recipe_b, train_loader  # noqa: E402
+from test_distributed import STEPS, PlainNet, batches, recipe_a, recipe_b, train_loader  # noqa: E402
 
 
 class BlockNet(nn.Module):
