@@ -176,7 +176,7 @@ def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, li
     that applies a unit's parameters, with the attribute computations (weight * mask) feeding it."""
     graph = gm.graph
     attr_only = _param_only(graph)
-    clusters: dict[Node, tuple[str, list[Node]]] = {}
+    clusters: dict[Node, tuple[str, list[Node], set[Node]]] = {}
     for read in [n for n in graph.nodes if n.op == "get_attr" and _unit_of(n.target, units)]:
         if not _reads_parameters(gm, read):
             continue  # a buffer (BatchNorm statistics): FSDP2 leaves buffers alone
@@ -205,7 +205,7 @@ def _clusters(gm: GraphModule, units: Sequence[str]) -> dict[Node, tuple[str, li
                 f"unit {unit!r}: parameter {read.target} is applied by {len(layers)} operations ({readers}); FSDP "
                 f"gathers a unit's parameters for one call of its module, so each parameter must feed exactly one "
                 f"layer call.{why} Leave {_owner(read.target) or read.target} out of the units (its parameters then "
-                f"belong to the root unit), or shard the enclosing block as one unit")
+                f"belong to the root unit)")
         layer = layers[0]
         if layer.op == "call_module" or layer.op in ("placeholder", "output"):
             raise UnitError(f"unit {unit!r}: parameter {read.target} feeds {layer.format_node()}, which cannot be moved "
