@@ -65,6 +65,10 @@ def strip_masks(gm: GraphModule, *, fold: bool = True, inplace: bool = False) ->
     if not isinstance(gm, GraphModule):
         raise ExportError(f"strip_masks takes a torch.fx.GraphModule; got {type(gm).__name__}")
     out = gm if inplace else copy.deepcopy(gm)
+    from .masks.dynamic import finish, present
+
+    if present(out):  # RigL's gradient probes sit on the masked weights: the phase ends first
+        finish(out)
     return StripMasksPass(fold=fold)(out).graph_module
 
 
@@ -90,7 +94,9 @@ def export(gm: nn.Module) -> OrderedDict[str, torch.Tensor]:
         raise ExportError(
             f"cannot export while fxsparse groups other than masks are in the graph: {', '.join(left)}. "
             f"Their branches and gates are not part of the original architecture. Remove ghosts with "
-            f"fxsparse.remove_ghosts(gm) (and fold any rescale pass) before exporting."
+            f"fxsparse.remove_ghosts(gm) (and fold any rescale pass) before exporting"
+            + ("; end the dynamic-mask phase (RigL's gradient probes, gmp's targets) with "
+               "fxsparse.masks.dynamic.finish(gm)." if "dynamic" in left else ".")
         )
     masks = _masks(gm)
     params = dict(gm.named_parameters(remove_duplicate=False))

@@ -258,6 +258,20 @@ def test_gmp_reaches_final_sparsity_exactly_on_the_cubic_schedule():
     assert sched.dynamic.finished and "dynamic" not in dict(gm.named_children()).get("fxsparse")._modules
 
 
+def test_probes_survive_a_conversion_after_the_transform():
+    """``gm.double()`` (or ``.to(device)``) turns each probe buffer into a copy that is no leaf; the
+    scheduler puts leaves back, so the next update still sees the dense gradient."""
+    gm, sched = build("rigl")
+    gm.double()
+    assert not all(p.is_leaf for p in probes(gm).values())
+    for x, y in batches(3):
+        train_step(sched, gm, x.double(), y)
+        sched.step()
+    assert all(p.is_leaf and p.requires_grad for p in probes(gm).values())
+    assert sched.mask_updates[-1]["grown"] > 0
+    assert all(bool((p.grad[~m] != 0).any()) for p, m in zip(probes(gm).values(), masked_parameters(gm).values()))
+
+
 # --------------------------------------------------------------------------- compile
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_compiled_updates_recompile_nothing(method):

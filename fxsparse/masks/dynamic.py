@@ -322,15 +322,31 @@ class DynamicMasks:
         end, and get the probes ready for the next update. Returns the update's record or None."""
         if self.finished:
             return None
+        if self.schedule.method == "rigl":
+            self._leaf_probes()  # cheap: a device move after the transform leaves copies that are no leaves
         record = None
         if self.schedule.is_update(step, self.total_steps):
             record = self.update(step, optimizer)
         if self._past_end(step):
             self.finish()
         elif self.schedule.is_update(step + 1, self.total_steps):
-            for p in probes(self.gm).values():  # the next backward writes the update step's gradient alone
+            for p in self._leaf_probes().values():  # the next backward writes the update step's gradient alone
                 p.grad = None
         return record
+
+    def _leaf_probes(self) -> dict[str, torch.Tensor]:
+        """The probes, each a leaf that requires grad. ``gm.to(device)`` after the transform makes
+        a buffer that requires grad a non-leaf copy (whose ``.grad`` autograd never fills): put a
+        leaf back in its place then."""
+        from ..pass_infra import register_nested_buffer
+
+        found = probes(self.gm)
+        for name, p in found.items():
+            if not (p.is_leaf and p.requires_grad):
+                fresh = torch.zeros_like(p.detach()).requires_grad_(True)
+                register_nested_buffer(self.gm, probe_name(name), fresh, persistent=False)
+                found[name] = fresh
+        return found
 
     def finish(self) -> None:
         finish(self.gm)
@@ -353,8 +369,15 @@ class DynamicMasks:
 
         masks = masked_parameters(self.gm)
         params = dict(self.gm.named_parameters(remove_duplicate=False))
+        if any(type(params[n]).__name__ == "DTensor" for n in masks):
+            raise MaskError("[dynamic] mask updates under FSDP (sharded DTensor weights) are not supported: train "
+                            "with DDP (fxsparse.distributed.wrap / fxsparse train without --fsdp)")
         if self.schedule.method == "rigl":
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in probes(self.gm).values()]
+            found = probes(self.gm)
+            if all(p.grad is None for p in found.values()):
+                log.warning("step %d: RigL update without gradients (no backward reached the probes since the "
+                            "last update): regrowth falls back to the lowest indices", step)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in found.values()]
             fxdist.all_reduce_tensors(grads, op="mean")  # the global batch's gradient on every rank
             scores = dict(zip(probes(self.gm), grads))
         new = self._decide(step, masks, params, scores if self.schedule.method == "rigl" else None) \
