@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import fxsparse  # noqa: E402
-from zoo_models import ZOO  # noqa: E402
+from zoo_models import ZOO, zoo_params  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -47,7 +47,7 @@ def masked(spec: str, size=(3, 64, 64), sparsity: float = 0.9, **kwargs):
     return model, gm, x
 
 
-@pytest.fixture(params=ZOO, ids=[s for s, _ in ZOO])
+@pytest.fixture(params=zoo_params())
 def zoo_entry(request):
     """(spec, input size) for every model of the fixed zoo."""
     return request.param

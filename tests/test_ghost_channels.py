@@ -38,6 +38,10 @@ EXPECTED_SITES = {
     "tv:convnext_tiny": 18, "vit_tiny_patch16_224": 12, "deit_tiny_patch16_224": 12, "tv:vit_b_16": 12,
     "swin_tiny_patch4_window7_224": 12, "tv:swin_t": 12, "mobilevit_xxs": 7, "edgenext_xx_small": 12,
     "poolformer_s12": 12,
+    # one MLP pair (linear, GELU, linear) per transformer block: 2 blocks; Swin's 2+2+6+2
+    "torchvision.models.vision_transformer:VisionTransformer(image_size=64, patch_size=16, num_layers=2, "
+    "num_heads=4, hidden_dim=64, mlp_dim=128)": 2,
+    "swin_tiny_patch4_window7_224(img_size=64, window_size=2, embed_dim=32, num_heads=(1, 2, 4, 8))": 12,
     # conv pairs inside a stage (a max-pool in between is not channel-wise): VGG-16 1+1+2+2+2,
     # VGG-11 0+0+1+1+1; one per BasicBlock; MobileNetV2 as torchvision's
     "fxsparse.nets:vgg16(width=0.25)": 8, "fxsparse.nets:vgg11(width=0.25)": 3, "fxsparse.nets:resnet32": 15,

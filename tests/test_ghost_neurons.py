@@ -34,6 +34,9 @@ NO_RELU = {
     "convnext_atto", "tv:convnext_tiny", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
     "tv:vit_b_16", "swin_tiny_patch4_window7_224", "tv:swin_t", "edgenext_xx_small",
     "poolformer_s12",  # GELU
+    "torchvision.models.vision_transformer:VisionTransformer(image_size=64, patch_size=16, num_layers=2, "
+    "num_heads=4, hidden_dim=64, mlp_dim=128)",  # GELU
+    "swin_tiny_patch4_window7_224(img_size=64, window_size=2, embed_dim=32, num_heads=(1, 2, 4, 8))",  # GELU
 }
 
 SOFT_REFERENCE = {  # independent eager definitions of the soft activations

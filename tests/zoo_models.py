@@ -2,7 +2,13 @@
 
 Each entry is (MODEL spec, input size C,H,W). Inputs are as small as each model allows so that
 the whole list runs in the default test suite on 2 CPU cores; transformers keep their native size.
+``SLOW_ZOO`` holds the heavy models whose structures a smaller entry of ``ZOO`` already covers
+(torchvision's ViT-B/16 by a 2-layer ``VisionTransformer``, timm's Swin-T at 224 by a small Swin
+of the same class): tests parametrized with ``zoo_params()`` run them under ``-m slow`` only.
 """
+import pytest
+
+
 ZOO: list[tuple[str, tuple[int, int, int]]] = [
     # the CIFAR nets of ToST's paper (fxsparse.nets): plain VGG, deep ResNets, MobileNetV2
     ("fxsparse.nets:vgg16(width=0.25)", (3, 32, 32)),
@@ -13,7 +19,6 @@ ZOO: list[tuple[str, tuple[int, int, int]]] = [
     ("resnet18", (3, 64, 64)),
     ("resnet50", (3, 64, 64)),
     ("tv:resnet18", (3, 64, 64)),
-    ("tv:resnet50", (3, 64, 64)),
     ("tv:densenet121", (3, 64, 64)),
     ("tv:mobilenet_v2", (3, 64, 64)),
     ("tv:squeezenet1_1", (3, 64, 64)),
@@ -49,13 +54,30 @@ ZOO: list[tuple[str, tuple[int, int, int]]] = [
     # transformers and hybrids
     ("vit_tiny_patch16_224", (3, 224, 224)),
     ("deit_tiny_patch16_224", (3, 224, 224)),
-    ("tv:vit_b_16", (3, 224, 224)),
-    ("swin_tiny_patch4_window7_224", (3, 224, 224)),
+    # torchvision's ViT class (nn.MultiheadAttention inside), 2 layers: tv:vit_b_16's structure
+    ("torchvision.models.vision_transformer:VisionTransformer(image_size=64, patch_size=16, num_layers=2, "
+     "num_heads=4, hidden_dim=64, mlp_dim=128)", (3, 64, 64)),
+    # timm's Swin class with windows of 2 at 64x64 (shifted windows, patch merging): Swin-T's structure
+    ("swin_tiny_patch4_window7_224(img_size=64, window_size=2, embed_dim=32, num_heads=(1, 2, 4, 8))", (3, 64, 64)),
     ("tv:swin_t", (3, 64, 64)),
     ("mobilevit_xxs", (3, 64, 64)),
     ("edgenext_xx_small", (3, 64, 64)),
     ("poolformer_s12", (3, 64, 64)),
 ]
+
+# Heavy models (tens of millions of parameters, or 224x224 attention) run under -m slow only.
+SLOW_ZOO: list[tuple[str, tuple[int, int, int]]] = [
+    ("tv:resnet50", (3, 64, 64)),
+    ("tv:vit_b_16", (3, 224, 224)),
+    ("swin_tiny_patch4_window7_224", (3, 224, 224)),
+]
+
+
+def zoo_params() -> list:
+    """``ZOO`` and ``SLOW_ZOO`` as pytest params (ids: the specs), the slow ones marked ``slow``."""
+    return ([pytest.param(e, id=e[0]) for e in ZOO]
+            + [pytest.param(e, id=e[0], marks=pytest.mark.slow) for e in SLOW_ZOO])
+
 
 # The models named in the ghost issue's bar (each must receive skip edges and ghost neurons
 # where it has ReLU-family activations).
