@@ -63,20 +63,29 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig", "BenchError", "VARIANTS", "MODES", "MODELS", "build_variant", "random_masks", "Runner",
     "measure", "step_memory", "transform_times", "zoo_times", "bench_model", "run_bench", "machine",
-    "markdown", "zoo_markdown", "read_rows",
+    "markdown", "zoo_markdown", "read_rows", "edge_costs", "edges_markdown", "plain_forms",
 ]
 
 VARIANTS = ("dense", "masked", "ghosts", "prune", "parametrize")
 # one ghost technique at a time (the ablation recipes' graphs), on request: --variants masked ghost_skips
 GHOST_VARIANTS = ("ghost_neurons", "ghost_skips", "ghost_channels")
-ALL_VARIANTS = VARIANTS + GHOST_VARIANTS
+# the forms before issue 13's speed work, to measure a change side by side (--variants masked masked_mul):
+# masked_mul / ghosts_mul are the masked / ghost-phase graphs with neither of fxsparse.fused's forms:
+# the plain ``w * mask`` multiply instead of apply_mask and, in ghosts_mul, ghost neurons' two-node
+# blend instead of ghost_relu_blend (ghosts_mul is measured against masked_mul); *_unfused have
+# only the blend put back (one change at a time)
+BEFORE_VARIANTS = {"masked_mul": "masked", "ghosts_mul": "ghosts", "ghosts_unfused": "ghosts",
+                   "ghost_neurons_unfused": "ghost_neurons"}
+ALL_VARIANTS = VARIANTS + GHOST_VARIANTS + tuple(BEFORE_VARIANTS)
 MODES = ("eager", "compiled")
 MODELS = ("resnet18", "resnet50", "vit_tiny_patch16_224", "efficientnet_b0")
 # what each variant's time is divided by: masks against dense, the ghost phase against the mask
 REFERENCE = {"masked": "dense", "prune": "dense", "parametrize": "dense", "ghosts": "masked",
-             **{g: "masked" for g in GHOST_VARIANTS}}
+             **{g: "masked" for g in GHOST_VARIANTS}, "masked_mul": "dense", "ghosts_mul": "masked_mul",
+             "ghosts_unfused": "masked", "ghost_neurons_unfused": "masked"}
 RESULTS = "bench.jsonl"
 ZOO_RESULTS = "zoo.jsonl"
+EDGE_RESULTS = "edges.jsonl"
 
 
 class BenchError(FxSparseError):
@@ -160,6 +169,8 @@ def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x
     import fxsparse
     from .passes.mask import MaskPass
 
+    if kind in BEFORE_VARIANTS:
+        return plain_forms(build_variant(BEFORE_VARIANTS[kind], model, masks, x), mask=kind.endswith("_mul"))
     model = copy.deepcopy(model)
     if kind == "dense":
         return model
@@ -187,6 +198,27 @@ def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x
             parametrize.register_parametrization(*_owner(model, name), FakeSparsity(mask.clone()))
         return model
     raise BenchError(f"unknown variant {kind!r}; choose from {', '.join(VARIANTS)}")
+
+
+def plain_forms(gm: nn.Module, mask: bool = True, blend: bool = True) -> nn.Module:
+    """The graph with fxsparse.fused's forms put back to what the graphs ran before issue 13:
+    ``apply_mask(w, m)`` -> ``w * m`` (``mask``), ``ghost_relu_blend(act, x, gate)`` -> ``ghost_blend(act,
+    soft(x), gate)`` (``blend``; graph sites only: the leaf-style sites keep the fused form)."""
+    import operator
+
+    from .fused import apply_mask, ghost_relu_blend
+    from .passes.ghost_neurons import SOFT, ghost_blend
+
+    for node in list(gm.graph.nodes):
+        if mask and node.op == "call_function" and node.target is apply_mask:
+            node.target = operator.mul
+        if blend and node.op == "call_function" and node.target is ghost_relu_blend:
+            act, x, gate = node.args
+            with gm.graph.inserting_before(node):
+                soft = gm.graph.call_function(SOFT[node.kwargs.get("soft", "swish")], (x,))
+            node.target, node.args, node.kwargs = ghost_blend, (act, soft, gate), {}
+    gm.recompile()
+    return gm
 
 
 # --------------------------------------------------------------------------- one step
@@ -225,7 +257,10 @@ class Runner:
         return time.perf_counter() - t
 
     def static_bytes(self) -> int:
-        """Parameters, buffers (masks included) and optimizer state."""
+        """Parameters, buffers (masks included), optimizer state, and the float copies of the masks
+        that eager mode multiplies by (``fxsparse.fused``)."""
+        from .fused import mask_cache_bytes
+
         seen: set[int] = set()
         total = 0
         tensors = [*self.module.parameters(), *self.module.buffers(),
@@ -234,7 +269,7 @@ class Runner:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        return total
+        return total + mask_cache_bytes(self.module)
 
 
 def step_memory(runner: Runner) -> int:
@@ -346,7 +381,7 @@ def _rows(name: str, mode: str, runners: Sequence[Runner], times: dict[str, list
         ts = times[r.kind]
         ref = REFERENCE.get(r.kind)
         row = {"model": name, "mode": mode, "variant": r.kind, "median_ms": 1e3 * statistics.median(ts),
-               "min_ms": 1e3 * min(ts), "rounds": len(ts), "warmup_s": r.warmup_s, "graph_breaks": r.graph_breaks,
+               "min_ms": 1e3 * min(ts), "rounds": len(ts), "times_ms": [round(1e3 * t, 3) for t in ts], "warmup_s": r.warmup_s, "graph_breaks": r.graph_breaks,
                "reference": ref if ref in times else None,
                "ratio": statistics.median(t / d for t, d in zip(ts, times[ref])) if ref in times else None,
                "static_mb": r.static_bytes() / 2**20}
@@ -359,6 +394,16 @@ def _rows(name: str, mode: str, runners: Sequence[Runner], times: dict[str, list
         if ref is not None and "peak_mb" in row and "peak_mb" in ref:
             row["memory_ratio"] = row["peak_mb"] / ref["peak_mb"]
     return rows
+
+
+def paired_ratio(rows: Sequence[dict[str, Any]], model: str, mode: str, variant: str, reference: str) -> float | None:
+    """Median over rounds of ``variant``'s step / ``reference``'s step in the same round (any two
+    variants of one (model, mode) block: e.g. a change against its ``*_mul`` before-form)."""
+    idx = {(r["model"], r["mode"], r["variant"]): r for r in rows if "times_ms" in r}
+    a, b = idx.get((model, mode, variant)), idx.get((model, mode, reference))
+    if a is None or b is None:
+        return None
+    return statistics.median(x / y for x, y in zip(a["times_ms"], b["times_ms"]))
 
 
 def compiled_over_eager(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -403,6 +448,79 @@ def transform_times(model: nn.Module, x: torch.Tensor, sparsity: float = 0.9) ->
     out["total"] = sum(out.values())
     out["nodes"] = len(gm.graph.nodes)
     return out
+
+
+def edge_costs(name: str, config: BenchConfig, lrsi_iters: int = 3,
+               say: Callable[[str], None] = print) -> dict[str, Any]:
+    """What the edges of a tost run cost, next to a training step (seconds; issue 13, item 3).
+
+    * ``transform_s``: ``fxsparse.transform(model, "tost", skip=("rescale",))`` (trace, mask scores,
+      MaskPass, every ghost pass) on the config's input; ``transform`` its stages (``transform_times``).
+    * ``lrsi_iter_s``: one LRsI iteration (``RescaleInitPass``): the difference between runs of
+      ``lrsi_iters + 1`` and 1 iterations, divided by ``lrsi_iters`` (the setup cancels), against
+      ``masked_step_s``, the masked network's eager training step at the same batch.
+    * per mode: ``ghost_step_s`` (a ghost-phase step, warm), ``removal_s`` (``remove_ghosts``:
+      every removal pass and the graph's recompile), ``first_step_after_s`` (the next step: under
+      torch.compile it recompiles the smaller graph) and ``step_after_s`` (the step after that).
+    """
+    import fxsparse
+    from .passes.mask import MaskPass
+    from .passes.rescale_init import RescaleInitPass
+
+    model, x, y = create_model(name, config)
+    masks = random_masks(model, x, config.sparsity)
+    out: dict[str, Any] = {"model": name, "batch": config.batch, "size": config.size, "device": config.device}
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    fxsparse.transform(copy.deepcopy(model).cpu(), "tost", example_inputs=x[:2].cpu(), skip=("rescale",), copy=False)
+    out["transform_s"] = time.perf_counter() - t
+    out["transform"] = transform_times(model.cpu(), x[:2].cpu(), config.sparsity)
+    model = model.to(config.device)
+
+    masked = build_variant("masked", model, masks, x)
+    runner = Runner("masked", masked, False, x, y, config.bf16, config.channels_last)
+    for _ in range(config.warmup):
+        runner.step()
+    out["masked_step_s"] = statistics.median(runner.step() for _ in range(3))
+    lrsi = {}
+    for iters in (1, lrsi_iters + 1):
+        gm = build_variant("masked", model, masks, x)
+        t = time.perf_counter()
+        RescaleInitPass([(x, y)], iters=iters)(gm)
+        lrsi[iters] = time.perf_counter() - t
+    out["lrsi_iter_s"] = (lrsi[lrsi_iters + 1] - lrsi[1]) / lrsi_iters
+    say(f"  {name}: transform {out['transform_s']:.2f} s, LRsI iteration {out['lrsi_iter_s']:.3f} s, "
+        f"masked step {out['masked_step_s']:.3f} s")
+    for mode in config.modes:
+        torch._dynamo.reset()
+        gm = build_variant("ghosts", model, masks, x)
+        r = Runner("ghosts", gm, mode == "compiled", x, y, config.bf16, config.channels_last)
+        for _ in range(config.warmup):
+            r.step()
+        row = {"ghost_step_s": statistics.median(r.step() for _ in range(3))}
+        t = time.perf_counter()
+        fxsparse.remove_ghosts(gm)
+        row["removal_s"] = time.perf_counter() - t
+        row["first_step_after_s"] = r.step()
+        row["step_after_s"] = statistics.median(r.step() for _ in range(3))
+        out[mode] = row
+        say(f"  {name} {mode}: removal {row['removal_s']:.3f} s, first step after {row['first_step_after_s']:.2f} s "
+            f"(then {row['step_after_s']:.3f} s; ghost step {row['ghost_step_s']:.3f} s)")
+    return out
+
+
+def edges_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per (model, mode): transform, LRsI iteration vs step, removal and the step after it."""
+    lines = ["| model | mode | transform s (no LRsI) | LRsI iteration s | masked step s (eager) | ghost step s "
+             "| removal s | first step after removal s | step after s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for mode in MODES:
+            if mode in r:
+                m = r[mode]
+                lines.append(f"| {r['model']} | {mode} | {r['transform_s']:.3f} | {r['lrsi_iter_s']:.3f} | "
+                             f"{r['masked_step_s']:.3f} | {m['ghost_step_s']:.3f} | {m['removal_s']:.3f} | "
+                             f"{m['first_step_after_s']:.2f} | {m['step_after_s']:.3f} |")
+    return "\n".join(lines)
 
 
 def zoo_times(models: Iterable[tuple[str, tuple[int, int, int]]], sparsity: float = 0.9,
@@ -538,6 +656,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['variant']} | {r['median_ms']:.1f} | {_fmt(r['ratio'])} | "
                      f"{r['reference'] or ''} | {peak} | {_fmt(r.get('memory_ratio'))} | {r['warmup_s']:.1f} | "
                      f"{'' if r['graph_breaks'] is None else r['graph_breaks']} |")
+    before = [(r["model"], r["mode"], BEFORE_VARIANTS[r["variant"]], r["variant"]) for r in rows
+              if r.get("variant") in BEFORE_VARIANTS and "times_ms" in r]
+    pairs = [(m, mode, a, b, paired_ratio(rows, m, mode, a, b)) for m, mode, a, b in before]
+    if any(p[-1] is not None for p in pairs):
+        lines += ["", "Each change against its form before issue 13 (median of same-round step ratios):", "",
+                  "| model | mode | after / before | ratio |", "|---|---|---|---:|"]
+        lines += [f"| {m} | {mode} | {a} / {b} | {v:.3f} |" for m, mode, a, b, v in pairs if v is not None]
     ce = compiled_over_eager(rows)
     if ce:
         lines += ["", "Compiled / eager median step time (measured in different rounds: indicative):", "",

@@ -40,6 +40,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxsparse import gates
 from fxsparse.errors import PassError
+from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
 )
@@ -182,6 +183,13 @@ def _ghost_neuron_unit(value: Node) -> tuple[Node, Node] | None:
     """(activation, blend) when ``value`` feeds GhostNeuronPass's blend of an activation and its
     soft twin, ``ghost_blend(act(value), soft(value), lam)``, and nothing else."""
     users = _readers(value)
+    fused = [u for u in users if _tag(u) == ("ghost_neurons", "blend") and (u.meta["fxsparse"].get("fused"))]
+    if len(users) == 2 and len(fused) == 1:  # ghost_relu_blend(act(value), value, lam) (fxsparse.fused)
+        (blend,) = fused
+        act = blend.args[0]
+        if set(users) != {act, blend} or blend.args[1] is not value or not _reads_once(act, value):
+            return None
+        return (act, blend) if list(act.users) == [blend] else None
     blends = {b for u in users for b in u.users if _tag(b) == ("ghost_neurons", "blend")}
     if len(users) != 2 or len(blends) != 1:
         return None
@@ -563,7 +571,7 @@ class GhostChannelPass(FxSparsePass):
             w = tag(graph.get_attr(f"{prefix}.{name}"), role, part="weight")
             if mask in branch._buffers:
                 m = tag(graph.get_attr(f"{prefix}.{mask}"), role, part="mask")
-                w = tag(graph.call_function(operator.mul, (w, m)), role, part="masked_weight")
+                w = tag(graph.call_function(apply_mask, (w, m)), role, part="masked_weight")  # w * m
             return w
 
         # The ghost producer reads P's input right after P does (an in-place op later in the

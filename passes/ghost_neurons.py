@@ -24,6 +24,11 @@ state_dict keys do not change) and reads the gate, and a learnable beta, from th
 all keep working. Leaf modules are shared with the model the graph was traced from, which
 therefore sees the swapped submodule until removal puts the original back.
 
+For ReLU sites with soft "swish" or "mish" the ``soft`` and ``blend`` nodes are one node,
+``fxsparse.fused.ghost_relu_blend(act, x, gate)`` (role ``blend``, tag ``fused=True``): the same
+numbers bit for bit, values and gradients, as one autograd node that saves only ``x`` (the two
+nodes keep ``relu(x)`` and ``x`` alive for the backward in eager mode; issue 13).
+
 ``RemoveGhostNeuronsPass`` (``remove_ghost_neurons(gm)``) undoes all of it: the graph is then
 structurally equal to the graph before the pass and computes exactly what the ghost graph
 computed at gate 0. See docs/ghost-neurons.md for the exactness argument.
@@ -41,6 +46,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxsparse import gates
 from fxsparse.errors import PassError
+from fxsparse.fused import FUSED_SOFTS, ghost_relu_blend
 from fxsparse.graph import ActivationSite, activation_sites, leaf_call_target
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
@@ -113,6 +119,8 @@ class GhostActivation(nn.Module):
         object.__setattr__(self, "_beta_module", beta_module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.soft in FUSED_SOFTS and type(self.act) is nn.ReLU:
+            return ghost_relu_blend(torch.relu(x), x, getattr(self._gates, GROUP), self.soft)
         beta = self._beta_module.beta if self._beta_module is not None else self.beta
         return ghost_blend(_relu_out_of_place(self.act, x), _soft(self.soft, x, beta),
                            getattr(self._gates, GROUP))
@@ -221,6 +229,21 @@ class GhostNeuronPass(FxSparsePass):
             readers = [u for u in x.users if u is not act and order[u] > order[act]]
             restore = self._out_of_place(gm, act)
         name = self._site_name(group, act.name)
+        if site.kind == "relu" and self.soft in FUSED_SOFTS:
+            # one node: ghost_relu_blend(act, x, gate), which saves only x for the backward
+            with graph.inserting_before(act.next):
+                gate = self.tag(graph.get_attr(gates.target(GROUP)), "gate")
+                blend = graph.call_function(ghost_relu_blend, (act, x, gate), {"soft": self.soft})
+                self.tag(blend, "blend", site=name, style=site.style, kind=site.kind, restore=restore,
+                         input_readers=[u.name for u in readers], fused=True)
+            _copy_meta(act, blend)
+            act.replace_all_uses_with(blend, delete_user_cb=lambda u: u is not blend)
+            for u in readers:
+                u.replace_input_with(x, blend)
+                self.stats["readers_rewired"] += 1
+            self.stats["nodes"] += 2
+            self.stats["fused"] += 1
+            return
         with graph.inserting_before(act.next):
             gate = self.tag(graph.get_attr(gates.target(GROUP)), "gate")
             beta: Any = self.beta

@@ -59,6 +59,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxsparse import gates
 from fxsparse.errors import PassError
+from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     SITE_FILTERS, LayerCall, PreActivation, activation_reach, channel_chains, layer_call, site_filter,
 )
@@ -132,7 +133,7 @@ class GhostSkipBranch(nn.Module):
         self.fold_into: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.mask is None else self.weight * self.mask
+        w = self.weight if self.mask is None else apply_mask(self.weight, self.mask)  # weight * mask
         if self.kind == "conv":
             return self.norm(F.conv2d(x, w, None, self.stride, self.padding, 1, self.groups))
         y = F.linear(x, w)

@@ -61,3 +61,36 @@ def test_cli_and_zoo(tmp_path, capsys):
     assert rows[0]["total"] > 0 and rows[0]["ghost_skips"] >= 0 and "error" not in rows[0]
     assert "all 1 models" in bench.zoo_markdown(rows)
     assert main(["bench", "--report-only"]) == 2  # needs --out: a one-line error
+
+
+def test_before_variants_and_bf16_channels_last_path(tmp_path):
+    """The forms before issue 13 (masked_mul, ghosts_mul) compute what masked / ghosts compute; the
+    GPU settings (bf16 autocast, channels_last) run through the same code on CPU."""
+    import operator
+
+    from fxsparse.fused import apply_mask, ghost_relu_blend
+
+    config = bench.BenchConfig(**TINY)
+    model, x, y = bench.create_model(MODEL, config)
+    masks = bench.random_masks(model, x, 0.9)
+    for before, after in bench.BEFORE_VARIANTS.items():
+        a, b = bench.build_variant(after, model, masks, x), bench.build_variant(before, model, masks, x)
+        targets = {n.target for n in b.graph.nodes}
+        if before.endswith("_mul"):
+            assert operator.mul in targets and apply_mask not in targets and apply_mask in {n.target for n in a.graph.nodes}
+        if before.startswith("ghost"):
+            assert ghost_relu_blend in {n.target for n in a.graph.nodes} and ghost_relu_blend not in targets
+        assert torch.equal(a(x), b(x))
+    rows = bench.run_bench(bench.BenchConfig(**{**TINY, "variants": ("dense", "masked", "masked_mul")}, bf16=True,
+                                             channels_last=True, transform=False))
+    assert all(r["bf16"] and r["channels_last"] and r["median_ms"] > 0 for r in rows)
+    assert {r["variant"]: r["reference"] for r in rows}["masked_mul"] == "dense"
+
+
+def test_edge_costs(capsys):
+    config = bench.BenchConfig(**TINY)
+    row = bench.edge_costs(MODEL, config, lrsi_iters=1, say=lambda s: None)
+    assert row["transform_s"] > 0 and row["lrsi_iter_s"] > -1 and row["masked_step_s"] > 0
+    e = row["eager"]
+    assert e["removal_s"] > 0 and e["first_step_after_s"] > 0 and e["step_after_s"] > 0
+    assert "| fxsparse.nets:resnet8 | eager |" in bench.edges_markdown([row])

@@ -142,7 +142,9 @@ def test_styles_identity_soft_and_removal(soft):
     p(gm)
     assert (p.stats["sites"], p.stats["module"], p.stats["function"], p.stats["method"]) == (3, 1, 1, 1)
     roles = sorted(n.meta["fxsparse"]["role"] for n in pass_infra.tagged_nodes(gm, group=GROUP))
-    assert roles == ["blend"] * 3 + ["gate"] * 3 + ["soft"] * 3
+    # swish and mish: one fused blend node per site (fxsparse.fused.ghost_relu_blend); pswish: soft + blend
+    assert roles == ["blend"] * 3 + ["gate"] * 3 + ["soft"] * 3 * (soft == "pswish")
+    assert p.stats["fused"] == 3 * (soft != "pswish")
 
     fxsparse.gates.set_identity(gm)
     _assert_exact(before, gm, X)

@@ -14,6 +14,7 @@ import fxsparse
 from conftest import build, random_masks
 from fxsparse.errors import MaskError
 from fxsparse.export import ExportError, zero_masked_weights
+from fxsparse.fused import apply_mask
 from fxsparse.pass_infra import tagged_nodes
 from fxsparse.passes.mask import MaskPass, StripMasksPass, mask_buffer_name, masked_parameters
 from zoo_models import ZOO
@@ -103,7 +104,7 @@ def test_rewrite_fires_on_every_layer(zoo_masked):
     assert {n.target for n in mask_nodes} == {mask_buffer_name(m) for m in masks}
     muls = tagged_nodes(gm, group="masks", role="masked_weight")
     assert {n.meta["fxsparse"]["param"] for n in muls} == set(masks)
-    assert all(n.target is operator.mul for n in muls)
+    assert all(n.target is apply_mask for n in muls)  # w * mask (fxsparse.fused)
     # the graph queries still see every layer (leaf-held ones included), each reading w * mask
     after = fxsparse.graph.parameterized_layers(gm)
     assert {l.weight for l in after} == {l.weight for l in layers_before}

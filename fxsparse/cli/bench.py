@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "is there; also writes DIR/bench.md")
     p.add_argument("--report-only", action="store_true", help="measure nothing: print the tables from --out")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of markdown")
+    p.add_argument("--edges", action="store_true", help="instead of the step study: the transform, one LRsI "
+                   "iteration next to a training step, and a removal with the step after it (recompile) per mode")
     g = p.add_argument_group("zoo: transform time over many models")
     g.add_argument("--zoo", action="store_true", help="time trace + mask + ghost passes + removal per model")
     g.add_argument("--zoo-source", choices=("zoo", "timm"), default="zoo",
@@ -87,6 +89,30 @@ def run(args: argparse.Namespace) -> int:
                     with open(path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(row) + "\n")
         text = json.dumps(rows, indent=1) if args.json else bench.zoo_markdown(rows)
+    elif args.edges:
+        config = bench.BenchConfig(
+            models=tuple(args.models), modes=tuple(args.modes), batch=args.batch, size=args.size or None,
+            sparsity=args.sparsity, warmup=args.warmup, threads=args.threads, device=args.device, bf16=args.bf16,
+            channels_last=args.channels_last, out=args.out)
+        path = out / bench.EDGE_RESULTS if out else None
+        rows = bench.read_rows(path) if path else []
+        if not args.report_only:
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            done = {r["model"] for r in rows}
+            for name in config.models:
+                if name in done:
+                    continue
+                row = {**bench.edge_costs(name, config, say=lambda s: print(s, file=sys.stderr)),
+                       "machine": bench.machine(config)}
+                rows.append(row)
+                if path:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+        text = json.dumps(rows, indent=1) if args.json else bench.edges_markdown(rows)
     else:
         config = bench.BenchConfig(
             models=tuple(args.models), variants=tuple(args.variants), modes=tuple(args.modes), batch=args.batch,
