@@ -321,6 +321,8 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "loss_curve": [[r["step"], r["loss"]] for r in steps[::stride]],
         # [training] eval_at_removal / bn_recalibrate: validation right before and after each removal
         "removal_shock": [{k: v for k, v in r.items() if k != "type"} for r in records if r.get("type") == "removal"],
+        # [training] precise_bn: the metrics before the final re-estimation of BatchNorm statistics
+        "precise_bn": summary.get("precise_bn"),
         "notes": summary["notes"],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -2,18 +2,25 @@
 
 Record types (the ``type`` key):
 
-==========  ==================================================================================
-``step``    ``epoch``, ``step`` (optimizer steps done), ``loss`` (the training loss, smoothed
-            labels included), ``train_acc`` (of the batch), ``lr``, ``gates`` ({group: value}),
-            ``label_smoothing``, ``step_time`` (seconds since the previous step)
-``event``   a ghost removal: ``event``, ``group``, ``step``, ``fraction``, ``parameters``, ...
-``epoch``   ``epoch``, ``step``, ``train_loss`` and ``train_acc`` (means over the epoch),
-            ``val_loss``, ``val_acc`` (with validation on), ``lr``, ``epoch_time``, ``elapsed``
+===============  =============================================================================
+``step``         ``epoch``, ``step`` (optimizer steps done), ``loss`` (the training loss, smoothed
+                 labels included), ``train_acc`` (of the batch), ``lr``, ``gates`` ({group:
+                 value}), ``label_smoothing``, ``step_time`` (seconds since the previous step)
+``event``        a ghost removal: ``event``, ``group``, ``step``, ``fraction``, ``parameters``, ...
+``removal``      with ``[training] eval_at_removal`` / ``bn_recalibrate``: ``group``, ``step``,
+                 ``val_loss_before`` / ``val_acc_before`` / ``..._after`` (``..._removed``,
+                 ``bn_recalibrated`` with ``bn_recalibrate``)
+``epoch``        ``epoch``, ``step``, ``train_loss`` and ``train_acc`` (means over the epoch),
+                 ``val_loss``, ``val_acc`` (with validation on), ``lr``, ``epoch_time``, ``elapsed``
 ``mask_update``  a ``[dynamic]`` mask update (RigL/SET/gmp): ``step``, ``fraction``, ``method``,
-            ``drop_fraction`` (rigl/set) or ``sparsity`` (gmp), ``dropped``, ``grown``, ``kept``,
-            ``total`` and ``layers`` ({parameter: {``kept``, ``dropped``, ``grown``}}): the churn
-``test``    at the end: ``test_loss``, ``test_acc``, ``val_loss``, ``val_acc``
-==========  ==================================================================================
+                 ``drop_fraction`` (rigl/set) or ``sparsity`` (gmp), ``dropped``, ``grown``,
+                 ``kept``, ``total`` and ``layers`` ({parameter: {``kept``, ``dropped``,
+                 ``grown``}}): the churn
+``precise_bn``   with ``[training] precise_bn = N``: ``step``, ``batches``, ``test_loss_before``,
+                 ``test_acc_before``, ``val_loss_before``, ``val_acc_before`` (before BatchNorm
+                 statistics were re-estimated at the end)
+``test``         at the end: ``test_loss``, ``test_acc``, ``val_loss``, ``val_acc``
+===============  =============================================================================
 
 Epochs count from 1 in records (``epoch = 1`` is the first). Lines are flushed as they are
 written, so a killed run keeps what it logged; a resumed run cuts the file back to the records

@@ -125,6 +125,10 @@ class Training:
     hflip: bool = True
     bn_recalibrate: int = 0  # after each ghost removal, re-estimate BatchNorm statistics over N batches
     eval_at_removal: bool = False  # validation loss/accuracy right before and after each removal
+    # at the end of training, re-estimate BatchNorm statistics over N batches before the final
+    # evaluation ("precise BN"): running averages lag behind the weights, and a channel that is
+    # constant in training (its weights all masked) turns the lag into eval-mode blow-ups
+    precise_bn: int = 0
 
 
 @dataclass(frozen=True)
@@ -464,6 +468,7 @@ def _training(source: str, table: Any) -> Training:
         hflip=c.bool("hflip", d.hflip),
         bn_recalibrate=c.integer("bn_recalibrate", d.bn_recalibrate, lo=0),
         eval_at_removal=c.bool("eval_at_removal", d.eval_at_removal),
+        precise_bn=c.integer("precise_bn", d.precise_bn, lo=0),
     )
 
 

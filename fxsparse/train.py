@@ -535,6 +535,23 @@ class Trainer:
         fxdist.sync_buffers(self.gm, op="mean")
         return n
 
+    def _precise_bn(self) -> dict[str, Any] | None:
+        """``[training] precise_bn = N``: re-estimate BatchNorm statistics over N training batches
+        once training is over, so the final evaluation and the exported weights use statistics of
+        the final weights. The test and validation metrics before it are recorded (a ``precise_bn``
+        line in metrics.jsonl); training itself is not affected."""
+        batches = self.recipe.training.precise_bn
+        if not batches:
+            return None
+        record: dict[str, Any] = {"type": "precise_bn", "step": self.sched.step_count}
+        for split, loader in (("test", self.test_loader), ("val", self.val_loader if self.config.val else None)):
+            r = self.evaluate(loader) if loader is not None else None
+            if r is not None:
+                record[f"{split}_loss_before"], record[f"{split}_acc_before"] = float(r[0]), float(r[1])
+        record["batches"] = self.recalibrate_batchnorm(batches, self.sched.step_count)
+        self.metrics.write(record)
+        return {k: v for k, v in record.items() if k != "type"}
+
     def _recal_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -629,6 +646,7 @@ class Trainer:
         if dynamic.present(gm):  # a [dynamic] phase that had not ended: its probes have no place in the export
             self._note("ending the dynamic-mask phase before export (its end was not reached)")
             dynamic.finish(gm)
+        precise = self._precise_bn()
         test = self.evaluate(self.test_loader)
         val = self.evaluate(self.val_loader) if c.val else None
         record = {"type": "test", "step": self.sched.step_count}
@@ -679,6 +697,7 @@ class Trainer:
             "mask_method": mask_opts.get("method") if masks else None,
             "removals": [dict(e) for e in self.sched.events],
             "mask_updates": _mask_update_summary(self.sched),
+            "precise_bn": precise,
             "passes": gm.meta.get("fxsparse.passes", []),
             "time_s": {"setup": self.setup_time, "train": self.elapsed, "this_process": wall_time},
             "device": str(self.device),

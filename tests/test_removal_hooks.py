@@ -115,3 +115,49 @@ def test_trainer_recalibrates_and_measures_and_training_is_otherwise_identical(t
     # removal lines come after the step that removed
     i = next(i for i, r in enumerate(hooked) if r["type"] == "removal")
     assert hooked[i - 1]["type"] == "event" and any(r["type"] == "step" and r["step"] == 12 for r in hooked[:i])
+
+
+def test_a_channel_constant_in_training_blows_up_in_eval_until_statistics_are_re_estimated():
+    # Why precise_bn exists: a channel whose weights are all masked is constant (its bias) in every
+    # batch; train-mode BatchNorm maps it to exactly beta, but its running variance decays towards 0
+    # while the running mean only approaches the bias, so eval mode divides a small lag by
+    # sqrt(eps) and every constant channel downstream multiplies the error again.
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(2, 2, 1) for _ in range(4)]
+    layers = [m for c in convs for m in (c, nn.BatchNorm2d(2))]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for i, c in enumerate(convs):
+            c.weight[1].zero_()  # channel 1 of the first layer sees nothing: constant
+            if i:
+                c.weight[1, 1] = 1.0  # later ones carry channel 1 of the layer before: constant too
+            c.bias.fill_(0.5)
+    batches = [(torch.randn(8, 2, 4, 4),) for _ in range(60)]
+    model.train()
+    with torch.no_grad():
+        for (x,) in batches:
+            model(x)
+        x = batches[0][0]
+        want = model.train()(x)[:, 1]  # train mode: exactly beta = 0
+        lagged = model.eval()(x)[:, 1]
+        assert want.abs().max() == 0 and lagged.abs().max() > 1.0  # blown up through 4 constant channels
+        recalibrate_batchnorm(model, batches[:4])
+        assert model.eval()(x)[:, 1].abs().max() < 1e-3
+
+
+def test_precise_bn_re_estimates_at_the_end_and_training_is_otherwise_identical(tmp_path):
+    with pytest.raises(RecipeError, match="precise_bn"):
+        fxsparse.load_recipe("tost", overrides={"training.precise_bn": -1})
+    assert fxsparse.load_recipe("baseline").training.precise_bn == fxsparse.load_recipe("tost").training.precise_bn
+    _, plain = _run(tmp_path, "plain")
+    t, precise = _run(tmp_path, "precise", **{"training.precise_bn": 2})
+    steps = lambda records: [(r["step"], r["loss"], r["train_acc"]) for r in records if r["type"] == "step"]
+    assert steps(precise) == steps(plain)
+    (before,) = [r for r in precise if r["type"] == "precise_bn"]
+    (plain_test,) = [r for r in plain if r["type"] == "test"]
+    # the metrics before re-estimation are the run without it
+    assert (before["test_acc_before"], before["val_acc_before"]) == (plain_test["test_acc"], plain_test["val_acc"])
+    assert before["batches"] == 2 and not [r for r in plain if r["type"] == "precise_bn"]
+    norms = [m for m in t.gm.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 2 and m.momentum == 0.1 for m in norms)
+    assert t.summary["precise_bn"]["batches"] == 2 and t.summary["precise_bn"]["test_acc_before"] == before["test_acc_before"]
