@@ -17,7 +17,7 @@ from fxsparse.export import ExportError, zero_masked_weights
 from fxsparse.fused import apply_mask
 from fxsparse.pass_infra import tagged_nodes
 from fxsparse.passes.mask import MaskPass, StripMasksPass, mask_buffer_name, masked_parameters
-from zoo_models import ZOO
+from zoo_models import zoo_params
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -79,7 +79,7 @@ def _role(node) -> str | None:
 _cache: dict[str, tuple] = {}
 
 
-@pytest.fixture(scope="module", params=ZOO, ids=[s for s, _ in ZOO])
+@pytest.fixture(scope="module", params=zoo_params())
 def zoo_masked(request):
     """(spec, model, masked gm, x, masks, pass) for each zoo model, built once for this module's tests."""
     spec, size = request.param
