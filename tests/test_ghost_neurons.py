@@ -445,7 +445,7 @@ def test_initial_gate_and_log(caplog):
     with caplog.at_level(logging.INFO, logger="fxsparse.passes"):
         GhostNeuronPass(initial_gate=0.25)(gm)
     assert fxsparse.gates.get(gm) == {GROUP: 0.25}
-    assert "GhostNeuronPass: sites=3, module=1, function=1, method=1, inplace=0, nodes=9" in caplog.text
+    assert "GhostNeuronPass: sites=3, module=1, function=1, method=1, inplace=0, nodes=6, fused=3" in caplog.text
     with caplog.at_level(logging.INFO, logger="fxsparse.passes"):
         remove_ghost_neurons(gm)
     assert "RemoveGhostNeuronsPass: sites=3" in caplog.text

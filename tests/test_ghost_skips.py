@@ -411,7 +411,8 @@ def test_composes_with_ghost_neurons(first_removed):
     assert p.stats["edges"] == 17
     # the skip edge feeds the hard and the soft activation alike
     for merge in tagged_nodes(gm, group=GROUP, role="merge"):
-        assert {(u.meta.get("fxsparse") or {}).get("role") for u in merge.users} == {None, "soft"}
+        # (swish: the soft activation lives inside the fused blend node, fxsparse.fused.ghost_relu_blend)
+        assert {(u.meta.get("fxsparse") or {}).get("role") for u in merge.users} == {None, "blend"}
     gates.set_identity(gm)
     assert compare(before, gm, x, exact=True) == []
     fxsparse.ghosts.remove_group(gm, first_removed)
