@@ -16,7 +16,7 @@ from fxsparse.train import TrainConfig, Trainer, recalibrate_batchnorm
 
 GHOSTS = ["ghost_neurons", "ghost_skips", "ghost_channels"]
 DIGITS = {"training.epochs": 2, "training.batch_size": 64, "training.crop_padding": 1, "masks.sparsity": 0.8,
-          "rescale.enabled": False}
+          "rescale.enabled": False, "training.precise_bn": 0}
 
 
 def test_scheduler_hooks_fire_around_each_removal_and_not_on_replay():
