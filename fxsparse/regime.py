@@ -24,7 +24,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .compare import PROTOCOL, CompareError, _pyplot, _save, read_results
 
@@ -93,8 +93,27 @@ def read_map(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
                 continue
             variant = r["recipe"] if not label or r["recipe"] == "baseline" else f"{r['recipe']} [{label}]"
             out.append({**r, "arch": _arch(proto["model"]), "epochs": int(proto["epochs"]), "variant": variant,
-                        "study": str(d)})
+                        "study": str(d), "label": label})
     return out
+
+
+def _cell_key(r: dict[str, Any]) -> tuple:
+    return (r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"])
+
+
+def baselines(results: Sequence[dict[str, Any]]) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+    """``baseline_of(run)``: the baseline run paired with ``run``. A study's own baseline first
+    (its overrides, e.g. ``training.*``, may change the baseline too: that is another protocol);
+    else the baseline of a study without extra overrides (the common protocol), so that a variant
+    study that ran only the recipe borrows the map's baseline."""
+    own: dict[tuple, dict[str, Any]] = {}
+    common: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        if r["variant"] == "baseline":
+            own[(r["study"], *_cell_key(r))] = r
+            if not r.get("label"):
+                common[_cell_key(r)] = r
+    return lambda r: own.get((r["study"], *_cell_key(r))) or common.get(_cell_key(r))
 
 
 def _items(overrides: dict[str, Any]) -> list[tuple[str, str]]:
@@ -104,15 +123,12 @@ def _items(overrides: dict[str, Any]) -> list[tuple[str, str]]:
 def cells(results: Sequence[dict[str, Any]], which: str = "test") -> list[Cell]:
     """Paired differences to the baseline per cell, for every variant but the baseline."""
     key = {"test": "test_acc", "val": "val_acc"}[which]
-    base: dict[tuple, dict[str, Any]] = {}
-    for r in results:
-        if r["variant"] == "baseline":
-            base[(r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"])] = r
+    baseline_of = baselines(results)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         if r["variant"] in ("baseline", "dense"):
             continue
-        b = base.get((r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"]))
+        b = baseline_of(r)
         if b is None:
             continue
         if b.get("mask_sha256") != r.get("mask_sha256"):
@@ -186,12 +202,11 @@ def epoch_markdown(results: Sequence[dict[str, Any]]) -> str:
     """Where the gap opens and whether it closes: the paired validation-accuracy difference to the
     baseline at the end of every epoch, per variant, architecture and budget (mean ± spread over
     every (mask, sparsity, seed) pair)."""
-    base = {(r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"]): r for r in results
-            if r["variant"] == "baseline"}
+    baseline_of = baselines(results)
     groups: dict[tuple, dict[int, list[float]]] = {}
     for r in results:
-        b = base.get((r["arch"], r["epochs"], r["method"], r["sparsity"], r["seed"]))
-        if r["variant"] in ("baseline", "dense") or b is None:
+        b = None if r["variant"] in ("baseline", "dense") else baseline_of(r)
+        if b is None:
             continue
         ours = {e["epoch"]: e.get("val_acc") for e in r.get("epoch_curve") or []}
         theirs = {e["epoch"]: e.get("val_acc") for e in b.get("epoch_curve") or []}

@@ -75,3 +75,19 @@ def test_map_refuses_broken_pairing_and_non_studies(tmp_path):
         cells(read_map([a, b]))
     with pytest.raises(CompareError, match="compare.json"):
         read_map([tmp_path])
+
+
+def test_a_study_with_its_own_baseline_is_another_protocol(tmp_path):
+    # training.* overrides change the baseline too: such a study's runs pair with its own baseline,
+    # and its baseline never replaces the map's for the other studies
+    m = "fxsparse.nets:vgg16(width=0.25)"
+    plain = _study(tmp_path / "map", m, 3, {}, [("baseline", "random", 0.99, 0, 0.70, 0.70, []),
+                                               ("tost", "random", 0.99, 0, 0.10, 0.10, [])])
+    pbn = _study(tmp_path / "pbn", m, 3, {"training.precise_bn": 50}, [("baseline", "random", 0.99, 0, 0.69, 0.69, []),
+                                                                       ("tost", "random", 0.99, 0, 0.64, 0.64, [])])
+    borrow = _study(tmp_path / "c1", m, 3, {"ghost_skips.where": "plain"}, [("tost", "random", 0.99, 0, 0.72, 0.72, [])])
+    for order in ([plain, pbn, borrow], [pbn, borrow, plain]):
+        table = {c.variant: c for c in cells(read_map(order))}
+        assert table["tost"].diffs == pytest.approx([-60.0])
+        assert table["tost [training.precise_bn=50]"].diffs == pytest.approx([-5.0])
+        assert table['tost [ghost_skips.where="plain"]'].diffs == pytest.approx([2.0])  # the map's baseline
