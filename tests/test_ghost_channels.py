@@ -42,6 +42,9 @@ EXPECTED_SITES = {
     "torchvision.models.vision_transformer:VisionTransformer(image_size=64, patch_size=16, num_layers=2, "
     "num_heads=4, hidden_dim=64, mlp_dim=128)": 2,
     "swin_tiny_patch4_window7_224(img_size=64, window_size=2, embed_dim=32, num_heads=(1, 2, 4, 8))": 12,
+    # one 1x1 -> 3x3 pair inside each dense layer: 4 blocks of 2
+    "torchvision.models.densenet:DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, "
+    "bn_size=2)": 8,
     # conv pairs inside a stage (a max-pool in between is not channel-wise): VGG-16 1+1+2+2+2,
     # VGG-11 0+0+1+1+1; one per BasicBlock; MobileNetV2 as torchvision's
     "fxsparse.nets:vgg16(width=0.25)": 8, "fxsparse.nets:vgg11(width=0.25)": 3, "fxsparse.nets:resnet32": 15,

@@ -3,8 +3,8 @@
 Each entry is (MODEL spec, input size C,H,W). Inputs are as small as each model allows so that
 the whole list runs in the default test suite on 2 CPU cores; transformers keep their native size.
 ``SLOW_ZOO`` holds the heavy models whose structures a smaller entry of ``ZOO`` already covers
-(torchvision's ViT-B/16 by a 2-layer ``VisionTransformer``, timm's Swin-T at 224 by a small Swin
-of the same class): tests parametrized with ``zoo_params()`` run them under ``-m slow`` only.
+(torchvision's ViT-B/16 by a 2-layer ``VisionTransformer``, DenseNet-121 by a 2-layers-per-block
+``DenseNet``, timm's Swin-T at 224 by a small Swin of the same class): tests parametrized with ``zoo_params()`` run them under ``-m slow`` only.
 """
 import pytest
 
@@ -19,7 +19,9 @@ ZOO: list[tuple[str, tuple[int, int, int]]] = [
     ("resnet18", (3, 64, 64)),
     ("resnet50", (3, 64, 64)),
     ("tv:resnet18", (3, 64, 64)),
-    ("tv:densenet121", (3, 64, 64)),
+    # torchvision's DenseNet class, 2 layers per block (concatenations everywhere): densenet121's structure
+    ("torchvision.models.densenet:DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, "
+     "bn_size=2)", (3, 64, 64)),
     ("tv:mobilenet_v2", (3, 64, 64)),
     ("tv:squeezenet1_1", (3, 64, 64)),
     ("resnet26d", (3, 64, 64)),
@@ -67,6 +69,7 @@ ZOO: list[tuple[str, tuple[int, int, int]]] = [
 
 # Heavy models (tens of millions of parameters, or 224x224 attention) run under -m slow only.
 SLOW_ZOO: list[tuple[str, tuple[int, int, int]]] = [
+    ("tv:densenet121", (3, 64, 64)),
     ("tv:resnet50", (3, 64, 64)),
     ("tv:vit_b_16", (3, 224, 224)),
     ("swin_tiny_patch4_window7_224", (3, 224, 224)),
