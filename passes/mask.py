@@ -24,7 +24,6 @@ Masks are validated all at once before anything changes (``MaskError`` lists eve
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Mapping
 
 import torch
