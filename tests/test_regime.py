@@ -91,3 +91,17 @@ def test_a_study_with_its_own_baseline_is_another_protocol(tmp_path):
         assert table["tost"].diffs == pytest.approx([-60.0])
         assert table["tost [training.precise_bn=50]"].diffs == pytest.approx([-5.0])
         assert table['tost [ghost_skips.where="plain"]'].diffs == pytest.approx([2.0])  # the map's baseline
+
+
+def test_recipes_whose_masks_move_pair_without_the_mask_check(tmp_path):
+    m = "fxsparse.nets:resnet20(width=0.5)"
+    base = _study(tmp_path / "map", m, 3, {}, [("baseline", "random", 0.98, 0, 0.65, 0.66, [])])
+    dyn = _study(tmp_path / "dyn", m, 3, {"dynamic.update_every": 5}, [("rigl", "random", 0.98, 0, 0.60, 0.59, []),
+                                                                    ("tost", "random", 0.98, 0, 0.70, 0.70, [])])
+    lines = (dyn / "results.jsonl").read_text().replace('"random0.980"', '"moved"')  # both end with other masks
+    (dyn / "results.jsonl").write_text(lines)
+    with pytest.raises(CompareError, match="another mask"):  # tost's masks never move: still checked
+        cells(read_map([base, dyn]))
+    (dyn / "results.jsonl").write_text("".join(l for l in lines.splitlines(True) if '"tost"' not in l))
+    (c,) = cells(read_map([base, dyn]))
+    assert c.variant == "rigl [dynamic.update_every=5]" and c.diffs == pytest.approx([-5.0])
