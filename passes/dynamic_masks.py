@@ -7,7 +7,7 @@ updates themselves are in-place writes that ``RecipeScheduler.step()`` makes thr
 * ``rigl``: the dense gradient of every effective weight ``w * mask``, from the training step's
   own backward. After each ``masked_weight`` node (``w * mask``) the pass adds a zero probe::
 
-      mw    = operator.mul(w, mask)                         masks/masked_weight
+      mw    = apply_mask(w, mask)                           masks/masked_weight
       probe = get_attr fxsparse.dynamic.grad.<P>             dynamic/grad_probe  (zeros, requires_grad)
       tap   = operator.add(mw, probe)                        dynamic/grad_tap    (every user of mw reads it)
 
