@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,17 @@ def build(spec: str, size=(3, 64, 64), *, batch: int = 2, seed: int = 0, eval_mo
     x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed + 1))
     gm = fxsparse.trace(model, x)
     return model, gm, x
+
+
+def torchrun_ranks(script: str, out: Path, nproc: int = 2, timeout: float = 240) -> list:
+    """Run ``script out`` under torchrun on ``nproc`` gloo processes (one thread each) and load
+    what each rank saved as ``out/rank<r>.pt``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", "0", script, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
 def random_masks(gm, sparsity: float = 0.9, seed: int = 0) -> dict[str, torch.Tensor]:

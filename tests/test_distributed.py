@@ -32,6 +32,8 @@ from fxsparse.data import ImageDataset, TensorLoader
 from fxsparse.ghosts import present
 from fxsparse.scheduler import RecipeScheduler, restore
 
+from conftest import torchrun_ranks
+
 STEPS = 16  # two epochs of 8 global batches
 GLOBAL_BATCH = 8
 CHECKPOINT_AT = 4  # after the ghost neurons' removal (step 4), before the ghost channels' (step 5)
@@ -266,12 +268,7 @@ def _assert_states_equal(a: dict, b: dict, *, atol: float = 0.0, what: str = "")
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "0", __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return torchrun_ranks(__file__, out)
 
 
 def test_ranks_agree_through_removals(ranks):

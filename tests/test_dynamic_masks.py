@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +23,8 @@ from fxsparse.errors import FxSparseError, RecipeError
 from fxsparse.masks.dynamic import DynamicSchedule, drop_and_grow, probes
 from fxsparse.passes.mask import masked_parameters
 from fxsparse.scheduler import RecipeScheduler, restore
+
+from conftest import torchrun_ranks
 
 STEPS = 24
 
@@ -405,12 +405,7 @@ if __name__ == "__main__":
 
 
 def test_ddp_ranks_make_the_identical_update(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "0", __file__, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = torchrun_ranks(__file__, tmp_path)
     assert r0["world"] == 2
     for method in ("rigl", "set"):
         a, b = r0[method], r1[method]

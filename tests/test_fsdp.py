@@ -29,6 +29,7 @@ from fxsparse import distributed as fxdist
 from fxsparse.scheduler import RecipeScheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import torchrun_ranks  # noqa: E402
 from test_distributed import STEPS, PlainNet, batches, recipe_a, recipe_b, train_loader  # noqa: E402
 
 
@@ -206,12 +207,7 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "0", __file__, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return torchrun_ranks(__file__, out)
 
 
 def _max_diff(a: dict, b: dict) -> float:
