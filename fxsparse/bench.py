@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BenchConfig", "BenchError", "VARIANTS", "MODES", "MODELS", "build_variant", "random_masks", "Runner",
     "measure", "step_memory", "transform_times", "zoo_times", "bench_model", "run_bench", "machine",
-    "markdown", "zoo_markdown", "read_rows", "edge_costs", "edges_markdown", "plain_forms",
+    "markdown", "zoo_markdown", "read_rows", "append_rows", "edge_costs", "edges_markdown", "plain_forms",
 ]
 
 VARIANTS = ("dense", "masked", "ghosts", "prune", "parametrize")
@@ -606,6 +606,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to the JSON-lines file ``path`` as they finish (``read_rows`` reads them back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
@@ -649,9 +657,7 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
                     r["transform_s"] = times
             rows += new
             if out:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / RESULTS, "a", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in new)
+                append_rows(out / RESULTS, new)
     return rows
 
 

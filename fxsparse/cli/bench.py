@@ -85,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
                        "machine": info}
                 rows.append(row)
                 if path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                    bench.append_rows(path, [row])
         text = json.dumps(rows, indent=1) if args.json else bench.zoo_markdown(rows)
     elif args.edges:
         config = bench.BenchConfig(
@@ -109,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
                        "machine": bench.machine(config)}
                 rows.append(row)
                 if path:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
+                    bench.append_rows(path, [row])
         text = json.dumps(rows, indent=1) if args.json else bench.edges_markdown(rows)
     else:
         config = bench.BenchConfig(
