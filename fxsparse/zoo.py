@@ -649,6 +649,10 @@ class _Worker:
         self.spec: str | None = None
         self.stage: str | None = None  # the pipeline stage the current model is in
         self.deadline = math.inf
+        self.done = 0  # models it returned a result for
+        # it has done its max_tasks and is about to send "retire" and exit: give it no model (one
+        # sent between its result and its "retire" message would be lost with it)
+        self.retiring = False
 
     def submit(self, spec: str, timeout: float) -> None:
         self.conn.send(spec)
@@ -738,7 +742,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
     try:
         while (pending and time.monotonic() < stop_at) or any(w.spec is not None for w in pool):
             for w in pool:
-                if w.ready and w.spec is None and pending and time.monotonic() < stop_at:
+                if w.ready and not w.retiring and w.spec is None and pending and time.monotonic() < stop_at:
                     w.submit(pending.popleft(), timeout)
             now = time.monotonic()
             deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in pool]
@@ -746,13 +750,15 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
             handles = [w.conn for w in pool] + [w.process.sentinel for w in pool]
             multiprocessing.connection.wait(handles, timeout=min(wait_s, 1.0))
             for i, w in enumerate(pool):
-                replace, reason = _poll(w, record)
+                replace, reason = _poll(w, record, max_tasks=options.get("max_tasks"))
                 if not replace and time.monotonic() > (w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S):
                     replace, reason = True, "timeout"
                 if not replace:
                     continue
                 if reason == "retired" and w.spec is None:
                     pass  # it did its share of models; a fresh one takes its place
+                elif reason == "retired":  # it retired holding a model it never started: not the model's fault
+                    pending.appendleft(w.spec)
                 elif w.spec is not None:
                     record(_lost(w.spec, reason, timeout, w.process, stage=w.stage,
                                  pipeline=options.get("pipeline") is not None))
@@ -771,7 +777,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
             w.stop()
 
 
-def _poll(w: _Worker, record: Callable[[ModelResult], None]) -> tuple[bool, str]:
+def _poll(w: _Worker, record: Callable[[ModelResult], None], *, max_tasks: int | None = None) -> tuple[bool, str]:
     """Read what worker ``w`` sent; (True, reason) if it died and must be replaced."""
     try:
         while w.conn.poll():
@@ -785,10 +791,12 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None]) -> tuple[bool, str]
             else:
                 record(payload)
                 w.spec, w.stage, w.deadline = None, None, math.inf
+                w.done += 1
+                w.retiring = bool(max_tasks) and w.done >= max_tasks
     except (EOFError, OSError):
-        return True, "crashed"
+        return True, "retired" if w.retiring and w.spec is None else "crashed"
     if not w.process.is_alive():
-        return True, "crashed"
+        return True, "retired" if w.retiring and w.spec is None else "crashed"
     return False, ""
 
 
@@ -799,6 +807,7 @@ def _lost(spec: str, reason: str, timeout: float, process: Any, *, stage: str | 
     if reason == "timeout":
         error = f"still running after {timeout:g} s; the worker was killed"
     else:
+        process.join(1)  # the pipe closes a moment before the process is reaped: wait for its exit code
         code = process.exitcode
         how = f"signal {-code} ({_signal_name(-code)})" if code is not None and code < 0 else f"exit code {code}"
         error = f"the worker process died ({how})"

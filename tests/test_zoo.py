@@ -394,3 +394,30 @@ def test_meta_shape_propagation_still_rejects_inputs_the_module_rejects():
         model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4))
     with pytest.raises(ExampleInputError):
         fxsparse.trace(model, torch.randn(2, 3, 4, 4, device="meta"))  # 8 channels into BatchNorm2d(4)
+
+
+# ----------------------------------------------------------------- the pool's retirement of workers
+def _slow_to_retire_worker(conn, options):
+    """A pool worker (run by spawn, imported from this module) that, like a loaded machine's,
+    takes a while between its last result and its "retire" message."""
+    conn.send(("ready", os.getpid()))
+    done = 0
+    while True:
+        spec = conn.recv()
+        if spec is None:
+            return
+        conn.send(("result", zoo.ModelResult(spec, "user", "ok")))
+        done += 1
+        if done >= options["max_tasks"]:
+            time.sleep(1.0)  # the parent has seen the result, not yet the retirement
+            conn.send(("retire", done))
+            return
+
+
+def test_a_retiring_worker_is_given_no_model(monkeypatch):
+    # the sweep lost every model it sent to a worker between that worker's last result and its
+    # "retire" message: recorded as "retired: the worker process died (exit code None)"
+    monkeypatch.setattr(zoo, "_worker_main", _slow_to_retire_worker)
+    specs = ["test_zoo:a", "test_zoo:b"]
+    results = zoo.sweep(specs, workers=1, timeout=60, max_tasks=1, progress=False)
+    assert [(r.model, r.status) for r in results] == [(s, "ok") for s in specs]
