@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .. import outputs
 from ..errors import MaskError
 
 Batch = tuple[Any, Any]
@@ -100,6 +101,19 @@ def _to(x: Any, device: torch.device) -> Any:
 
 def targets_on(targets: Any, model: nn.Module) -> Any:
     return _to(targets, device_of(model))
+
+
+def loss(loss_fn: Callable | None, out: Any, targets: Any, *, temperature: float = 1.0) -> torch.Tensor:
+    """The loss of a model output, the one place scorers compute it.
+
+    ``loss_fn(outputs, targets)`` gets the output as the model returned it (a namedtuple with
+    auxiliary logits, a dict, ...); the default (``None``) is cross-entropy of its logits
+    (``fxsparse.outputs.logits``). ``temperature`` divides every tensor of the output first
+    (GraSP's logits / 200), the auxiliary logits too.
+    """
+    if temperature != 1.0:
+        out = outputs.map_tensors(out, lambda t: t / temperature)
+    return (loss_fn or outputs.cross_entropy)(out, targets)
 
 
 def output_sum(out: Any) -> torch.Tensor:

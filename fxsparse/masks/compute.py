@@ -7,7 +7,6 @@ import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
@@ -48,7 +47,7 @@ def compute(
     sparsity: float | None = None,
     distribution: str | None = None,
     data: Iterable | None = None,
-    loss_fn: Callable = F.cross_entropy,
+    loss_fn: Callable | None = None,
     *,
     seed: int = 0,
     min_per_layer: int = 0,
@@ -69,7 +68,9 @@ def compute(
             (per-layer counts). Default: ``erk`` for random, ``global`` for the others (ToST).
         data: iterable of (inputs, targets) batches, for taylor, snip and grasp (and synflow's
             input shape). Passed over once (twice for grasp).
-        loss_fn: ``loss_fn(outputs, targets)``, cross-entropy by default.
+        loss_fn: ``loss_fn(outputs, targets)`` with the outputs as the model returns them; by
+            default cross-entropy of the logits (``fxsparse.outputs.logits``: a model that returns a
+            namedtuple with auxiliary logits, such as GoogLeNet in train mode, is scored on its logits).
         seed: seeds random scores and any dropout while scoring.
         min_per_layer: keep at least this many weights in every layer (all of a smaller layer),
             taken from the globally lowest-ranked kept weights so the total stays exact.
@@ -111,7 +112,7 @@ def score(
     model_or_gm: nn.Module,
     method: str,
     data: Iterable | None = None,
-    loss_fn: Callable = F.cross_entropy,
+    loss_fn: Callable | None = None,
     *,
     layers: Sequence[Layer | str] | None = None,
     seed: int = 0,

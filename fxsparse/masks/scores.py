@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..autograd import twice_differentiable
@@ -49,7 +48,7 @@ def magnitude_scores(model: nn.Module, names: Sequence[str]) -> dict[str, torch.
 
 
 def summed_gradients(
-    model: nn.Module, names: Sequence[str], data: Iterable, loss_fn: LossFn, *, seed: int = 0,
+    model: nn.Module, names: Sequence[str], data: Iterable, loss_fn: LossFn | None, *, seed: int = 0,
     train_mode: bool = True, method: str = "taylor",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(sum over batches of dL_b/dw, w) for each named weight, on a scoring copy of ``model``."""
@@ -58,18 +57,18 @@ def summed_gradients(
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     with _model.seeded(seed, _model.device_of(work)):
         for inputs, targets in _model.pairs(batches, method):
-            loss = loss_fn(_model.forward(work, inputs), _model.targets_on(targets, work))
+            loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work))
             for n, g in _model.grads(loss, params).items():
                 total[n] += g
     return total, {n: p.detach() for n, p in params.items()}
 
 
-def taylor_scores(model, names, data, loss_fn=F.cross_entropy, *, seed=0, train_mode=True, method="taylor") -> dict[str, torch.Tensor]:
+def taylor_scores(model, names, data, loss_fn=None, *, seed=0, train_mode=True, method="taylor") -> dict[str, torch.Tensor]:
     g, w = summed_gradients(model, names, data, loss_fn, seed=seed, train_mode=train_mode, method=method)
     return {n: (g[n] * w[n]).abs() for n in names}
 
 
-def snip_scores(model, names, data, loss_fn=F.cross_entropy, *, seed=0, train_mode=True) -> dict[str, torch.Tensor]:
+def snip_scores(model, names, data, loss_fn=None, *, seed=0, train_mode=True) -> dict[str, torch.Tensor]:
     scores = taylor_scores(model, names, data, loss_fn, seed=seed, train_mode=train_mode, method="snip")
     norm = sum(s.sum() for s in scores.values())
     return {n: s / norm for n, s in scores.items()}
@@ -79,7 +78,7 @@ def grasp_scores(
     model: nn.Module,
     names: Sequence[str],
     data: Iterable,
-    loss_fn: LossFn = F.cross_entropy,
+    loss_fn: LossFn | None = None,
     *,
     seed: int = 0,
     train_mode: bool = True,
@@ -96,11 +95,13 @@ def grasp_scores(
     # hardsigmoid's backward do not support: run them as equivalents that can (same values)
     with _model.seeded(seed, _model.device_of(work)), twice_differentiable():
         for inputs, targets in _model.pairs(batches, "grasp"):  # first pass: g, no graph kept
-            loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
+            loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work),
+                               temperature=temperature)
             for n, g in _model.grads(loss, params).items():
                 stopped[n] += g
         for inputs, targets in _model.pairs(batches, "grasp"):  # second pass: H g = d(g_stop . g_b)/dw
-            loss = loss_fn(_model.forward(work, inputs) / temperature, _model.targets_on(targets, work))
+            loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work),
+                               temperature=temperature)
             g_b = _model.grads(loss, params, create_graph=True)
             dot = sum((stopped[n] * g_b[n]).sum() for n in params)
             if not dot.requires_grad:  # every weight's gradient is constant: H = 0
