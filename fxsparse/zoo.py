@@ -369,16 +369,16 @@ class _PipelineRun:
         self.model = create(self.spec, device="cpu").train()
 
     def _input(self) -> None:
-        """The smallest input the model's eager forward accepts (batch ``batch_size``), and the targets."""
+        """The smallest input the model's eager forward accepts in eval *and* train mode (batch
+        ``batch_size``), and the targets. Both modes: a model can take a different path in
+        training (Inception v3's auxiliary head needs 299x299 there, 75x75 suffice in eval)."""
         torch = _torch()
         gen = torch.Generator().manual_seed(self.o.seed + 1)
         errors = []
-        self.model.eval()
         for size in _input_sizes(self.model, self.o.small_size):
             x = torch.randn(self.o.batch_size, *size, generator=gen)
             try:
-                with torch.no_grad():
-                    out = _main_output(self.model(x))
+                out = _runs_in_both_modes(self.model, x)
             except Exception as e:
                 errors.append(f"{'x'.join(map(str, size[1:]))}: {type(e).__name__}: {_first_line(e)}")
                 continue
@@ -407,8 +407,9 @@ class _PipelineRun:
         import fxsparse.masks
 
         opts = {"rounds": self.o.synflow_rounds} if method == "synflow" else {}
+        # the default loss, as a user calls it: cross-entropy of the output's logits
         masks = fxsparse.masks.compute(self.gm, method=method, sparsity=self.o.sparsity, data=self.data,
-                                       loss_fn=_loss, seed=self.o.seed, **opts)
+                                       seed=self.o.seed, **opts)
         if not masks:
             raise PipelineCheckFailed("no mask computed")
         total = sum(m.numel() for m in masks.values())
@@ -535,25 +536,36 @@ def _innermost(e: BaseException) -> BaseException:
         e = nxt
 
 
+def _runs_in_both_modes(model: Any, x: Any):
+    """The model's eval-mode logits on ``x`` after a train-mode forward on it too (no gradients;
+    the buffers a train-mode forward updates, BatchNorm's statistics, and the RNG are restored)."""
+    torch = _torch()
+    model.eval()
+    with torch.no_grad():
+        out = _main_output(model(x))
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        model.train()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model(x)
+        finally:
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return out
+
+
 def _main_output(out: Any):
-    """The logits of a model's output: the tensor itself, or the first tensor of a tuple
-    (torchvision's GoogLeNet and Inception v3 add auxiliary logits in train mode)."""
-    from torch.utils._pytree import tree_flatten
+    """The logits of a model's output (``fxsparse.outputs.logits``: torchvision's GoogLeNet and
+    Inception v3 add auxiliary logits in train mode)."""
+    from fxsparse.outputs import logits
 
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    for leaf in tree_flatten(out)[0]:
-        if isinstance(leaf, torch.Tensor):
-            return leaf
-    raise PipelineCheckFailed(f"the model returned {type(out).__name__} with no tensor in it")
+    return logits(out)
 
 
 def _loss(out: Any, targets: Any):
-    import torch.nn.functional as F
+    from fxsparse.outputs import cross_entropy
 
-    return F.cross_entropy(_main_output(out), targets)
+    return cross_entropy(out, targets)
 
 
 def _input_sizes(model: Any, small: int) -> list[tuple[int, ...]]:

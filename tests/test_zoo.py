@@ -67,6 +67,27 @@ def big_kernel_net() -> nn.Module:
     return _BigKernel()
 
 
+class _BigAuxKernel(nn.Module):
+    """Runs on 64x64 in eval mode; its auxiliary head, run in train mode only, needs 100x100 (as
+    torchvision's Inception v3 takes 75x75 in eval mode and 299x299 in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+        self.aux = nn.Conv2d(3, 5, 100)
+        self.fxsparse_input_size = (3, 112, 112)
+
+    def forward(self, x):
+        logits = self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+        if self.training:
+            return logits, self.aux(x).mean((2, 3))
+        return logits
+
+
+def big_aux_kernel_net() -> nn.Module:
+    return _BigAuxKernel()
+
+
 def no_layers_net() -> nn.Module:
     model = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.ReLU())  # nothing to mask
     model.fxsparse_input_size = (3, 8, 8)
@@ -421,3 +442,12 @@ def test_a_retiring_worker_is_given_no_model(monkeypatch):
     specs = ["test_zoo:a", "test_zoo:b"]
     results = zoo.sweep(specs, workers=1, timeout=60, max_tasks=1, progress=False)
     assert [(r.model, r.status) for r in results] == [(s, "ok") for s in specs]
+
+
+def test_pipeline_input_size_fits_the_train_mode_forward_too():
+    # the size was picked in eval mode only: 64x64, on which the train-mode trace failed
+    # (tv:inception_v3: "ExampleInputError: the example inputs ((2, 3, 128, 128) float32) do not fit
+    # the model at node 'aux_logits_conv1_conv'")
+    r = zoo.check_pipeline("test_zoo:big_aux_kernel_net")
+    assert r.input_size == [3, 112, 112]
+    assert r.pipeline == "ok", r.pipeline_error
