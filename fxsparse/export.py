@@ -111,6 +111,12 @@ def export(gm: nn.Module) -> OrderedDict[str, torch.Tensor]:
         mask = mask_of.get(id(params[key])) if key in params else None
         value = value.detach().clone()  # in place below: keeps the parameter's own layout
         state[key] = value.mul_(mask) if mask is not None else value
+    # a module the original registers under two names (shared) is one module of the graph: its
+    # tensors (folded, if masked) go under each of the original's names (fxsparse.trace recorded them)
+    info = getattr(gm, "meta", {}).get("fxsparse")
+    for alias, key in (getattr(info, "state_aliases", None) or {}).items():
+        if key in state and alias not in state:
+            state[alias] = state[key]
     # keep the per-module versions state_dict() records: some modules' _load_from_state_dict
     # need them (torchvision's MNASNet refuses a state_dict without)
     metadata = OrderedDict(

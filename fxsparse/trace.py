@@ -167,6 +167,10 @@ class TraceInfo:
     leaf_types: list[str] = field(default_factory=list)
     concrete_args: dict[str, Any] = field(default_factory=dict)
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    # keys of the model's state_dict that the GraphModule's lacks because they name a tensor it
+    # holds under another key (a module shared under two names, e.g. CoaT's shared conv position
+    # encodings and MLPs): {alias: key in the GraphModule}; export() writes both
+    state_aliases: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- public entry
@@ -222,6 +226,7 @@ def trace(
         concrete_args={k: v for k, v in pinned.items() if _is_simple(v)},
         input_shapes=[tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
     )
+    info.state_aliases = _state_aliases(model, gm)
     info.mode_diff = _mode_difference(model, gm, leaves, fns, pinned)
     info.mode_dependent = bool(info.mode_diff)
     gm.meta[META_KEY] = info
@@ -238,6 +243,18 @@ def trace(
 
 
 # --------------------------------------------------------------------------- internals
+def _state_aliases(model: nn.Module, gm: torch.fx.GraphModule) -> dict[str, str]:
+    """{key of ``model``'s state_dict missing from ``gm``'s: the key ``gm`` holds the same tensor under}.
+
+    A module registered under two names appears twice in ``model.state_dict()``; the traced graph
+    reaches it under one name only, so ``gm.state_dict()`` has one key for it.
+    """
+    held = {id(v): k for k, v in gm.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    ours = set(held.values())
+    return {k: held[id(v)] for k, v in model.state_dict(keep_vars=True).items()
+            if k not in ours and isinstance(v, torch.Tensor) and id(v) in held}
+
+
 def _as_tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
