@@ -40,3 +40,33 @@ def test_export_writes_a_shared_module_under_each_of_its_names():
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), sgm.eval()(x))
+
+
+class _CosineAttention(nn.Module):
+    """Swin V2's cosine attention on a zero-padded sequence: the padded tokens' keys are exactly 0
+    (zero input, no key bias), and F.normalize meets zero vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+        self.embed, self.fc = nn.Linear(3, 8), nn.Linear(8, 4)
+
+    def forward(self, x):  # x: (batch, tokens, 3)
+        h = torch.nn.functional.pad(self.embed(x), (0, 0, 0, 2))  # two padded tokens
+        q = torch.nn.functional.normalize(self.q(h), dim=-1)
+        k = torch.nn.functional.normalize(self.k(h), dim=-1)
+        return self.fc((q @ k.transpose(1, 2)).softmax(-1) @ h).mean(1)
+
+
+def test_lrsi_through_normalize_of_a_zero_vector_stays_finite():
+    # tv:swin_v2_t: "train@gate=1: the loss is nan at step 1": GradInit's double backward through
+    # F.normalize is NaN at a zero vector, and made every LRsI scale NaN
+    torch.manual_seed(0)
+    model = _CosineAttention()
+    data = [(torch.randn(2, 5, 3), torch.tensor([0, 3]))]
+    # a tiny gradient-norm bound: every iteration is a constraint step, the one that differentiates twice
+    recipe = fxsparse.load_recipe("tost", overrides={"rescale.iters": 2, "rescale.gamma": 1e-6})
+    sgm = fxsparse.transform(model, recipe, data=data,
+                             skip=["ghost_neurons", "ghost_skips", "ghost_channels"])
+    assert all(torch.isfinite(p).all() for p in sgm.parameters())
+    assert torch.isfinite(sgm(data[0][0])).all()
