@@ -32,7 +32,7 @@ def test_tost_enables_everything_with_spec_defaults():
     assert r.passes["rescale"].options == {"iters": 180, "eta": 0.1, "gamma": 1.0, "lr": 0.01, "min_scale": 0.01,
                                            "grad_clip": 1.0, "normalize_grad": True}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
-        assert r.ghosts[group].schedule == Schedule(hold_until=0.1, anneal_until=0.3, shape="cosine", remove_at=0.3)
+        assert r.ghosts[group].schedule == Schedule(hold_until=0.0, anneal_until=0.15, shape="linear", remove_at=0.15)
     ls = r.label_smoothing
     assert (ls.enabled, ls.eps, ls.form, ls.schedule.shape) == (True, 0.1, "tost", "constant")
     assert ls.eps_at(0.0) == ls.eps_at(0.99) == 0.1
@@ -78,8 +78,8 @@ def test_extends_overrides_and_relative_paths(tmp_path):
     """))
     r = load_recipe(tmp_path / "child.toml")
     assert r.name == "child" and r.masks.options["sparsity"] == 0.8 and r.masks.options["method"] == "random"
-    assert r.ghosts["ghost_skips"].schedule == Schedule(0.1, 0.5, "cosine", 0.6)
-    assert r.ghosts["ghost_neurons"].schedule.anneal_until == 0.3  # untouched tables stay
+    assert r.ghosts["ghost_skips"].schedule == Schedule(0.0, 0.5, "linear", 0.6)
+    assert r.ghosts["ghost_neurons"].schedule.anneal_until == 0.15  # untouched tables stay
 
 
 def test_overrides_and_round_trip():
@@ -123,8 +123,8 @@ BAD = {
                   ["ghost_skips.schedule.shape", "'exp'", "'linear'", "'cosine'"]),
     "anneal before hold": ('extends = "tost"\n[ghost_skips.schedule]\nhold_until = 0.5\nanneal_until = 0.2\n',
                            ["ghost_skips.schedule.anneal_until", "0.2", "hold_until", "in order"]),
-    "removal before anneal ends": ('extends = "tost"\n[ghost_channels.schedule]\nremove_at = 0.2\n',
-                                   ["ghost_channels.schedule.remove_at", "0.2", "anneal_until (0.3)"]),
+    "removal before anneal ends": ('extends = "tost"\n[ghost_channels.schedule]\nremove_at = 0.1\n',
+                                   ["ghost_channels.schedule.remove_at", "0.1", "anneal_until (0.15)"]),
     "fraction above 1": ('extends = "tost"\n[ghost_neurons.schedule]\nanneal_until = 1.5\n',
                          ["ghost_neurons.schedule.anneal_until", "1.5", "[0, 1]"]),
     "ghost without schedule": ('[ghost_skips]\nenabled = true\n', ["ghost_skips.schedule", "hold_until"]),

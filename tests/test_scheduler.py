@@ -96,8 +96,12 @@ def _masks(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: torch.rand(p.shape, generator=gen) > 0.5 for n, p in model.named_parameters() if n.endswith("weight")}
 
 
+# The toy group keeps a schedule of its own (tost's before 2026-11-29: hold 0.1, cosine to 0.3,
+# removal at 0.3), so that these tests check the scheduler, not tost's current default
 TOY = {"rescale.enabled": False, "ghost_neurons.enabled": False, "ghost_channels.enabled": False,
-       "ghost_skips.enabled": True}
+       "ghost_skips.enabled": True, **{f"{GROUP}.schedule.{k}": v for k, v in
+                                       {"hold_until": 0.1, "anneal_until": 0.3, "shape": "cosine",
+                                        "remove_at": 0.3}.items()}}
 
 
 def _toy_recipe(**overrides):
@@ -138,7 +142,7 @@ def test_schedule_linear_values_at_hold_anneal_remove(toy_ghost):
 
 
 def test_schedule_cosine_values(toy_ghost):
-    _, gm = _transformed()  # tost's default schedule: hold 0.1, cosine to 0.3, remove at 0.3
+    _, gm = _transformed()  # TOY's schedule: hold 0.1, cosine to 0.3, remove at 0.3
     sched = RecipeScheduler(gm, total_steps=200)
     values = []
     for _ in range(80):
@@ -359,10 +363,10 @@ def test_tost_end_to_end():
     gm = fxsparse.transform(model, recipe, data=_batches(2))
     present = fxsparse.ghosts.present(gm)
     assert present and set(present) <= set(recipe.ghosts)
-    sched = RecipeScheduler(gm, total_steps=10)
+    sched = RecipeScheduler(gm, total_steps=20)  # tost removes its ghosts at 15%: step 3
     sched.build_optimizer()
     sched.build_lr_scheduler()
-    batches = _batches(10, seed=2)
+    batches = _batches(20, seed=2)
     _train(sched, batches[:2])
     ckpt = copy.deepcopy(sched.checkpoint())
     _train(sched, batches[2:])
