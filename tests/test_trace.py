@@ -43,7 +43,7 @@ def _assert_one_paragraph(err: BaseException) -> str:
 def test_zoo_model_traces_equivalent(zoo_entry):
     spec, size = zoo_entry
     size, kwargs = _SMALLER.get(spec, (size, {}))
-    model, gm, x = build(spec, size, **kwargs)
+    model, gm, x = build(spec, size, fresh=True, **kwargs)  # the tracer's own output, not a cached copy
 
     info = gm.meta["fxsparse"]
     assert not info.mode_dependent, f"{spec} unexpectedly mode dependent: {info.mode_diff}"
@@ -55,7 +55,7 @@ def test_zoo_model_traces_equivalent(zoo_entry):
 
 @pytest.mark.parametrize("spec,size", MODE_DEPENDENT, ids=[s for s, _ in MODE_DEPENDENT])
 def test_mode_dependent_model_is_guarded(spec, size):
-    model, gm, x = build(spec, size)  # traced in train mode
+    model, gm, x = build(spec, size, fresh=True)  # traced in train mode
     assert gm.meta["fxsparse"].mode_dependent
     assert compare(model, gm, x, modes=("train",), rtol=1e-4, atol=1e-5) == []
     gm.eval()
@@ -66,7 +66,7 @@ def test_mode_dependent_model_is_guarded(spec, size):
 
 def test_mode_dependent_model_traced_in_eval_refuses_train():
     spec, size = MODE_DEPENDENT[0]
-    model, gm, x = build(spec, size, eval_mode=True)
+    model, gm, x = build(spec, size, eval_mode=True, fresh=True)
     assert compare(model, gm, x, modes=("eval",), rtol=1e-4, atol=1e-5) == []
     gm.train()
     with pytest.raises(TraceError, match="traced in eval mode"):
