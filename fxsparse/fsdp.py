@@ -18,13 +18,21 @@ parameter groups too, so they are no longer all-gathered and their shards are fr
 (``fxsparse.distributed.step`` calls it). ``export`` gathers the full state dict with
 ``torch.distributed.checkpoint`` and folds the masks, on every rank.
 
+Checkpoints: ``save_sharded`` / ``load_sharded`` write and read the module's and optimizer's state
+with ``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``: DTensor shards,
+optimizer state by parameter name, so DCP reshards on load); ``read_sharded`` reads the model's
+tensors whole in one process, for rebuilding the graph stage before sharding.
+``fxsparse.checkpoint.CheckpointManager.save_sharded`` makes the write atomic.
+
 Without a process group of more than one rank, ``shard`` returns ``gm`` unchanged: the graph of a
 single-process or DDP run is never put in unit form.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
@@ -40,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "UnitError", "ShardUnit", "shard", "is_sharded", "layer_units", "to_unit_form", "forget_removed",
-    "local_shard_bytes", "export", "META_KEY",
+    "local_shard_bytes", "export", "META_KEY", "save_sharded", "load_sharded", "read_sharded",
 ]
 
 META_KEY = "fxsparse.fsdp"  # gm.meta entry: {unit: [module paths fully_shard groups]}
@@ -506,3 +514,129 @@ def export(module: nn.Module) -> OrderedDict[str, torch.Tensor]:
         metadata[""] = {**metadata.get("", {}), "version": version}
     state._metadata = metadata  # type: ignore[attr-defined]
     return state
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+_EMPTY_GROUPS = "optim_empty_groups"
+
+
+class _NonEmptyGroups:
+    """The optimizer with its empty param groups hidden, for ``torch.distributed.checkpoint.state_dict``.
+
+    ``RecipeScheduler`` keeps one group per ghost group, emptied at its removal (and ghost
+    neurons have none at all); DSD maps groups by their parameters' names and handles at most one
+    empty group, wrongly (torch 2.14: it copies another group's hyperparameters into it and loses
+    its own). Inside ``with``, ``optimizer.param_groups`` holds the non-empty groups only; on
+    exit the empty ones are put back at their places, around whatever DSD loaded. Their
+    hyperparameters travel beside, under ``optim_empty_groups``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.groups = optimizer, optimizer.param_groups
+        self.empty = [i for i, g in enumerate(self.groups) if not g["params"]]
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        return [{"index": i, **{k: v for k, v in self.groups[i].items() if k != "params"}} for i in self.empty]
+
+    def __enter__(self) -> "_NonEmptyGroups":
+        self.optimizer.param_groups = [g for g in self.groups if g["params"]]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loaded = iter(self.optimizer.param_groups)  # a new list of new dicts once DSD loaded a state
+        self.optimizer.param_groups = [g if i in self.empty else next(loaded) for i, g in enumerate(self.groups)]
+
+    def load(self, saved: list[dict[str, Any]]) -> None:
+        if [e["index"] for e in saved] != self.empty:
+            raise DistributedError(f"the checkpoint's optimizer has empty param groups at {[e['index'] for e in saved]}, "
+                                   f"this one at {self.empty}: it was not built the same way (another recipe?)")
+        for entry in saved:
+            self.optimizer.param_groups[entry["index"]].update({k: v for k, v in entry.items() if k != "index"})
+
+
+def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ..., "optim_empty_groups": ...}`` as
+    ``torch.distributed.checkpoint.state_dict`` gives them: DTensor shards for a sharded module,
+    plain tensors otherwise; optimizer state keyed by parameter name (not by position), so it
+    loads into a module sharded another way."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(module)}
+    with _NonEmptyGroups(optimizer) as groups:
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+    return {"model": model_sd, "optim": optim_sd, _EMPTY_GROUPS: groups.hyperparameters()}
+
+
+def save_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, directory) -> None:
+    """Write ``module``'s and ``optimizer``'s state to ``directory`` with ``torch.distributed.checkpoint``.
+
+    Collective under a process group: every rank writes its own shards (``__<rank>_0.distcp``),
+    rank 0 the ``.metadata`` once all are written; files are fsynced. The state dicts are
+    ``get_state_dict``'s (DTensor shards under FSDP2), so ``load_sharded`` can load them into the
+    same module sharded over another number of ranks, or not sharded at all. Write to a temporary
+    directory and rename it (``CheckpointManager.save_sharded`` does): DCP itself is not atomic.
+
+    Buffers are not sharded and DCP writes one copy of each, from whichever rank its planner picks:
+    call ``fxsparse.distributed.sync_buffers(module)`` first when they may differ between ranks
+    (BatchNorm statistics after training steps; masks and gates are equal by construction).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_without_process_group():
+        dcp.save(_state_dicts(module, optimizer), storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True),
+                 no_dist=not is_distributed())
+
+
+@contextlib.contextmanager
+def _quiet_without_process_group():
+    """DCP warns that it assumes a single process when there is no process group: that is meant."""
+    with warnings.catch_warnings():
+        if not is_distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, directory) -> None:
+    """Load what ``save_sharded`` wrote into ``module`` and ``optimizer`` (collective under a
+    process group). ``module`` must already be at the checkpoint's graph stage (removals replayed)
+    and sharded as it will train; ``optimizer`` built over it. DCP reshards: the checkpoint may
+    come from another number of ranks, or be loaded into an unsharded module. Strict: every key
+    of the module and the optimizer must be in the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    reader = dcp.FileSystemReader(str(directory))
+    if optimizer is None:
+        state = _state_dicts(module, None)
+        with _quiet_without_process_group():
+            dcp.load(state, storage_reader=reader, no_dist=not is_distributed())
+        set_model_state_dict(module, state["model"])
+        return
+    state = _state_dicts(module, optimizer)
+    with _quiet_without_process_group():
+        dcp.load(state, storage_reader=reader, no_dist=not is_distributed())
+    with _NonEmptyGroups(optimizer) as groups:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    groups.load(state[_EMPTY_GROUPS])
+
+
+def read_sharded(directory, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The model tensors under ``prefix`` in a ``save_sharded`` checkpoint, whole, read by this
+    process alone (no collective): what a resume needs before the model can be sharded (the masks
+    for ``transform``, the weights to load before ``fully_shard``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
+    head = "model." + prefix
+    wanted = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+              for key, meta in reader.read_metadata().state_dict_metadata.items()
+              if key.startswith(head) and isinstance(meta, TensorStorageMetadata)}
+    if not wanted:
+        return {}
+    state = {"model": wanted}
+    with warnings.catch_warnings():  # no_dist under a process group too: each rank reads by itself
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
+    return state["model"]

@@ -25,7 +25,10 @@ docs/training.md documents every option and output.
 
 Under ``torchrun --nproc-per-node N`` the run is DDP (``fxsparse.distributed``): every rank builds
 the same model and masks, trains on its share of each global batch, and rank 0 alone writes files
-and prints (docs/distributed.md). In a single process nothing changes.
+and prints (docs/distributed.md). In a single process nothing changes. With ``fsdp`` the run is
+FSDP2 instead, and its checkpoints are sharded: a ``torch.distributed.checkpoint`` directory per
+epoch that every rank writes (``CheckpointManager.save_sharded``); resuming one rebuilds the graph
+stage the same way, shards, then loads each rank's shards (``_resume_sharded``).
 """
 from __future__ import annotations
 
@@ -128,6 +131,7 @@ class Trainer:
         self.notes: list[str] = []
         self.checkpoints = CheckpointManager(self.out, keep=config.keep_checkpoints)
         self.summary: dict[str, Any] = {}
+        self._rank_rng: dict[str, Any] | None = None  # this rank's generators, from a sharded checkpoint
 
     # ------------------------------------------------------------------ entry
     def run(self) -> dict[str, Any]:
@@ -142,6 +146,8 @@ class Trainer:
             self._resume(ckpt)
         if fxdist.is_distributed():  # identical setup done: dropout etc. differ per rank from here
             fxdist.seed(self.config.seed, per_rank=True)
+            if self._rank_rng is not None:  # a sharded checkpoint holds every rank's generators
+                set_rng_state(self._rank_rng)
         self._fit()
         summary = self._finish(time.perf_counter() - wall)
         fxdist.destroy()
@@ -302,9 +308,11 @@ class Trainer:
         from .recipe import from_dict
         from .scheduler import restore
 
-        if self.config.fsdp:
-            raise TrainError("--resume with --fsdp is not supported: FSDP runs write no checkpoints (each rank holds "
-                             "only its shards; sharded checkpoints are not implemented). Resume without --fsdp (DDP)")
+        if "sharded" not in ckpt and self.config.fsdp and fxdist.is_distributed():
+            raise TrainError(
+                f"--resume --fsdp: the newest checkpoint in {self.out} was written by a run without --fsdp (one file, "
+                f"its optimizer state by position, not a sharded checkpoint). Resume it without --fsdp (DDP); "
+                f"checkpoints written under --fsdp resume with or without it, on any number of processes.")
         state = ckpt["scheduler"]
         self.recipe = from_dict(state["recipe"], name=state.get("recipe_name", "recipe"))
         model, channels = self._build_model()
@@ -313,14 +321,46 @@ class Trainer:
             raise TrainError(f"--resume: the checkpoint is for {state['total_steps']} steps, this data and batch size "
                              f"give {self.total_steps}.")
         example = torch.zeros(2, channels, *self.splits.shape[1:], device=self.device)  # shapes only
-        self.sched = restore(model, ckpt, example_inputs=example)
-        self._prepare(self.sched.gm)
+        if "sharded" in ckpt:
+            self._resume_sharded(model, ckpt, example)
+        else:
+            self.sched = restore(model, ckpt, example_inputs=example)
+            self._prepare(self.sched.gm)
         self.start_epoch, self.elapsed = int(ckpt["epoch"]), float(ckpt["elapsed"])
         self.setup_time = float(ckpt.get("setup_time", 0.0))
         self.notes = list(dict.fromkeys([*ckpt.get("notes", []), *self.notes]))
         self.metrics = MetricsLog(self.out / "metrics.jsonl", keep=int(ckpt["metrics_records"])) \
             if fxdist.is_main() else _Unlogged()
         set_rng_state(ckpt["rng"])  # last: restore() drew from the generators
+
+    def _resume_sharded(self, model: nn.Module, ckpt: dict[str, Any], example: torch.Tensor) -> None:
+        """Resume from a sharded (FSDP2, DCP) checkpoint: under --fsdp on any number of ranks (DCP
+        reshards), or without it (DDP or one process: the shards are loaded whole).
+
+        The graph stage is rebuilt the way ``restore`` rebuilds it for a plain checkpoint (transform
+        with the checkpoint's masks, the removals replayed, the weights loaded: each rank reads the
+        model's tensors from the DCP files by itself), then ``_prepare`` shards it, the optimizer
+        is built over the sharded parameters and ``load_sharded`` puts back the parameters and the
+        optimizer state, each rank its own shards."""
+        import fxsparse.fsdp as fxfsdp
+        from .scheduler import restore
+
+        path, c = ckpt["sharded"], self.config
+        weights = {k: v.to(self.device) for k, v in fxfsdp.read_sharded(path).items()}
+        self.sched = restore(model, {**ckpt, "model": weights}, example_inputs=example, make_optimizer=None)
+        self._prepare(self.sched.gm)  # fully_shard under --fsdp: before the optimizer is built
+        self.sched.build_optimizer()
+        self.sched.build_lr_scheduler().load_state_dict(ckpt["lr_scheduler"])  # before the optimizer's state
+        fxfsdp.load_sharded(self.sched.gm, self.sched.optimizer, path)
+        then, now = int(ckpt.get("world_size", 0)), fxdist.world_size()
+        sharded_now = bool(c.fsdp) and fxdist.is_distributed()
+        if then != now or not sharded_now:
+            how = f"under --fsdp on {now} processes" if sharded_now else \
+                ("without --fsdp (DDP)" if fxdist.is_distributed() else "in one process")
+            self._note(f"resumed a checkpoint sharded over {then} processes {how}: torch.distributed.checkpoint "
+                       f"resharded it; the random generators continue from rank 0's, not each rank's")
+        else:
+            self._rank_rng = ckpt["rng_ranks"][fxdist.rank()]
 
     def _prepare(self, gm) -> None:
         self.gm = gm
@@ -613,8 +653,8 @@ class Trainer:
     def _checkpoint(self, epoch: int) -> None:
         import fxsparse.fsdp
 
-        if fxsparse.fsdp.is_sharded(self.gm):  # each rank holds its own shards: not rank 0's to write
-            self._note("no checkpoints under FSDP (sharded checkpoints and --resume are not implemented)")
+        if fxsparse.fsdp.is_sharded(self.gm):  # each rank holds its own shards: every rank writes
+            self._checkpoint_sharded(epoch)
             return
         if fxdist.is_main():  # every rank holds the same state
             self.metrics.sync()
@@ -623,6 +663,27 @@ class Trainer:
                          setup_time=self.setup_time, config=asdict(self.config), notes=self.notes)
             self.checkpoints.save(state, epoch=epoch, step=self.sched.step_count)
         fxdist.barrier()
+
+    def _checkpoint_sharded(self, epoch: int) -> None:
+        """A sharded checkpoint (collective): each rank writes its shards of the parameters and
+        optimizer state with ``torch.distributed.checkpoint``, rank 0 adds what ``_checkpoint``
+        saves besides them (scheduler, lr schedule, generators, ...) plus every rank's generators."""
+        import fxsparse.fsdp
+        from .checkpoint import _all_gather
+
+        sched = self.sched
+        if fxdist.is_main():
+            self.metrics.sync()
+        # FSDP2 neither shards nor syncs buffers, and DCP writes one rank's copy of each: the BatchNorm
+        # statistics every rank resumes with are rank 0's, so every rank continues from those now
+        fxdist.sync_buffers(self.gm)
+        generators = _all_gather(rng_state())
+        state = {"format": "fxsparse-fsdp", "scheduler": sched.state_dict(), "lr_scheduler": sched.lr_scheduler.state_dict(),
+                 "epoch": epoch, "rng": generators[0], "rng_ranks": generators, "world_size": fxdist.world_size(),
+                 "fsdp_units": dict(self.gm.meta.get(fxsparse.fsdp.META_KEY, {})), "metrics_records": len(self.metrics),
+                 "elapsed": self.elapsed, "setup_time": self.setup_time, "config": asdict(self.config), "notes": self.notes}
+        self.checkpoints.save_sharded(lambda d: fxsparse.fsdp.save_sharded(self.gm, sched.optimizer, d), state,
+                                      epoch=epoch, step=sched.step_count)
 
     # ------------------------------------------------------------------ the end
     def _finish(self, wall_time: float) -> dict[str, Any]:

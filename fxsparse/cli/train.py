@@ -21,7 +21,7 @@ examples:
   fxsparse train fxsparse.nets:resnet8 --set ghost_skips.schedule.anneal_until=0.4 --set ghost_skips.schedule.remove_at=0.4
   fxsparse train fxsparse.nets:resnet8 --epochs 6 --out runs/quickstart --resume     # continue a killed run
 
-Outputs in --out: metrics.jsonl, checkpoint-*.pt (+ checkpoints.json), model.safetensors,
+Outputs in --out: metrics.jsonl, checkpoint-*.pt (checkpoint-*.dcp/ directories under --fsdp; + checkpoints.json), model.safetensors,
 masks.safetensors, summary.json, training_curves.png, gates.png, mask_density.png.
 See docs/training.md.
 """
@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "batches are built on the device, so there are no loader worker processes")
     g.add_argument("--fsdp", nargs="?", const="layers", default=None, metavar="UNITS",
                    help="under torchrun, shard with FSDP2 instead of DDP: one unit per conv/linear layer, or UNITS, "
-                   "comma-separated module names (blocks); no checkpoints, no --resume (docs/distributed.md)")
+                   "comma-separated module names (blocks); checkpoints are sharded (torch.distributed.checkpoint "
+                   "directories) and --resume takes them on any number of processes (docs/distributed.md)")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms (with --workers 1 on CPU: bit-identical reruns)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the model init, random mask, data order and "
