@@ -34,6 +34,7 @@ from torch.func import functional_call
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fxsparse import outputs
 from fxsparse.autograd import twice_differentiable
 from fxsparse.errors import PassError
 from fxsparse.pass_infra import CONTAINER, FxSparsePass
@@ -59,7 +60,8 @@ class RescaleInitPass(FxSparsePass):
     Args:
         data: an iterable of ``(inputs, targets)`` batches (required to run); it is cycled if
             shorter than needed.
-        loss_fn: ``loss_fn(logits, targets)``; cross-entropy by default.
+        loss_fn: ``loss_fn(output, targets)``; by default cross-entropy of the output's logits
+            (``fxsparse.outputs``: a namedtuple's ``.logits`` or the first tensor, as GoogLeNet's).
         iters: search iterations (ToST: 180).
         eta: the look-ahead SGD step size (0.1).
         gamma: the gradient-norm bound (1.0).
@@ -91,7 +93,7 @@ class RescaleInitPass(FxSparsePass):
                 f"gamma={gamma} (> 0), lr={lr} (> 0), min_scale={min_scale} (>= 0), grad_clip={grad_clip} (> 0)."
             )
         self.data = data
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.loss_fn = loss_fn or outputs.cross_entropy
         self.iters, self.eta, self.gamma, self.lr = iters, eta, gamma, lr
         self.min_scale, self.grad_clip, self.normalize_grad = min_scale, grad_clip, normalize_grad
         self.report = RescaleReport()

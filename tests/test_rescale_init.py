@@ -210,3 +210,33 @@ def test_lrsi_through_cuda_fused_attention(dtype):
     report = rescale_init(gm, batches, iters=4, gamma=0.4)
     assert report.constraint_steps > 0
     assert all(math.isfinite(s) for s in report.scales.values())
+
+
+class _AuxOutput(nn.Module):
+    """A train-mode output as GoogLeNet's: a namedtuple of logits and auxiliary logits."""
+
+    Out = __import__("collections").namedtuple("Out", ["logits", "aux_logits"])
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+        self.aux = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.Out(self.head(h), self.aux(h))
+
+
+def test_lrsi_default_loss_reads_the_logits_of_a_structured_output():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(4)]
+    gm = fxsparse.trace(_AuxOutput(), batches[0][0])
+    (x0, y0), (x1, y1) = batches[:2]
+    expected_first = F.cross_entropy(gm(torch.cat([x0, x1])).logits, torch.cat([y0, y1])).item()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    report = rescale_init(gm, batches, iters=4)  # failed before: F.cross_entropy(Out(...), y)
+    assert report.constraint_steps + report.lookahead_steps == 4
+    assert report.losses[0] == pytest.approx(expected_first, rel=1e-6)  # the main head's loss
+    assert any(not torch.equal(v, before[k]) for k, v in gm.state_dict().items())  # scales folded in
