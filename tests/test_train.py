@@ -6,7 +6,6 @@ seconds. Random crops pad by 1 pixel there (the recipe's CIFAR padding of 4 is h
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -126,8 +125,8 @@ def test_tost_end_to_end_removes_every_ghost(e2e):
     gm, s = trainer.gm, trainer.summary
     ran = [h["pass"] for h in gm.meta["fxsparse.passes"]]
     assert ran[:5] == ["MaskPass", "RescaleInitPass", "GhostNeuronPass", "GhostSkipPass", "GhostChannelPass"]
-    # all three ghosts removed at 30% of the 40 steps; nothing of them is left in the graph
-    assert [(e["group"], e["step"]) for e in s["removals"]] == [(g, 12) for g in GHOSTS]
+    # all three ghosts removed at 15% of the 40 steps; nothing of them is left in the graph
+    assert [(e["group"], e["step"]) for e in s["removals"]] == [(g, 6) for g in GHOSTS]
     assert {n.meta["fxsparse"]["group"] for n in tagged_nodes(gm)} == {"masks"}
     assert fxsparse.ghosts.present(gm) == [] and fxsparse.gates.get(gm) == {}
     assert set(gm.fxsparse._modules) | set(gm.fxsparse._buffers) | set(gm.fxsparse._parameters) <= {"masks"}
@@ -164,9 +163,9 @@ def test_metrics_plots_and_summary(e2e):
     assert [r["step"] for r in steps] == list(range(1, 41))
     assert {"epoch", "loss", "train_acc", "lr", "gates", "label_smoothing", "step_time"} <= set(steps[0])
     assert set(steps[0]["gates"]) == set(GHOSTS) and steps[0]["gates"]["ghost_skips"] == 1.0
-    # the 12th step runs with the gate of 11/40 of training (cosine from 10% to 30%), then the ghosts go
-    assert steps[11]["gates"]["ghost_channels"] == pytest.approx(0.5 * (1 + math.cos(math.pi * (11 / 40 - 0.1) / 0.2)))
-    assert all(r["gates"] == {} for r in steps[12:])
+    # the 6th step runs with the gate of 5/40 of training (linear from 1 at 0 to 0 at 15%), then the ghosts go
+    assert steps[5]["gates"]["ghost_channels"] == pytest.approx(1 - (5 / 40) / 0.15)
+    assert all(r["gates"] == {} for r in steps[6:])
     assert [r["group"] for r in records if r["type"] == "event"] == GHOSTS
     epochs = [r for r in records if r["type"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all("val_acc" in r for r in epochs)
