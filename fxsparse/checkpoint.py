@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from . import distributed as fxdist
 from .errors import FxSparseError
 
 log = logging.getLogger(__name__)
@@ -191,20 +192,20 @@ class CheckpointManager:
         """
         name = f"{self.prefix}-e{epoch:04d}-s{step:08d}.dcp"
         final, tmp = self.directory / name, self.directory / f".{name}.tmp"
-        rank, world = _share()
+        rank, world = fxdist.rank(), fxdist.world_size()
         if rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a writer killed at this same step
             tmp.mkdir()
-        _barrier()
+        fxdist.barrier()
         write(tmp)
         if rank == 0:
             atomic_write(tmp / SHARDED_STATE, lambda f: torch.save(state, f))
-        _barrier()  # every file is in place (DCP's .metadata is written after every rank's shards)
+        fxdist.barrier()  # every file is in place (DCP's .metadata is written after every rank's shards)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(f".{SHARDED_STATE}"))
         mine = {n: [(tmp / n).stat().st_size, _sha256(tmp / n)] for n in names[rank::world]}
         files: dict[str, list] = {}
-        for part in _all_gather(mine):
+        for part in fxdist.all_gather_object(mine):
             files.update(part)
         if rank == 0:
             _fsync_dir(tmp)
@@ -217,7 +218,7 @@ class CheckpointManager:
             _fsync_dir(self.directory)
             files = dict(sorted(files.items()))
             self._list(Entry(name, epoch, step, sum(v[0] for v in files.values()), _listing_digest(files), files))
-        _barrier()
+        fxdist.barrier()
         return final
 
     def _delete_unlisted(self, listed: set[str]) -> None:
@@ -274,7 +275,7 @@ class CheckpointManager:
         there is no checkpoint. A damaged newer one is skipped with a warning."""
         entries = self.entries()
         for entry in reversed(entries):
-            share = _share() if entry.sharded else (0, 1)
+            share = (fxdist.rank(), fxdist.world_size()) if entry.sharded else (0, 1)
             reason, state = self.problem(entry, share), None
             if reason is None:
                 path = self.directory / entry.file
@@ -284,7 +285,7 @@ class CheckpointManager:
                 except Exception as e:  # noqa: BLE001 - any unreadable file is skipped the same way
                     reason = f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             if entry.sharded:  # every rank checked a share: all must take the same checkpoint
-                reason = next((r for r in _all_gather(reason) if r is not None), None)
+                reason = next((r for r in fxdist.all_gather_object(reason) if r is not None), None)
             if reason is None:
                 if entry.sharded:
                     state["sharded"] = str(path)
@@ -299,34 +300,6 @@ class CheckpointManager:
 def _listing_digest(files: dict[str, list]) -> str:
     """One SHA-256 for a sharded checkpoint: over its files' names, sizes and checksums."""
     return hashlib.sha256("".join(f"{n} {v[0]} {v[1]}\n" for n, v in sorted(files.items())).encode()).hexdigest()
-
-
-def _share() -> tuple[int, int]:
-    """(rank, world size) under a process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _share()[1] > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (``[obj]`` without a process group)."""
-    rank, world = _share()
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # --------------------------------------------------------------------------- random state

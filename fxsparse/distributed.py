@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DistributedError", "Env", "init", "destroy", "is_distributed", "rank", "world_size",
-    "is_main", "barrier", "seed", "shard", "wrap", "rewrap", "unwrap", "step", "broadcast_masks",
+    "is_main", "barrier", "all_gather_object", "seed", "shard", "wrap", "rewrap", "unwrap", "step", "broadcast_masks",
     "check_identical", "sync_buffers", "all_reduce_metrics", "all_reduce_tensors", "save_checkpoint", "fully_shard", "export",
 ]
 
@@ -335,15 +335,18 @@ def export(model: nn.Module):
 
 
 # --------------------------------------------------------------------------- agreement checks
-def _gather(obj: Any) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size()
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
 def _check_same(value: Any, what: str) -> None:
     """Raise on every rank if ``value`` (picklable, comparable) differs between ranks."""
-    values = _gather(value)
+    values = all_gather_object(value)
     bad = [r for r, v in enumerate(values) if v != values[0]]
     if bad:
         raise DistributedError(f"ranks disagree on {what}: rank 0 has {values[0]!r}, "
@@ -420,7 +423,7 @@ def check_identical(obj: nn.Module | Mapping[str, torch.Tensor], *, prefixes=Non
     if not is_distributed():
         return 0
     mine = _fingerprint(obj, prefixes, graph)
-    everyone = _gather(mine)
+    everyone = all_gather_object(mine)
     ref = {row[0]: row[1:] for row in everyone[0]}
     differing: dict[str, list[int]] = {}  # name -> ranks that differ from rank 0, in rank 0's order
     for r, rows in enumerate(everyone[1:], start=1):

@@ -606,16 +606,12 @@ def load_sharded(module: nn.Module, optimizer: torch.optim.Optimizer | None, dir
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    reader = dcp.FileSystemReader(str(directory))
+    state = _state_dicts(module, optimizer)  # the structure to load into: DCP fills it in place
+    with _quiet_without_process_group():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not is_distributed())
     if optimizer is None:
-        state = _state_dicts(module, None)
-        with _quiet_without_process_group():
-            dcp.load(state, storage_reader=reader, no_dist=not is_distributed())
         set_model_state_dict(module, state["model"])
         return
-    state = _state_dicts(module, optimizer)
-    with _quiet_without_process_group():
-        dcp.load(state, storage_reader=reader, no_dist=not is_distributed())
     with _NonEmptyGroups(optimizer) as groups:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     groups.load(state[_EMPTY_GROUPS])
@@ -638,5 +634,5 @@ def read_sharded(directory, prefix: str = "") -> dict[str, torch.Tensor]:
     state = {"model": wanted}
     with warnings.catch_warnings():  # no_dist under a process group too: each rank reads by itself
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return state["model"]

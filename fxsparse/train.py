@@ -658,18 +658,21 @@ class Trainer:
             return
         if fxdist.is_main():  # every rank holds the same state
             self.metrics.sync()
-            state = self.sched.checkpoint()
-            state.update(epoch=epoch, rng=rng_state(), metrics_records=len(self.metrics), elapsed=self.elapsed,
-                         setup_time=self.setup_time, config=asdict(self.config), notes=self.notes)
+            state = {**self.sched.checkpoint(), **self._run_state(epoch, rng_state())}
             self.checkpoints.save(state, epoch=epoch, step=self.sched.step_count)
         fxdist.barrier()
+
+    def _run_state(self, epoch: int, rng: dict[str, Any]) -> dict[str, Any]:
+        """What every checkpoint holds besides the model and optimizer: where the run is, its
+        generators, and what a resume needs to continue its logs."""
+        return {"epoch": epoch, "rng": rng, "metrics_records": len(self.metrics), "elapsed": self.elapsed,
+                "setup_time": self.setup_time, "config": asdict(self.config), "notes": self.notes}
 
     def _checkpoint_sharded(self, epoch: int) -> None:
         """A sharded checkpoint (collective): each rank writes its shards of the parameters and
         optimizer state with ``torch.distributed.checkpoint``, rank 0 adds what ``_checkpoint``
         saves besides them (scheduler, lr schedule, generators, ...) plus every rank's generators."""
         import fxsparse.fsdp
-        from .checkpoint import _all_gather
 
         sched = self.sched
         if fxdist.is_main():
@@ -677,11 +680,11 @@ class Trainer:
         # FSDP2 neither shards nor syncs buffers, and DCP writes one rank's copy of each: the BatchNorm
         # statistics every rank resumes with are rank 0's, so every rank continues from those now
         fxdist.sync_buffers(self.gm)
-        generators = _all_gather(rng_state())
+        generators = fxdist.all_gather_object(rng_state())
         state = {"format": "fxsparse-fsdp", "scheduler": sched.state_dict(), "lr_scheduler": sched.lr_scheduler.state_dict(),
-                 "epoch": epoch, "rng": generators[0], "rng_ranks": generators, "world_size": fxdist.world_size(),
-                 "fsdp_units": dict(self.gm.meta.get(fxsparse.fsdp.META_KEY, {})), "metrics_records": len(self.metrics),
-                 "elapsed": self.elapsed, "setup_time": self.setup_time, "config": asdict(self.config), "notes": self.notes}
+                 "rng_ranks": generators, "world_size": fxdist.world_size(),
+                 "fsdp_units": dict(self.gm.meta.get(fxsparse.fsdp.META_KEY, {})),
+                 **self._run_state(epoch, generators[0])}
         self.checkpoints.save_sharded(lambda d: fxsparse.fsdp.save_sharded(self.gm, sched.optimizer, d), state,
                                       epoch=epoch, step=sched.step_count)
 
