@@ -524,14 +524,20 @@ class _PipelineRun:
         raise PipelineCheckFailed(f"{what}: {len(diffs)} mismatches, first: {str(diffs[0]).strip()}")
 
 
+def _functional_dropouts() -> tuple:
+    """The functions every dropout module calls."""
+    import torch.nn.functional as F
+
+    return F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout
+
+
 def _ghost_dropouts(gm: Any) -> list[str]:
     """The ghost-branch nodes of ``gm`` that are dropouts (copies of the chain's dropout ops)."""
-    import torch.nn.functional as F
     from torch import nn
 
     from fxsparse.pass_infra import tagged_nodes
 
-    drops = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+    drops = _functional_dropouts()
     out = []
     for node in tagged_nodes(gm):
         if node.meta["fxsparse"].get("group") in (None, "masks"):
@@ -547,10 +553,9 @@ def _ghost_dropouts(gm: Any) -> list[str]:
 
 def _dropout_off():
     """A TorchFunctionMode in which every functional dropout (what nn.Dropout calls) returns its input."""
-    import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    drops = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+    drops = _functional_dropouts()
 
     class DropoutOff(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
