@@ -464,34 +464,42 @@ class GhostSkipPass(FxSparsePass):
         sites, taken = [], set()
         wanted = site_filter(gm, self.where)
         for node in list(gm.graph.nodes):
-            call = layer_call(gm, node)
-            if call is None:
-                continue
-            kind = self._candidate_kind(call)
-            if kind is None:
-                continue
-            reaches = activation_reach(gm, node, max_adds=MAX_ADDS if kind == "conv" else 0,
-                                       is_activation=_is_ghost_neuron)
-            if not reaches:
-                continue  # no activation next: not a skip-edge site
-            if kind != "conv":
-                why = self._not_mlp(gm, call)
-                if why:
-                    log.debug("GhostSkipPass: %s is not in an MLP block: %s", call.layer.name, why)
-                    continue
-            if not wanted(node):
-                around = "another path goes around" if self.where == "plain" else "no other path goes around"
-                self.skipped[call.layer.name] = f"where={self.where!r}: {around} this layer"
-                self.stats["skipped"] += 1
-                continue
-            name = _site_name(call, taken)
-            try:
-                sites.append(self._site(gm, name, call, kind, reaches))
-            except _Skip as skip:
-                self.skipped[name] = f"{skip.kind}: {skip}"
-                self.stats["skipped"] += 1
-                log.info("GhostSkipPass: no edge at %s (%s): %s", name, skip.kind, skip)
+            with self.at(node):
+                site = self._plan_site(gm, node, wanted, taken)
+            if site is not None:
+                sites.append(site)
         return sites
+
+    def _plan_site(self, gm: GraphModule, node: Node, wanted, taken: set[str]) -> "_Site | None":
+        """The site of ``node``'s layer, or None (not a candidate, or skipped: the reason is kept)."""
+        call = layer_call(gm, node)
+        if call is None:
+            return None
+        kind = self._candidate_kind(call)
+        if kind is None:
+            return None
+        reaches = activation_reach(gm, node, max_adds=MAX_ADDS if kind == "conv" else 0,
+                                   is_activation=_is_ghost_neuron)
+        if not reaches:
+            return None  # no activation next: not a skip-edge site
+        if kind != "conv":
+            why = self._not_mlp(gm, call)
+            if why:
+                log.debug("GhostSkipPass: %s is not in an MLP block: %s", call.layer.name, why)
+                return None
+        if not wanted(node):
+            around = "another path goes around" if self.where == "plain" else "no other path goes around"
+            self.skipped[call.layer.name] = f"where={self.where!r}: {around} this layer"
+            self.stats["skipped"] += 1
+            return None
+        name = _site_name(call, taken)
+        try:
+            return self._site(gm, name, call, kind, reaches)
+        except _Skip as skip:
+            self.skipped[name] = f"{skip.kind}: {skip}"
+            self.stats["skipped"] += 1
+            log.info("GhostSkipPass: no edge at %s (%s): %s", name, skip.kind, skip)
+            return None
 
     def _candidate_kind(self, call: LayerCall) -> str | None:
         if call.kind == "conv":
@@ -588,32 +596,38 @@ class GhostSkipPass(FxSparsePass):
         sub = container(gm, GROUP)
         unfolded: dict[Node, tuple[Node, Node]] = {}  # leaf call -> (act node, value before it)
         for site in plan:
-            # an earlier site may have unfolded the leaf that produces this conv's input
-            x = site.call.input
-            x = unfolded[x][0] if x in unfolded else x
-            branch_node = self._add_branch(gm, sub, site, x)
-            merges = []
-            for point in site.points:
-                if point.leaf is not None:
-                    if point.leaf not in unfolded:
-                        unfolded[point.leaf] = self._unfold(gm, point.leaf, site.name)
-                    act, value = unfolded[point.leaf]
-                    activations = [act]
-                else:
-                    activations, value = point.activations, point.value
-                merges.append(self._merge(gm, site, branch_node, value, activations, gate_target, gate_meta))
-            self.stats["edges"] += len(merges)
-            self.stats["conv_edges" if site.kind == "conv" else "mlp_edges"] += len(merges)
-            self.sites[site.name] = {
-                "layer": site.call.layer.name, "weight": site.call.layer.weight, "kind": site.kind,
-                "branch": branch_node.name,
-                "merges": [m.name for m in merges],
-                "before": [a.name for m in merges for a in m.users],
-                "fold": site.fold is not None,
-            }
-            log.debug("GhostSkipPass: %s: %s -> %s", site.name, site.call.input.name, self.sites[site.name]["before"])
+            with self.at(site.call.node):
+                self._rewrite_site(gm, sub, site, unfolded, gate_target, gate_meta)
         self.stats["nodes"] = len(tagged_nodes(gm, group=GROUP))
         return PassResult(gm, True)
+
+    def _rewrite_site(self, gm: GraphModule, sub: nn.Module, site: _Site,
+                      unfolded: dict[Node, tuple[Node, Node]], gate_target: str, gate_meta) -> None:
+        """Add ``site``'s branch and its merges; ``unfolded`` collects the leaves it unfolds."""
+        # an earlier site may have unfolded the leaf that produces this conv's input
+        x = site.call.input
+        x = unfolded[x][0] if x in unfolded else x
+        branch_node = self._add_branch(gm, sub, site, x)
+        merges = []
+        for point in site.points:
+            if point.leaf is not None:
+                if point.leaf not in unfolded:
+                    unfolded[point.leaf] = self._unfold(gm, point.leaf, site.name)
+                act, value = unfolded[point.leaf]
+                activations = [act]
+            else:
+                activations, value = point.activations, point.value
+            merges.append(self._merge(gm, site, branch_node, value, activations, gate_target, gate_meta))
+        self.stats["edges"] += len(merges)
+        self.stats["conv_edges" if site.kind == "conv" else "mlp_edges"] += len(merges)
+        self.sites[site.name] = {
+            "layer": site.call.layer.name, "weight": site.call.layer.weight, "kind": site.kind,
+            "branch": branch_node.name,
+            "merges": [m.name for m in merges],
+            "before": [a.name for m in merges for a in m.users],
+            "fold": site.fold is not None,
+        }
+        log.debug("GhostSkipPass: %s: %s -> %s", site.name, site.call.input.name, self.sites[site.name]["before"])
 
     def _add_branch(self, gm: GraphModule, sub: nn.Module, site: _Site, x: Node) -> Node:
         w = gm.get_parameter(site.call.layer.weight) if _is_param(gm, site.call.layer.weight) else None

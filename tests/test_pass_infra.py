@@ -123,3 +123,26 @@ def test_lrsi_on_an_op_without_double_backward_says_what_to_do(monkeypatch):
     assert text.startswith("RescaleInitPass failed: RuntimeError: derivative for aten::hardsigmoid_backward")
     assert "fxsparse.autograd.twice_differentiable" in text and "skip=['rescale']" in text
     assert isinstance(info.value, FxSparseError)
+
+
+@pytest.mark.parametrize("stage", ["_site", "_add_branch"])
+def test_ghost_skips_name_the_conv_they_failed_at(monkeypatch, stage):
+    # planning and rewriting each run per conv under `with self.at(...)`: a failure names it
+    import fxsparse.passes.ghost_skips as ghost_skips
+
+    def broken(self, gm, *args, **kwargs):
+        raise RuntimeError("unexpected geometry")
+
+    class _Relu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+    gm = fxsparse.trace(_Relu(), torch.randn(2, 3, 8, 8))
+    assert ghost_skips.GhostSkipPass()(fxsparse.trace(_Relu(), torch.randn(2, 3, 8, 8))).modified  # it fires
+    monkeypatch.setattr(ghost_skips.GhostSkipPass, stage, broken)
+    with pytest.raises(PassError, match=r"^GhostSkipPass failed at node conv .*unexpected geometry"):
+        ghost_skips.GhostSkipPass()(gm)
