@@ -502,6 +502,7 @@ class _PipelineRun:
         The modules are not copied (memory): both run the same batches in train mode, so their
         BatchNorm statistics move alike, and stay equal if the outputs are.
         """
+        from fxsparse.dropout import dropout_off
         from fxsparse.testing import compare
 
         modes = ("train",) if self.mode_dependent else ("train", "eval")
@@ -512,7 +513,7 @@ class _PipelineRun:
             # a ghost branch copied a dropout (ghost_channels.dropout = true): it draws from the
             # global RNG and shifts the draws of every later random op, as docs/ghost-channels.md
             # says; with dropout off (the ghost's and the original's) the graphs must still agree
-            with _dropout_off():
+            with dropout_off():
                 diffs = compare(a, b, self.x, modes=modes, grads=grads, exact=True, copy_modules=False)
             if not diffs:
                 return "equal-without-dropout"
@@ -524,46 +525,21 @@ class _PipelineRun:
         raise PipelineCheckFailed(f"{what}: {len(diffs)} mismatches, first: {str(diffs[0]).strip()}")
 
 
-def _functional_dropouts() -> tuple:
-    """The functions every dropout module calls."""
-    import torch.nn.functional as F
-
-    return F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout
-
-
 def _ghost_dropouts(gm: Any) -> list[str]:
     """The ghost-branch nodes of ``gm`` that are dropouts (copies of the chain's dropout ops)."""
-    from torch import nn
-
+    from fxsparse.dropout import DROPOUT_FUNCTIONS, is_dropout_module
     from fxsparse.pass_infra import tagged_nodes
 
-    drops = _functional_dropouts()
     out = []
     for node in tagged_nodes(gm):
         if node.meta["fxsparse"].get("group") in (None, "masks"):
             continue
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) or type(m).__name__ in ("DropPath", "DropBlock2d"):
+            if is_dropout_module(gm.get_submodule(node.target)):
                 out.append(node.name)
-        elif node.op == "call_function" and node.target in drops:
+        elif node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
             out.append(node.name)
     return out
-
-
-def _dropout_off():
-    """A TorchFunctionMode in which every functional dropout (what nn.Dropout calls) returns its input."""
-    from torch.overrides import TorchFunctionMode
-
-    drops = _functional_dropouts()
-
-    class DropoutOff(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in drops:
-                return args[0] if args else kwargs["input"]
-            return func(*args, **(kwargs or {}))
-
-    return DropoutOff()
 
 
 class _Stop(Exception):

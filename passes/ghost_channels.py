@@ -39,6 +39,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxsparse import gates
+from fxsparse.dropout import DROPOUT_FUNCTIONS, is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
@@ -64,8 +65,6 @@ _TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                      F.feature_alpha_dropout}
 # Functional norms read the original layer's statistics and affine tensors: a ghost copy of the
 # node would share (and update) them, so such chains are skipped.
 _FUNCTIONAL_NORMS = {F.batch_norm, F.instance_norm}
@@ -251,9 +250,8 @@ def _walk(gm: GraphModule, producer: Layer) -> tuple[Layer, list[_Op]] | None:
 
 def _is_dropout(gm: GraphModule, op: _Op) -> bool:
     if op.module is not None:
-        m = gm.get_submodule(op.module)
-        return isinstance(m, nn.modules.dropout._DropoutNd) or type(m).__name__ in ("DropPath", "DropBlock2d")
-    return op.node.op == "call_function" and op.node.target in _DROPOUT_FUNCTIONS
+        return is_dropout_module(gm.get_submodule(op.module))
+    return op.node.op == "call_function" and op.node.target in DROPOUT_FUNCTIONS
 
 
 def _has_channel_state(module: nn.Module, channels: int) -> bool:

@@ -35,6 +35,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fxsparse import outputs
 from fxsparse.autograd import twice_differentiable
+from fxsparse.dropout import dropout_off, is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.pass_infra import CONTAINER, FxSparsePass
 
@@ -119,7 +120,7 @@ class RescaleInitPass(FxSparsePass):
 
         # the constraint step differentiates the gradient norm, which fused attention and
         # hardsigmoid cannot: the search runs them as equivalents that can (same values)
-        with _search_mode(gm), twice_differentiable():
+        with _search_mode(gm), dropout_off(), twice_differentiable():
             for _ in range(self.iters):
                 x0, y0 = next(batches)
                 x1, y1 = next(batches)
@@ -219,13 +220,23 @@ def _cycle(data: Iterable):
 
 @contextlib.contextmanager
 def _search_mode(gm: nn.Module) -> Iterator[None]:
-    """BatchNorm on batch statistics and dropout off for the block; afterwards every buffer
-    (running statistics) and every module's mode are what they were."""
+    """The network as training runs it, BatchNorm on batch statistics, every other module in its
+    own mode, but the dropout modules in eval mode (the caller turns functional dropout off too:
+    ``dropout_off()``). Afterwards every buffer (running
+    statistics) and every module's mode are what they were.
+
+    Not every module in eval mode: a module's eval path may differ from the one training takes
+    (timm's EfficientViT and LeViT attention cache their bias in eval mode, and the search would
+    differentiate through the first iteration's stale copy)."""
     saved_buffers = {n: b.detach().clone() for n, b in gm.named_buffers()}
     saved_modes = {m: m.training for m in gm.modules()}
     for m in gm.modules():
-        if m is not gm:  # the root keeps its mode: a mode-dependent trace refuses to run in the other one
-            m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if m is gm:  # the root keeps its mode: a mode-dependent trace refuses to run in the other one
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = True
+        elif is_dropout_module(m):
+            m.training = False
     try:
         yield
     finally:

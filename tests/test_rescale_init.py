@@ -136,8 +136,10 @@ def _search_loss_at_scale_one(gm, batches) -> float:
     dropout off, as in the search)."""
     gm = copy.deepcopy(gm)
     for m in gm.modules():
-        if m is not gm:
-            m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = True
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            m.training = False
     (x0, y0), (x1, y1) = batches[:2]
     return F.cross_entropy(gm(torch.cat([x0, x1])), torch.cat([y0, y1])).item()
 
@@ -175,6 +177,60 @@ def test_lrsi_through_ops_without_double_backward(attention):
         x = torch.randn(5, requires_grad=True)
         (g,) = torch.autograd.grad(F.hardsigmoid(x).sum(), x, create_graph=True)
         g.sum().backward()
+
+
+class _CachedBias(nn.Module):
+    """timm's EfficientViT and LeViT attention: in eval mode the bias is computed once and cached."""
+
+    def __init__(self, channels: int, cache: bool):
+        super().__init__()
+        self.bias = nn.Parameter(torch.linspace(-1.0, 1.0, channels))
+        self.use_cache, self.cache = cache, {}
+
+    def forward(self, x):
+        if self.training or not self.use_cache:
+            bias = self.bias * 1.0
+        else:
+            bias = self.cache.setdefault("bias", self.bias * 1.0)
+        return x + bias[None, :, None, None]
+
+
+class _Dropping(nn.Module):
+    """A leaf that caches in eval mode, a dropout module, functional dropout and attention dropout."""
+
+    def __init__(self, cache: bool = True, p: float = 0.5):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.attn, self.drop, self.head = _CachedBias(8, cache), nn.Dropout(p), nn.Linear(8, 10)
+        self.p = p
+
+    def forward(self, x):
+        x = self.attn(F.relu(self.bn(self.conv(x))))
+        t = x.flatten(2).transpose(1, 2)[:, None]  # (batch, 1 head, positions, channels)
+        t = F.scaled_dot_product_attention(t, t, t, dropout_p=self.p if self.training else 0.0)
+        x = F.dropout(t.mean((1, 2)), self.p, self.training)
+        return self.head(self.drop(x))
+
+
+def test_lrsi_searches_the_training_path_without_dropout():
+    # Every module but BatchNorm in eval mode ran _CachedBias's cache: the second iteration
+    # differentiated through the first one's freed graph (timm's efficientvit_m0: "Trying to
+    # backward through the graph a second time"). The search runs the training path with every
+    # dropout off: its scales are those of the same network without cache and without dropout.
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 6, 6, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(4)]
+    found = {}
+    for cache, p in ((True, 0.5), (False, 0.0)):
+        torch.manual_seed(0)
+        model = _Dropping(cache, p).train()
+        gm = fxsparse.trace(model, batches[0][0], leaf_modules=[_CachedBias])
+        modes = {name: m.training for name, m in gm.named_modules()}
+        found[cache] = rescale_init(gm, batches, iters=6, gamma=1.5)
+        assert {name: m.training for name, m in gm.named_modules()} == modes  # every mode put back
+    report, reference = found[True], found[False]
+    assert report.constraint_steps + report.lookahead_steps == 6 and report.lookahead_steps > 0
+    assert report.losses == reference.losses
+    assert report.scales == reference.scales
 
 
 @pytest.mark.parametrize("name, kwargs, size", [
