@@ -36,6 +36,7 @@ computed at gate 0. See docs/ghost-neurons.md for the exactness argument.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -150,6 +151,39 @@ def _copy_meta(src: Node, *dst: Node) -> None:
                 d.meta[key] = src.meta[key]
 
 
+# ops that move a tensor's elements around without computing on them
+_LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten,
+                     torch.squeeze, torch.unsqueeze, torch.t, operator.getitem, F.pad}
+_LAYOUT_METHODS = {"transpose", "permute", "view", "reshape", "flatten", "unflatten", "squeeze",
+                   "unsqueeze", "contiguous", "t", "mT", "float", "to", "type_as"}
+_PRODUCTS = {torch.matmul, torch.bmm, torch.einsum, operator.matmul}
+
+
+def _kernel_feature_map(gm: GraphModule, site: ActivationSite) -> str | None:
+    """Why ``site`` is a linear attention's feature map (not a neuron), or None."""
+    if site.style == "leaf":
+        # inside a leaf the uses are not in the graph; timm's linear attention (LiteMLA) names it
+        if site.module and site.module.rpartition(".")[2] == "kernel_func":
+            return "the feature map of a linear attention (a leaf's kernel_func), not a neuron"
+        return None
+    frontier, seen = [site.node], set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_function" and user.target in _PRODUCTS:
+                operands = [a for a in user.args if isinstance(a, Node)]
+                if len(operands) >= 2 and not any(a.op == "get_attr" for a in operands):
+                    return (f"its output is multiplied by another activation ({user.name}): the feature map "
+                            f"of a linear attention, not a neuron")
+            elif (user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS) or (
+                    user.op == "call_method" and user.target in _LAYOUT_METHODS):
+                frontier.append(user)
+    return None
+
+
 class GhostNeuronPass(FxSparsePass):
     """Blend a soft activation into every ReLU-family activation (see the module docstring).
 
@@ -163,7 +197,11 @@ class GhostNeuronPass(FxSparsePass):
         kinds: activation kinds to replace: ("relu",) or ("relu", "relu6").
         initial_gate: the gate's value after the pass (1: fully soft; 0: identity).
 
-    Stats: ``sites`` (= ``len(activation_sites(gm, kinds))``), the sites per style (``module``,
+    A ReLU that is the feature map of a linear attention (``relu(q) @ (relu(k)^T v)``, divided by
+    a sum that the ReLU keeps positive: timm's EfficientViT) is not a neuron, and a soft activation
+    there makes that sum cross zero; such sites are left alone, with the reason in ``skipped``.
+
+    Stats: ``sites`` (the activation sites of ``kinds`` rewritten), ``skipped``, the sites per style (``module``,
     ``function``, ``method``, ``leaf``), ``inplace`` (inplace sites made out of place),
     ``readers_rewired`` and ``nodes`` (nodes added).
     """
@@ -173,6 +211,7 @@ class GhostNeuronPass(FxSparsePass):
     def __init__(self, *, soft: str = "swish", beta: float = 2.0, learn_beta: bool = False,
                  kinds: tuple[str, ...] = ("relu",), initial_gate: float = 1.0):
         super().__init__()
+        self.skipped: dict[str, str] = {}  # site -> why it has no ghost
         if soft not in SOFT:
             raise PassError(f"GhostNeuronPass: soft must be one of {sorted(SOFT)}; got {soft!r}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -195,8 +234,20 @@ class GhostNeuronPass(FxSparsePass):
             )
 
     def call(self, gm: GraphModule) -> PassResult:
-        sites = activation_sites(gm, self.kinds)
+        self.skipped = {}
+        sites = []
+        for site in activation_sites(gm, self.kinds):
+            why = _kernel_feature_map(gm, site)
+            if why:
+                self.skipped[site.module or site.node.name] = why
+                log.info("GhostNeuronPass: no ghost at %s: %s", site.module or site.node.name, why)
+            else:
+                sites.append(site)
+        if self.skipped:
+            self.stats["skipped"] = len(self.skipped)
         self.stats["sites"] = len(sites)
+        if not sites and self.skipped:
+            return PassResult(gm, False)
         if not sites:
             found = sorted({s.kind for s in activation_sites(gm)})
             log.info("GhostNeuronPass: no %s activation in this graph (it has: %s); nothing to do",

@@ -352,6 +352,65 @@ def test_leaf_with_conv_and_aliased_activation():
     assert_same_structure(before, gm)
 
 
+class LinearAttention(nn.Module):
+    """ReLU linear attention (timm's EfficientViT LiteMLA): relu(q) @ (relu(k)^T v), divided by a
+    sum the ReLUs keep positive; then an MLP whose ReLU is a neuron. ``soft_mlp`` is the expected
+    network at gate 1: only the MLP's ReLU soft."""
+
+    def __init__(self, soft_mlp: bool = False):
+        super().__init__()
+        self.qkv, self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.soft_mlp = soft_mlp
+
+    def forward(self, x):  # (batch, tokens, 8)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = F.relu(q), torch.relu(k)
+        kv = k.transpose(-1, -2) @ F.pad(v, (0, 1), value=1.0)
+        out = q @ kv
+        x = x + out[..., :-1] / (out[..., -1:] + 1e-15)
+        h = self.fc1(x)
+        return x + self.fc2(F.silu(h) if self.soft_mlp else F.relu(h))
+
+
+class KernelLeaf(nn.Module):
+    """The same attention as a leaf module (as timm traces LiteMLA): its ReLU is ``kernel_func``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.kernel_func = nn.Linear(8, 24), nn.ReLU()
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.kernel_func(q), self.kernel_func(k)
+        out = q @ (k.transpose(-1, -2) @ F.pad(v, (0, 1), value=1.0))
+        return x + out[..., :-1] / (out[..., -1:] + 1e-15)
+
+
+def test_linear_attention_feature_maps_get_no_ghost():
+    # a soft activation there makes the denominator cross zero (efficientvit_b0: loss NaN at step 2)
+    torch.manual_seed(0)
+    model = LinearAttention()
+    x = torch.randn(2, 5, 8)
+    gm = fxsparse.trace(model, x)
+    before = copy.deepcopy(gm)
+    p = GhostNeuronPass()
+    p(gm)
+    assert p.stats["sites"] == 1 and p.stats["skipped"] == 2  # the MLP's ReLU only
+    assert set(p.skipped) == {"relu", "relu_1"} and "linear attention" in p.skipped["relu"]
+    fxsparse.gates.set_identity(gm)
+    _assert_exact(before, gm, x)
+    fxsparse.gates.set(gm, GROUP, 1.0)
+    expected = LinearAttention(soft_mlp=True)
+    expected.load_state_dict(model.state_dict())
+    torch.testing.assert_close(gm(x), expected(x), rtol=0, atol=0)
+
+    leaf = fxsparse.trace(nn.Sequential(KernelLeaf(), nn.Linear(8, 8), nn.ReLU()), x, leaf_modules=[KernelLeaf])
+    p = GhostNeuronPass()
+    p(leaf)
+    assert p.stats["sites"] == 1 and list(p.skipped) == ["0.kernel_func"]
+    assert isinstance(leaf.get_submodule("0").kernel_func, nn.ReLU)
+
+
 # --------------------------------------------------------------------------- exactness of the blend
 SPECIAL = torch.tensor([-0.0, 0.0, -1e-45, 1e-45, -1e-38, 1e-38, -1.0, 1.0, -1.5, 5.9, 6.0, 7.0,
                         88.0, -88.0, 1e30, -1e30, 3.4e38, -3.4e38])
