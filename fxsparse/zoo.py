@@ -422,7 +422,9 @@ class _PipelineRun:
         import fxsparse
         from fxsparse.ghosts import present
 
-        recipe = fxsparse.load_recipe(self.o.recipe, overrides={"rescale.iters": self.o.lrsi_iters})
+        # LRsI on, whatever the recipe's default: the sweep proves the whole pipeline runs on the model
+        recipe = fxsparse.load_recipe(self.o.recipe, overrides={"rescale.enabled": True,
+                                                                "rescale.iters": self.o.lrsi_iters})
         # transform takes the trace the trace stage made (it would make the same one); copy=False:
         # neither it nor the eager model is needed afterwards
         self.sgm = fxsparse.transform(self.gm, recipe, data=self.data, loss_fn=_loss, copy=False)

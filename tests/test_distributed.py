@@ -92,7 +92,7 @@ def recipe_a():
 
 
 def recipe_b():
-    over = {"rescale.iters": 3, "masks.sparsity": 0.5}
+    over = {"rescale.enabled": True, "rescale.iters": 3, "masks.sparsity": 0.5}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
         over.update({f"{group}.schedule.{k}": v for k, v in LONGER.items()})
     return fxsparse.load_recipe("tost", overrides=over)

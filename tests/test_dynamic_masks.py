@@ -326,7 +326,7 @@ def test_resume_gives_the_same_masks_and_weights(method, at):
 
 # --------------------------------------------------------------------------- with ghosts
 def test_tost_rigl_through_the_ghost_removals_to_export():
-    over = {"dynamic.update_every": 2, "masks.sparsity": 0.8, "rescale.iters": 2}
+    over = {"dynamic.update_every": 2, "masks.sparsity": 0.8, "rescale.enabled": True, "rescale.iters": 2}
     for g in ("ghost_neurons", "ghost_skips", "ghost_channels"):
         over.update({f"{g}.schedule.hold_until": 0.1, f"{g}.schedule.anneal_until": 0.25,
                      f"{g}.schedule.remove_at": 0.25})

@@ -65,7 +65,7 @@ def test_lrsi_through_normalize_of_a_zero_vector_stays_finite():
     model = _CosineAttention()
     data = [(torch.randn(2, 5, 3), torch.tensor([0, 3]))]
     # a tiny gradient-norm bound: every iteration is a constraint step, the one that differentiates twice
-    recipe = fxsparse.load_recipe("tost", overrides={"rescale.iters": 2, "rescale.gamma": 1e-6})
+    recipe = fxsparse.load_recipe("tost", overrides={"rescale.enabled": True, "rescale.iters": 2, "rescale.gamma": 1e-6})
     sgm = fxsparse.transform(model, recipe, data=data,
                              skip=["ghost_neurons", "ghost_skips", "ghost_channels"])
     assert all(torch.isfinite(p).all() for p in sgm.parameters())

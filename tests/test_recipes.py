@@ -26,9 +26,14 @@ def test_shipped_recipes_all_load():
         assert r.masks.enabled and r.masks.options["sparsity"] == 0.95
 
 
-def test_tost_enables_everything_with_spec_defaults():
+def test_tost_enables_everything_but_lrsi_with_spec_defaults():
+    # LRsI is off by default (chosen on validation, docs/results.md "C6 and C7"); its options are ToST's
     r = fxsparse.load_recipe("tost")
-    assert [p.name for p in r.enabled_passes()] == ["masks", "rescale", "ghost_neurons", "ghost_skips", "ghost_channels"]
+    assert [p.name for p in r.enabled_passes()] == ["masks", "ghost_neurons", "ghost_skips", "ghost_channels"]
+    assert not r.passes["rescale"].enabled
+    with_lrsi = fxsparse.load_recipe("tost", overrides={"rescale.enabled": True})
+    assert [p.name for p in with_lrsi.enabled_passes()] == ["masks", "rescale", "ghost_neurons", "ghost_skips",
+                                                            "ghost_channels"]
     assert r.passes["rescale"].options == {"iters": 180, "eta": 0.1, "gamma": 1.0, "lr": 0.01, "min_scale": 0.01,
                                            "grad_clip": 1.0, "normalize_grad": True}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):

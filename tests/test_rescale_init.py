@@ -245,7 +245,7 @@ def test_tost_with_lrsi_on_timm_models_without_double_backward(name, kwargs, siz
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, size, size, generator=gen), torch.randint(0, 10, (2,), generator=gen))
                for _ in range(3)]
-    recipe = fxsparse.load_recipe("tost", overrides={"rescale.iters": 2})
+    recipe = fxsparse.load_recipe("tost", overrides={"rescale.enabled": True, "rescale.iters": 2})
     gm = fxsparse.transform(model, recipe, data=batches)
     without = fxsparse.transform(model, recipe.replace({"rescale.enabled": False}), data=batches)
     record = next(r for r in gm.meta["fxsparse.passes"] if r["pass"] == "RescaleInitPass")

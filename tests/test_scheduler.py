@@ -359,7 +359,7 @@ def test_tost_end_to_end():
     the ghost phase, export into the original class."""
     torch.manual_seed(0)
     model = Tiny()
-    recipe = fxsparse.load_recipe("tost", overrides={"rescale.iters": 2})
+    recipe = fxsparse.load_recipe("tost", overrides={"rescale.enabled": True, "rescale.iters": 2})
     gm = fxsparse.transform(model, recipe, data=_batches(2))
     present = fxsparse.ghosts.present(gm)
     assert present and set(present) <= set(recipe.ghosts)

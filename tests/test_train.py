@@ -33,7 +33,7 @@ GHOSTS = ["ghost_neurons", "ghost_skips", "ghost_channels"]
 DIGITS = {"training.epochs": 2, "training.batch_size": 64, "training.crop_padding": 1, "masks.sparsity": 0.8}
 # the same run on the command line
 DIGITS_ARGS = ["--data", "digits", "--epochs", "2", "--batch-size", "64", "--set", "training.crop_padding=1",
-               "--sparsity", "0.8", "--lrsi-iters", "2", "--no-progress"]
+               "--sparsity", "0.8", "--lrsi-iters", "2", "--set", "rescale.enabled=true", "--no-progress"]
 
 
 @pytest.fixture
@@ -110,10 +110,11 @@ def test_nets_option_a_has_no_shortcut_parameters():
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """fxsparse.nets:resnet8 through the whole tost recipe on digits: 2 epochs, 40 steps."""
+    """fxsparse.nets:resnet8 through the whole tost recipe, LRsI on, on digits: 2 epochs, 40 steps."""
     out = tmp_path_factory.mktemp("e2e")
     threads = torch.get_num_threads()
-    trainer = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(out), data="digits", overrides=dict(DIGITS),
+    trainer = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(out), data="digits",
+                                  overrides={**DIGITS, "rescale.enabled": True},
                                   lrsi_iters=2, progress=False, quiet=True))
     trainer.run()
     torch.set_num_threads(threads)
@@ -333,14 +334,17 @@ def test_lrsi_iterations_capped_on_cpu_unless_chosen(tmp_path):
         t._runtime()
         return t._recipe(), t.notes
 
-    r, notes = recipe()
+    r, notes = recipe(recipe="lrsi")
     assert r.passes["rescale"].options["iters"] == 30 and "capped at 30" in notes[0]
-    r, notes = recipe(lrsi_iters=180)
+    r, notes = recipe(overrides={"rescale.enabled": True})  # tost with LRsI
+    assert r.passes["rescale"].options["iters"] == 30 and "capped at 30" in notes[0]
+    r, notes = recipe(recipe="lrsi", lrsi_iters=180)
     assert r.passes["rescale"].options["iters"] == 180 and not notes
-    r, notes = recipe(overrides={"rescale.iters": 50})
+    r, notes = recipe(recipe="lrsi", overrides={"rescale.iters": 50})
     assert r.passes["rescale"].options["iters"] == 50 and not notes
-    r, notes = recipe(recipe="baseline")
-    assert not r.passes["rescale"].enabled and not notes
+    for name in ("baseline", "tost"):  # LRsI off: nothing to cap
+        r, notes = recipe(recipe=name)
+        assert not r.passes["rescale"].enabled and not notes
 
 
 @pytest.mark.slow
