@@ -39,12 +39,11 @@ vit_tiny_patch16_224 at 32x32, batch 2, eager, 2 rounds).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+import _report
 from _worktree import missing, use_working_tree
 
 MODELS = ("resnet50", "vit_base_patch16_224")
@@ -193,13 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"settings": {k: v for k, v in base.items() if k != "out"} | {"models": models, "modes": args.modes},
               "machine": machine, "rows": rows, "notes": notes, "skipped": skipped, "goals": goals,
               "wall_s": time.perf_counter() - wall0}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_speed.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "gpu_speed.md").write_text(text + "\n")
-    if args.copy_to:
-        Path(args.copy_to).mkdir(parents=True, exist_ok=True)
-        for f in ("gpu_speed.json", "gpu_speed.md"):
-            shutil.copy(out / f, Path(args.copy_to) / f)
+    _report.write(out, "gpu_speed", report, text, args.copy_to)
     print(text)
     return 0
 

@@ -59,14 +59,13 @@ batch 32, 2 LRsI iterations) on a small saved file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _report
 from _worktree import ROOT, missing, use_working_tree
 
 DATA_DIR = ROOT / "benchmarks" / "data"
@@ -401,12 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - wall0,
     }
     text = markdown(report)
-    (out / "paper_protocol.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "paper_protocol.md").write_text(text + "\n")
-    if args.copy_to:
-        Path(args.copy_to).mkdir(parents=True, exist_ok=True)
-        for f in ("paper_protocol.json", "paper_protocol.md"):
-            shutil.copy(out / f, Path(args.copy_to) / f)
+    _report.write(out, "paper_protocol", report, text, args.copy_to)
     print(text)
     bad = [p for p in report["pairs"] if not p["same_masks"]]
     if bad:
