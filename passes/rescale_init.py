@@ -222,8 +222,8 @@ def _cycle(data: Iterable):
 def _search_mode(gm: nn.Module) -> Iterator[None]:
     """The network as training runs it, BatchNorm on batch statistics, every other module in its
     own mode, but the dropout modules in eval mode (the caller turns functional dropout off too:
-    ``dropout_off()``). Afterwards every buffer (running
-    statistics) and every module's mode are what they were.
+    ``dropout_off()``). Afterwards every buffer (running statistics) and every module's mode are
+    what they were.
 
     Not every module in eval mode: a module's eval path may differ from the one training takes
     (timm's EfficientViT and LeViT attention cache their bias in eval mode, and the search would
