@@ -30,6 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import DROPOUT_FUNCTIONS
 from .errors import ExampleInputError, TraceError
 
 log = logging.getLogger(__name__)
@@ -404,11 +405,8 @@ def _restore_unused_modules(gm: torch.fx.GraphModule, model: nn.Module) -> None:
                 target.register_buffer(bname, b, persistent=persistent)
 
 
-# Functional dropout variants and the position of their `training` argument.
-_DROPOUT_FNS: dict[Callable, int] = {
-    F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
-    F.alpha_dropout: 2, F.feature_alpha_dropout: 2,
-}
+# Functional dropout variants and the position of their `training` argument (the third for each).
+_DROPOUT_FNS: dict[Callable, int] = dict.fromkeys(DROPOUT_FUNCTIONS, 2)
 
 
 def _rewrite_functional_dropout(gm: torch.fx.GraphModule) -> int:
