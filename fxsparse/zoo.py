@@ -508,11 +508,13 @@ class _PipelineRun:
         from fxsparse.testing import compare
 
         modes = ("train",) if self.mode_dependent else ("train", "eval")
-        buffers = [{k: v.clone() for k, v in m.named_buffers()} for m in (a, b)]
+        ghost_dropouts = bool(_ghost_dropouts(b))
+        # the rerun below starts from these (only graphs with a ghost dropout can need it)
+        buffers = [{k: v.clone() for k, v in m.named_buffers()} for m in (a, b)] if ghost_dropouts else None
         diffs = compare(a, b, self.x, modes=modes, grads=grads, exact=True, copy_modules=False)
         if not diffs:
             return "equal"
-        if any(m.what.startswith("train") for m in diffs) and _ghost_dropouts(b):
+        if any(m.what.startswith("train") for m in diffs) and ghost_dropouts:
             # a ghost branch copied a dropout (ghost_channels.dropout = true): it draws from the
             # global RNG and shifts the draws of every later random op, as docs/ghost-channels.md
             # says; with dropout off (the ghost's and the original's) the graphs must still agree.
