@@ -239,8 +239,9 @@ class GhostNeuronPass(FxSparsePass):
         for site in activation_sites(gm, self.kinds):
             why = _kernel_feature_map(gm, site)
             if why:
-                self.skipped[site.module or site.node.name] = why
-                log.info("GhostNeuronPass: no ghost at %s: %s", site.module or site.node.name, why)
+                where = site.module or site.node.name
+                self.skipped[where] = why
+                log.info("GhostNeuronPass: no ghost at %s: %s", where, why)
             else:
                 sites.append(site)
         if self.skipped:
