@@ -110,3 +110,32 @@ def test_assert_same_structure(setup):
     assert lines[0].startswith("graphs differ in structure")
     assert any(line.strip().startswith("- %relu") for line in lines)
     assert any(line.strip().startswith("+ %relu") and "gelu" in line for line in lines)
+
+
+def test_tensor_scaled_tolerance_accepts_rounding_near_zero_and_nothing_more():
+    """An element that cancels to ~0 keeps the rounding of the terms it summed (cpubone_nano's
+    stem gradient: 5.7e-6 off on elements of a tensor whose largest is 12): elementwise rtol
+    rejects it, the tolerance scaled to the tensor's max |value| accepts it; a real error fails both."""
+    from fxsparse.testing import _diff
+
+    b = torch.tensor([12.0, -3.0, 1e-7, 0.5], dtype=torch.float32)
+    rounding = b.clone()
+    rounding[2] += 5.7e-6  # 4.7e-7 of the tensor's scale
+    assert "1 of 4 elements off" in _diff(rounding, b, 1e-5, 1e-6, False, "element")
+    assert "worst at flat index 2" in _diff(rounding, b, 1e-5, 1e-6, False, "element")
+    assert _diff(rounding, b, 1e-5, 1e-6, False, "tensor") is None
+    wrong = b.clone()
+    wrong[2] += 1e-3  # 8e-5 of the scale: a real difference
+    msg = _diff(wrong, b, 1e-5, 1e-6, False, "tensor")
+    assert msg and "1 of 4 elements off" in msg and "scaled to the tensor's max |value|" in msg
+    # NaN in the same place on both sides matches; inf matches inf
+    nan = torch.tensor([float("nan"), float("inf"), 1.0])
+    assert _diff(nan, nan.clone(), 1e-5, 1e-6, False, "tensor") is None
+    assert _diff(nan, nan.clone(), 1e-5, 1e-6, False, "element") is None
+
+
+def test_compare_scale_option(setup):
+    model, gm, x = setup
+    with pytest.raises(ValueError, match="scale must be"):
+        compare(model, gm, x, scale="global")
+    assert compare(model, gm, x, scale="tensor") == []
