@@ -633,3 +633,39 @@ def test_full_zoo_all_methods(zoo_entry, method):
     opts = {"synflow": {"rounds": 5}, "imp": {"train_fn": lambda m, k: None, "rounds": 2}}.get(method, {})
     masks = compute_quiet(model, method, 0.9, data=data, **opts)
     assert abs(_global_sparsity(masks) - 0.9) < 1e-3
+
+
+def test_synflow_in_float64_keeps_casts_inside_the_model_in_float64():
+    """timm's EfficientViT computes its linear attention in ``.float()``: a float64 rescore must not
+    overflow in a float32 island inside the model (efficientvit_b0 did, in the zoo sweep)."""
+
+    class CastsInside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(4))
+            self.head = nn.Linear(32, 4, bias=False)
+
+        def forward(self, x):
+            for layer in self.layers:
+                h = layer(x).float()  # a float32 island, as LiteMLA's
+                x = (h * h * h).to(x.dtype)  # degree 3 per layer: 1e1 -> 1e3 -> 1e9 -> 1e28 -> 1e84
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = CastsInside()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.weight.uniform_(0.3, 0.4)
+    got = score(model, "synflow", input_shape=(32,))
+    assert all(s.dtype == torch.float64 and torch.isfinite(s).all() and (s > 0).all() for s in got.values())
+    # what it would be without the fix: the float32 island overflows whatever the outer dtype
+    from fxsparse.masks.synflow import SynFlowOverflow, _LinearizedCopy, _stay_float64
+
+    names = [n for n, p in model.named_parameters()]
+    linearized = _LinearizedCopy(model, names, (32,), torch.float64)
+    with torch.no_grad():
+        assert not torch.isfinite(linearized.work(linearized.input)).all()
+        with _stay_float64():
+            assert torch.isfinite(linearized.work(linearized.input)).all()
+    with pytest.raises(SynFlowOverflow):
+        _LinearizedCopy(model, names, (32,), torch.float32).scores(None)

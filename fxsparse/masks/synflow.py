@@ -9,7 +9,9 @@ needed; the input shape comes from ``input_shape``, the first data batch, or the
 
 Scores are products of |weights| along every path, which overflow float32 in deep networks (an
 EfficientNet-B0 at init already does): when they do, scoring starts over in float64 (Tanaka's code
-has ``model.double()`` commented out for the same reason). ``dtype=`` fixes the precision.
+has ``model.double()`` commented out for the same reason). ``dtype=`` fixes the precision. In
+float64 the whole forward stays in float64: a model that casts inside (timm's EfficientViT computes
+its linear attention in ``.float()``) would otherwise overflow there, whatever the dtype outside.
 
 The model runs in eval mode (BatchNorm uses its running statistics, made absolute like every other
 state entry): in train mode a single constant input has zero batch variance. Tanaka's code also
@@ -22,6 +24,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import MaskError
 from . import _model
@@ -35,6 +38,26 @@ T = TypeVar("T")
 
 class SynFlowOverflow(MaskError):
     """SynFlow's scores are not finite in the dtype they were computed in."""
+
+
+_NARROWER = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _stay_float64(TorchFunctionMode):
+    """Within the block, a float64 tensor cast to a narrower float dtype stays float64
+    (``.float()``, ``.half()``, ``.bfloat16()``, ``.to(dtype)``, ``.type(dtype)``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if args else None
+        if isinstance(src, torch.Tensor) and src.dtype == torch.float64:
+            if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
+                return src
+            if func in (torch.Tensor.to, torch.Tensor.type):
+                args = tuple(torch.float64 if a in _NARROWER else a for a in args)
+                if kwargs.get("dtype") in _NARROWER:
+                    kwargs = {**kwargs, "dtype": torch.float64}
+        return func(*args, **kwargs)
 
 
 class _LinearizedCopy:
@@ -57,8 +80,13 @@ class _LinearizedCopy:
             if alive is not None:
                 for n, p in self.params.items():
                     p.copy_(self.magnitudes[n] * alive[n])
-        r = _model.output_sum(self.work(self.input))
-        grads = _model.grads(r, self.params)
+        if self.input.dtype == torch.float64:
+            with _stay_float64():
+                r = _model.output_sum(self.work(self.input))
+                grads = _model.grads(r, self.params)
+        else:
+            r = _model.output_sum(self.work(self.input))
+            grads = _model.grads(r, self.params)
         out = {n: (grads[n] * p.detach()).abs() for n, p in self.params.items()}
         if not all(torch.isfinite(s).all() for s in out.values()):
             raise SynFlowOverflow(
