@@ -416,8 +416,22 @@ def summary_lines(report: Report) -> list[str]:
         lines.append("passes: " + "; ".join(
             f"{p['pass']} ({', '.join(f'{k}={v}' for k, v in p.get('changes', {}).items()) or 'no change'})"
             for p in s["passes"]))
+    lines.extend(_skipped_lines(s["passes"]))
     if report.diff is not None:
         lines.append("diff vs traced original: " + "; ".join(report.diff.lines()))
+    return lines
+
+
+def _skipped_lines(passes: list[dict[str, Any]], shown: int = 4) -> list[str]:
+    """One line per pass and reason: the sites a pass left alone (e.g. ``ghost_skips.where``)."""
+    lines = []
+    for p in passes:
+        by_reason: dict[str, list[str]] = {}
+        for site, why in p.get("skipped", {}).items():
+            by_reason.setdefault(why, []).append(site)
+        for why, sites in by_reason.items():
+            names = ", ".join(sites[:shown]) + (f" and {len(sites) - shown} more" if len(sites) > shown else "")
+            lines.append(f"{p['pass']} left {len(sites)} site{'s' * (len(sites) != 1)} alone ({why}): {names}")
     return lines
 
 

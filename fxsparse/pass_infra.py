@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -204,6 +204,7 @@ class FxSparsePass(PassBase):
 
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
+        self.skipped: dict[str, str] = {}  # candidate site -> why the pass left it alone (last call)
         self._at: list[Node] = []
 
     @property
@@ -235,7 +236,7 @@ class FxSparsePass(PassBase):
         _check_graph(graph_module, after=self.name)
 
     def __call__(self, graph_module: GraphModule) -> PassResult:
-        self.stats, self._at = Counter(), []
+        self.stats, self.skipped, self._at = Counter(), {}, []
         try:
             result = super().__call__(graph_module)
         except FxSparseError:
@@ -249,9 +250,10 @@ class FxSparsePass(PassBase):
             recompile(result.graph_module)
         summary = self.summary()
         log.info("%s: %s", self.name, summary)
-        result.graph_module.meta.setdefault(HISTORY_KEY, []).append(
-            {"pass": self.name, "group": self.group, "changes": dict(self.stats)}
-        )
+        entry = {"pass": self.name, "group": self.group, "changes": dict(self.stats)}
+        if self.skipped:  # inspect shows them: where a pass chose (or had) to leave a site alone
+            entry["skipped"] = dict(self.skipped)
+        result.graph_module.meta.setdefault(HISTORY_KEY, []).append(entry)
         return result
 
     def summary(self) -> str:

@@ -423,7 +423,7 @@ class GhostChannelPass(FxSparsePass):
         self.ratio, self.masked, self.initial_gate = float(ratio), masked, float(initial_gate)
         self.init, self.dropout, self.seed = init, dropout, seed
         self.sites: list[dict[str, Any]] = []  # what the last call added
-        self.skipped: list[tuple[str, str, str]] = []  # (producer, kind, reason) of the last call
+        self.skipped: dict[str, str] = {}  # producer -> "kind: reason", of the last call
         self._names: set[str] = set()
 
     def requires(self, gm: GraphModule) -> None:
@@ -526,7 +526,8 @@ class GhostChannelPass(FxSparsePass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, gm: GraphModule) -> PassResult:
-        self.sites, self.skipped, self._names = [], [], set()
+        self.sites, self.skipped, self._names = [], {}, set()
+        reasons: Counter[str] = Counter()
         planned = []
         for layer in parameterized_layers(gm):
             if layer.inside_leaf or layer.weight.startswith(CONTAINER + "."):
@@ -537,11 +538,11 @@ class GhostChannelPass(FxSparsePass):
             try:
                 planned.append(self._plan(gm, layer, *found))
             except _Skip as e:
-                self.skipped.append((layer.name, e.kind, str(e)))
+                self.skipped[layer.name] = str(e)
+                reasons[e.kind] += 1
                 log.debug("GhostChannelPass: skipping %s: %s", layer.name, e)
         if self.skipped:
             self.stats["skipped"] = len(self.skipped)
-            reasons = Counter(kind for _, kind, _ in self.skipped)
             log.info("GhostChannelPass skipped %d candidate sites: %s", len(self.skipped),
                      ", ".join(f"{r} ({n})" for r, n in reasons.most_common()))
         if not planned:

@@ -122,6 +122,30 @@ def test_inspect_recipe_shows_the_diff(tmp_path):
     assert [r for r in added if r["shape"] is None] == []
 
 
+def test_inspect_set_overrides_the_recipe_and_shows_the_sites_left_alone(tmp_path, capsys):
+    """--set reaches the recipe; the sites a pass left alone (ghost_skips.where) are listed, with why."""
+    model = "fxsparse.nets:resnet20(width=0.25)"  # 19 convs: the stem is the only one nothing bypasses
+    out = tmp_path / "bypassed.json"
+    assert main(["inspect", model, "--recipe", "tost", "--set", "ghost_skips.where=bypassed",
+                 "--format", "json", "--out", str(out)]) == 0
+    passes = {p["pass"]: p for p in json.loads(out.read_text())["summary"]["passes"]}
+    assert passes["GhostSkipPass"]["changes"]["edges"] == 18
+    assert passes["GhostSkipPass"]["skipped"] == {"conv1": "where='bypassed': no other path goes around this layer"}
+    assert "skipped" not in passes["MaskPass"]
+    capsys.readouterr()
+    assert main(["inspect", model, "--recipe", "tost"]) == 0
+    text = capsys.readouterr().out
+    assert "GhostSkipPass (" in text and "edges=19" in text and "left" not in text
+    assert main(["inspect", model, "--recipe", "tost", "--set", "ghost_skips.where=bypassed"]) == 0
+    assert "GhostSkipPass left 1 site alone (where='bypassed': no other path goes around this layer): conv1" in \
+        capsys.readouterr().out.replace("\n", "")
+    # a bad key names itself; --set without a recipe says what is missing
+    assert main(["inspect", model, "--recipe", "tost", "--set", "ghost_skips.wher=plain"]) == 2
+    assert "wher" in _one_line_error(capsys, "inspect")
+    assert main(["inspect", model, "--set", "ghost_skips.where=plain"]) == 2
+    assert "--recipe" in _one_line_error(capsys, "inspect")
+
+
 def test_check_passes_on_resnet18(capsys):
     assert main(["check", "resnet18", *SMALL]) == 0
     lines = capsys.readouterr().out.splitlines()

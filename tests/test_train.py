@@ -22,7 +22,8 @@ import fxsparse.masks
 from fxsparse import nets
 from fxsparse.checkpoint import CheckpointManager
 from fxsparse.cli import main
-from fxsparse.cli.train import overrides_from_args, parse_value
+from fxsparse.cli.common import parse_value
+from fxsparse.cli.train import overrides_from_args
 from fxsparse.errors import RecipeError
 from fxsparse.metrics import read_metrics
 from fxsparse.pass_infra import tagged_nodes

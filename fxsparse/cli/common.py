@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import tomllib
+from typing import Any
 
 import torch
 
-from ..errors import ModelSpecError
+from ..errors import ModelSpecError, RecipeError
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -17,6 +19,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leaf", action="append", default=[], metavar="TYPE",
                    help="module type (package.module.Class) to keep as a leaf; repeatable")
     p.add_argument("--eval", action="store_true", help="trace in eval mode (default: train mode)")
+
+
+def add_set_arg(g: argparse._ActionsContainer, help: str) -> None:
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets", help=help)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as recipe overrides by dotted key (validated when the recipe loads)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with a dotted recipe key, e.g. masks.sparsity=0.98")
+        overrides[key.strip()] = parse_value(value.strip())
+    return overrides
 
 
 def resolve_type(path: str) -> type:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_set_arg
+
 _EPILOG = """\
 examples:
   fxsparse compare --out runs/compare --workers 2           # the default grid (preset cpu)
@@ -66,8 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lrsi-iters", type=int, metavar="N", help="LRsI iterations (cpu preset: 10)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="recipe override for every run (dotted key, TOML value); repeatable")
+    add_set_arg(g, help="recipe override for every run (dotted key, TOML value); repeatable")
 
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1, help="runs in parallel, one process each (default: 1)")
@@ -81,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareConfig, ScheduleVariant, report, run_grid
-    from .train import parse_value
+    from .common import parse_sets
 
     if args.map:
         from ..regime import write_map
@@ -90,14 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if not args.report_only:
-        overrides = {}
-        for item in args.sets:
-            key, sep, value = item.partition("=")
-            if not sep:
-                from ..compare import CompareError
-
-                raise CompareError(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=0.05")
-            overrides[key.strip()] = parse_value(value.strip())
+        overrides = parse_sets(args.sets)
         config = CompareConfig(
             out=args.out, preset=args.preset, model=args.model, data=args.data, data_root=args.data_root,
             per_class=() if args.full_data else tuple(args.per_class) if args.per_class else None, methods=tuple(args.methods),

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 
 from ..errors import RecipeError
-from .common import add_model_args, build_model
+from .common import add_model_args, add_set_arg, build_model, parse_sets
 
 FORMATS = ("text", "json", "dot", "svg", "html")
 
@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--recipe", metavar="R", help="apply recipe R (a shipped name or a TOML path) and show the "
                    "diff; LRsI is skipped, as it changes weight values only")
+    add_set_arg(p, help="with --recipe: override a recipe key by dotted path, VALUE in TOML syntax "
+                "(e.g. ghost_skips.where=bypassed); repeatable")
     p.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument("--depth", type=_positive_int, default=None, metavar="N",
@@ -50,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
     model, inputs, leaves = build_model(args)
     gm = fxsparse.trace(model, inputs, leaf_modules=leaves)
     before = None
+    if args.sets and not args.recipe:
+        raise RecipeError("--set overrides a recipe key: give the recipe too (--recipe tost --set KEY=VALUE).")
     if args.recipe:
-        before, gm = gm, _apply_recipe(gm, args.recipe, inputs)
+        before, gm = gm, _apply_recipe(gm, args.recipe, inputs, parse_sets(args.sets))
     report = inspect_graph(gm, before=before, all_nodes=args.all_nodes)
 
     if args.format == "text" and args.out is None:
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_recipe(gm, recipe: str, inputs):
+def _apply_recipe(gm, recipe: str, inputs, overrides=None):
     """The traced ``gm`` rewritten by ``fxsparse.transform`` (on a copy; ``gm`` stays the original).
 
     LRsI is skipped: it only rescales weight values (no node stays in the graph) and its search
@@ -99,7 +103,7 @@ def _apply_recipe(gm, recipe: str, inputs):
 
     import fxsparse
 
-    loaded = fxsparse.load_recipe(recipe)
+    loaded = fxsparse.load_recipe(recipe, overrides or None)
     output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     meta = getattr(output, "meta", {}).get("tensor_meta")
     classes = meta.shape[-1] if hasattr(meta, "shape") else 10

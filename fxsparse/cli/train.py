@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tomllib
 from typing import Any
 
-from ..errors import RecipeError
+from .common import add_set_arg, parse_sets
 
 _EPILOG = """\
 examples:
@@ -59,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("recipe (each option here overrides a recipe key)")
     g.add_argument("--recipe", default="tost", metavar="NAME|FILE",
                    help="a shipped recipe (tost, baseline, ghost_neurons, ...) or a TOML file (default: tost)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
-                   help="override a recipe key by dotted path, VALUE in TOML syntax (0.4, true, [0.5, 0.75], "
+    add_set_arg(g, help="override a recipe key by dotted path, VALUE in TOML syntax (0.4, true, [0.5, 0.75], "
                    "snip); repeatable. The options below win over --set of the same key")
     g.add_argument("--epochs", type=int, metavar="E", help="training.epochs (lr milestones and ghost schedules scale with it)")
     g.add_argument("--batch-size", type=int, metavar="B", help="training.batch_size")
@@ -112,21 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: TOML syntax when it parses (numbers, booleans, lists), else the string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with a dotted recipe key, e.g. masks.sparsity=0.98")
-        overrides[key.strip()] = parse_value(value.strip())
+    overrides = parse_sets(args.sets)
     for option, key in _SHORTCUTS.items():
         value = getattr(args, option)
         if value is not None:
