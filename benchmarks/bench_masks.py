@@ -1,6 +1,6 @@
 """Training-step time of masked networks: fxsparse's in-graph mask vs torch's own ways to mask.
 
-Kept for its old command line; the measurement lives in ``fxsparse.bench`` (``fxsparse bench``),
+Kept for its old command line; the measurement lives in ``fxsparse.tools.bench`` (``fxsparse bench``),
 this runs its ``dense``, ``masked``, ``prune`` and ``parametrize`` variants:
 
     python benchmarks/bench_masks.py --models resnet18,resnet50 --batch 32 --size 64

@@ -1,6 +1,6 @@
 """Training-step speed on one GPU: dense / masked / ghosts / prune / parametrize, ResNet-50 and ViT-B/16.
 
-What it runs (issue 13, item 4): ``fxsparse bench`` (``fxsparse.bench.run_bench``) on timm's
+What it runs (issue 13, item 4): ``fxsparse bench`` (``fxsparse.tools.bench.run_bench``) on timm's
 ``resnet50`` and ``vit_base_patch16_224`` at their own 224x224 input, batch 128, random-ERK masks
 at 90% sparsity, CUDA with bf16 autocast and channels_last, compiled (``torch.compile``, inductor)
 and then eager. Every round times one step of each variant in turn (the order reversed every other
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"missing Python packages: {', '.join(need)} (fxsparse needs them)")
     import torch
 
-    from fxsparse import bench
+    from fxsparse.tools import bench
 
     models, notes = resolve_models(args.models, args.torchvision)
     for n in notes:

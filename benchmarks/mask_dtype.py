@@ -17,7 +17,7 @@ import statistics
 import torch
 import torch._inductor.config as inductor_config
 
-from fxsparse import bench
+from fxsparse.tools import bench
 
 
 def float_masks(gm: torch.nn.Module) -> torch.nn.Module:

@@ -3,7 +3,7 @@
 What it runs (issue 11, item 5): for every seed, for ``fxsparse.nets:resnet18`` and
 ``fxsparse.nets:vgg16`` (ToST's CIFAR ResNet-18 and VGG-16-BN), the recipes ``baseline`` (mask
 only) and ``tost`` (mask + LRsI + ghosts + label smoothing) at 98% sparsity, random-ERK masks
-(``--method snip``: SNIP, one global threshold). Each run is one ``fxsparse.train.Trainer`` run
+(``--method snip``: SNIP, one global threshold). Each run is one ``fxsparse.tools.train.Trainer`` run
 with CUDA, bf16 autocast, channels_last and ``torch.compile`` (the Trainer's ``bf16``,
 ``channels_last``, ``compile``), the whole dataset resident on the GPU with random crop + flip done
 there (``fxsparse.data.TensorLoader``: no DataLoader, no workers). The runs are paired: within a
@@ -221,9 +221,9 @@ def estimate_run(name: str, recipe: str, flops: float, epochs: int, steps: int, 
 
 
 def run_one(args, name: str, recipe: str, seed: int, data_path: str, out: Path) -> dict:
-    from fxsparse.compare import mask_hash  # the hash compare's pairing checks, so the two agree
-    from fxsparse.metrics import read_metrics
-    from fxsparse.train import TrainConfig, Trainer
+    from fxsparse.tools.compare import mask_hash  # the hash compare's pairing checks, so the two agree
+    from fxsparse.tools.metrics import read_metrics
+    from fxsparse.tools.train import TrainConfig, Trainer
 
     run_dir = out / "runs" / f"{name}-{recipe}-seed{seed}"
     overrides = {"training.epochs": args.epochs, "training.batch_size": args.batch_size,
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fxsparse import data
-    from fxsparse.train import resolve_device
+    from fxsparse.tools.train import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

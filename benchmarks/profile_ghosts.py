@@ -4,7 +4,7 @@
         --variants masked ghost_neurons ghost_skips ghost_channels ghosts --modes eager compiled
 
 For every (model, mode) it builds the variants exactly as ``fxsparse bench`` does
-(``fxsparse.bench.build_variant`` / ``Runner``), warms them up, then profiles ``--steps`` steps of
+(``fxsparse.tools.bench.build_variant`` / ``Runner``), warms them up, then profiles ``--steps`` steps of
 each variant in alternating order and prints, per variant, the step time, the number of operator
 calls and the top operators by self CPU time; then, per ghost variant, the operators whose self
 time grew most against ``masked`` (the reference): that is where the ghost phase's extra time
@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from fxsparse import bench
+from fxsparse.tools import bench
 
 
 def flops(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

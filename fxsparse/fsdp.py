@@ -22,7 +22,7 @@ Checkpoints: ``save_sharded`` / ``load_sharded`` write and read the module's and
 with ``torch.distributed.checkpoint`` (``get_state_dict`` / ``set_state_dict``: DTensor shards,
 optimizer state by parameter name, so DCP reshards on load); ``read_sharded`` reads the model's
 tensors whole in one process, for rebuilding the graph stage before sharding.
-``fxsparse.checkpoint.CheckpointManager.save_sharded`` makes the write atomic.
+``fxsparse.tools.checkpoint.CheckpointManager.save_sharded`` makes the write atomic.
 
 Without a process group of more than one rank, ``shard`` returns ``gm`` unchanged: the graph of a
 single-process or DDP run is never put in unit form.

@@ -6,7 +6,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from fxsparse import bench
+from fxsparse.tools import bench
 from fxsparse.cli import main
 
 MODEL = "fxsparse.nets:resnet8"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxsparse.checkpoint import MANIFEST, CheckpointError, CheckpointManager, atomic_write, rng_state, set_rng_state
+from fxsparse.tools.checkpoint import MANIFEST, CheckpointError, CheckpointManager, atomic_write, rng_state, set_rng_state
 
 
 def _state(i: int) -> dict:
@@ -41,7 +41,7 @@ def test_damaged_newest_is_detected_and_previous_used(tmp_path, caplog, damage):
         newest.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
     else:
         newest.unlink()
-    with caplog.at_level(logging.WARNING, logger="fxsparse.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fxsparse.tools.checkpoint"):
         state, entry = m.load_latest()
     assert entry.epoch == 1 and state["epoch"] == 1
     expected = {"truncated": "truncated", "flipped byte": "SHA-256", "missing": "missing"}[damage]
@@ -93,7 +93,7 @@ def test_unreadable_manifest_falls_back_to_the_files(tmp_path, caplog):
     m.save(_state(1), epoch=1, step=10)
     m.save(_state(2), epoch=2, step=20)
     (tmp_path / MANIFEST).write_text("{ cut sho")
-    with caplog.at_level(logging.WARNING, logger="fxsparse.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fxsparse.tools.checkpoint"):
         state, entry = m.load_latest()
     assert entry.epoch == 2 and state["epoch"] == 2 and "unreadable" in caplog.text
 
@@ -167,7 +167,7 @@ def test_damaged_sharded_checkpoint_falls_back(tmp_path, caplog, damage):
         import shutil
 
         shutil.rmtree(newest)
-    with caplog.at_level(logging.WARNING, logger="fxsparse.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fxsparse.tools.checkpoint"):
         state, entry = m.load_latest()
     assert entry.epoch == 1 and state["epoch"] == 1
     expected = {"truncated shard": "__0_0.distcp has", "flipped byte": "__0_0.distcp's SHA-256",

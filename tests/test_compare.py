@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fxsparse.cli import main
-from fxsparse.compare import (CompareConfig, CompareError, RunSpec, ScheduleVariant, aggregate, bar_check,
+from fxsparse.tools.compare import (CompareConfig, CompareError, RunSpec, ScheduleVariant, aggregate, bar_check,
                               read_results, report, run_grid)
 
 TINY = dict(data="mnist5k", per_class=(8, 3, 4), epochs=1, batch_size=16, lrsi_iters=1, calib_batches=2,

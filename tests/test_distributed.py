@@ -419,7 +419,7 @@ def test_fxsparse_train_under_torchrun(tmp_path):
     from safetensors.torch import load_file
 
     from fxsparse import nets
-    from fxsparse.metrics import read_metrics
+    from fxsparse.tools.metrics import read_metrics
 
     script = Path(sys.executable).with_name("fxsparse")  # the console script of this environment
     if not script.exists():

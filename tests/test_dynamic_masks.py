@@ -353,7 +353,7 @@ def test_tost_rigl_through_the_ghost_removals_to_export():
 # --------------------------------------------------------------------------- metrics, plots, inspect
 def test_churn_plot_and_inspect(tmp_path):
     from fxsparse.inspect import inspect_graph, summary_lines
-    from fxsparse.plots import plot_run
+    from fxsparse.tools.plots import plot_run
 
     gm, sched = build("rigl")
     for x, y in batches(7):

@@ -95,7 +95,7 @@ def run_a(fsdp: bool, checkpoints: Path | None = None) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     from fxsparse import fsdp as fxfsdp
-    from fxsparse.checkpoint import CheckpointManager
+    from fxsparse.tools.checkpoint import CheckpointManager
 
     fxdist.seed(0)
     gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
@@ -151,7 +151,7 @@ def run_resume(checkpoints: Path) -> dict:
     """Scenario A under FSDP resumed from the checkpoint ``run_a`` wrote at step ``CHECKPOINT_AT``:
     what ``fxsparse train --resume`` does, through the library."""
     from fxsparse import fsdp as fxfsdp
-    from fxsparse.checkpoint import CheckpointManager
+    from fxsparse.tools.checkpoint import CheckpointManager
     from fxsparse.scheduler import restore
 
     ckpt, entry = CheckpointManager(checkpoints).load_latest()
@@ -176,7 +176,7 @@ def run_resume(checkpoints: Path) -> dict:
 
 def fsdp_resume_of_a_plain_checkpoint(out: Path) -> str | None:
     """``fxsparse train --fsdp --resume`` on a checkpoint written without --fsdp: the error."""
-    from fxsparse.train import TrainConfig, TrainError, Trainer
+    from fxsparse.tools.train import TrainConfig, TrainError, Trainer
 
     try:
         Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(out), fsdp="layers", resume=True))._resume({"scheduler": {}})
@@ -318,7 +318,7 @@ def test_sharded_checkpoint_resumes_in_one_process(ranks):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from fxsparse import fsdp as fxfsdp
-    from fxsparse.checkpoint import CheckpointManager
+    from fxsparse.tools.checkpoint import CheckpointManager
     from fxsparse.scheduler import restore
 
     at = ranks[0]["fsdp"]["at_checkpoint"]
@@ -457,7 +457,7 @@ def _descendants(pid: int) -> list[int]:
 def _kill_in_epoch(cmd: list[str], out: Path, epoch: int) -> None:
     """Start ``cmd`` and SIGKILL torchrun and both ranks at once (as a lost node would) once rank 0
     logged the first step of ``epoch``."""
-    from fxsparse.metrics import read_metrics
+    from fxsparse.tools.metrics import read_metrics
 
     if not Path("/proc/self/stat").exists():
         pytest.skip("finding torchrun's ranks needs /proc")
@@ -549,7 +549,7 @@ def test_fxsparse_train_fsdp_under_torchrun(fsdp_runs):
     from safetensors.torch import load_file
 
     from fxsparse import nets
-    from fxsparse.checkpoint import CheckpointManager
+    from fxsparse.tools.checkpoint import CheckpointManager
 
     out = fsdp_runs[0]
     summary = json.loads((out / "summary.json").read_text())
@@ -576,8 +576,8 @@ def test_fsdp_resume_after_sigkill_equals_uninterrupted(fsdp_runs):
     from safetensors.torch import load_file
 
     from fxsparse import nets
-    from fxsparse.checkpoint import CheckpointManager
-    from fxsparse.metrics import read_metrics
+    from fxsparse.tools.checkpoint import CheckpointManager
+    from fxsparse.tools.metrics import read_metrics
 
     reference, killed, stdout, left = fsdp_runs
     assert left == ["checkpoint-e0001-s00000010.dcp", "checkpoints.json", "config.json", "metrics.jsonl"], left

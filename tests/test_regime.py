@@ -1,4 +1,4 @@
-"""The regime map (fxsparse.regime, ``fxsparse compare --map``): pairing across studies, the
+"""The regime map (fxsparse.tools.regime, ``fxsparse compare --map``): pairing across studies, the
 win/tie/loss rule, variants named by their overrides, the report and its plots."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 
 from fxsparse.cli import main
-from fxsparse.compare import CompareError
-from fxsparse.regime import cells, read_map, verdict
+from fxsparse.tools.compare import CompareError
+from fxsparse.tools.regime import cells, read_map, verdict
 
 
 def _study(path, model, epochs, overrides, runs):

@@ -10,9 +10,9 @@ from torch import nn
 
 import fxsparse
 from fxsparse.errors import RecipeError
-from fxsparse.metrics import read_metrics
+from fxsparse.tools.metrics import read_metrics
 from fxsparse.nets import resnet8
-from fxsparse.train import TrainConfig, Trainer, recalibrate_batchnorm
+from fxsparse.tools.train import TrainConfig, Trainer, recalibrate_batchnorm
 
 GHOSTS = ["ghost_neurons", "ghost_skips", "ghost_channels"]
 DIGITS = {"training.epochs": 2, "training.batch_size": 64, "training.crop_padding": 1, "masks.sparsity": 0.8,

@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 import fxsparse
 import fxsparse.masks
 from fxsparse import nets
-from fxsparse.checkpoint import CheckpointManager
+from fxsparse.tools.checkpoint import CheckpointManager
 from fxsparse.cli import main
 from fxsparse.cli.common import parse_value
 from fxsparse.cli.train import overrides_from_args
 from fxsparse.errors import RecipeError
-from fxsparse.metrics import read_metrics
+from fxsparse.tools.metrics import read_metrics
 from fxsparse.pass_infra import tagged_nodes
 from fxsparse.passes.mask import masked_parameters
-from fxsparse.train import TrainConfig, Trainer
+from fxsparse.tools.train import TrainConfig, Trainer
 
 GHOSTS = ["ghost_neurons", "ghost_skips", "ghost_channels"]
 DIGITS = {"training.epochs": 2, "training.batch_size": 64, "training.crop_padding": 1, "masks.sparsity": 0.8}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxsparse import zoo
+from fxsparse.tools import zoo
 from fxsparse.cli import main
 
 # ----------------------------------------------------------------- fake MODEL specs (test_zoo:NAME)

@@ -1,4 +1,4 @@
-"""``fxsparse bench``: the speed study (fxsparse.bench) on the command line."""
+"""``fxsparse bench``: the speed study (fxsparse.tools.bench) on the command line."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ docs/benchmarks.md.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import ALL_VARIANTS, MODELS, MODES, VARIANTS
+    from ..tools.bench import ALL_VARIANTS, MODELS, MODES, VARIANTS
 
     p = subparsers.add_parser(
         "bench", help="speed study: training-step time and peak memory of dense, masked, ghost phase, "
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import bench
+    from ..tools import bench
 
     out = Path(args.out) if args.out else None
     if args.report_only and out is None:

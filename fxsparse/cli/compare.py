@@ -1,4 +1,4 @@
-"""``fxsparse compare``: the accuracy study (fxsparse.compare) on the command line."""
+"""``fxsparse compare``: the accuracy study (fxsparse.tools.compare) on the command line."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..compare import PRESETS, RECIPES
+    from ..tools.compare import PRESETS, RECIPES
 
     p = subparsers.add_parser(
         "compare", help="accuracy study: baseline vs tost vs each technique, per mask method, sparsity and seed",
@@ -81,11 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import CompareConfig, ScheduleVariant, report, run_grid
+    from ..tools.compare import CompareConfig, ScheduleVariant, report, run_grid
     from .common import parse_sets
 
     if args.map:
-        from ..regime import write_map
+        from ..tools.regime import write_map
 
         print(write_map(args.map, args.out))
         return 0

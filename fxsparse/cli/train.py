@@ -1,4 +1,4 @@
-"""``fxsparse train MODEL``: the reference trainer (fxsparse.train) on the command line.
+"""``fxsparse train MODEL``: the reference trainer (fxsparse.tools.train) on the command line.
 
 The recipe holds the training protocol; the shortcut options (--epochs, --lr, --sparsity, ...)
 and ``--set key=value`` are recipe overrides by dotted key, validated like the recipe file.
@@ -123,7 +123,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, Trainer
+    from ..tools.train import TrainConfig, Trainer
 
     out = args.out or os.path.join("runs", f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.model.split(':')[-1])}-"
                                            f"{os.path.basename(args.recipe).removesuffix('.toml')}")

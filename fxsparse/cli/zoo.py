@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import zoo
+    from ..tools import zoo
 
     if args.timeout is None:
         args.timeout = 900.0 if args.pipeline else 120.0

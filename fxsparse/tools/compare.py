@@ -3,9 +3,9 @@
 The same model, from the same initialization, with the same mask, is trained under every recipe
 of a grid: the baseline (mask only), full ``tost``, and each technique alone, for every mask
 method, sparsity and seed, plus the dense model as a reference. Each run is one
-``fxsparse.train.Trainer`` run; the study only decides what to run and summarizes it.
+``fxsparse.tools.train.Trainer`` run; the study only decides what to run and summarizes it.
 
-    from fxsparse.compare import CompareConfig, run_grid, report
+    from fxsparse.tools.compare import CompareConfig, run_grid, report
     run_grid(CompareConfig(out="runs/compare", data="fashion-mnist", workers=2))
     report("runs/compare")            # tables (summary.md, summary.json) and plots from results.jsonl
 
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import FxSparseError
+from ..errors import FxSparseError
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class CompareConfig:
         self._check()
 
     def _check(self) -> None:
-        from .recipe import load_recipe
+        from ..recipe import load_recipe
 
         bad = [m for m in self.methods if m not in DISTRIBUTION]
         if bad:
@@ -200,7 +200,7 @@ class CompareConfig:
 
     # the settings a result depends on: resuming with others would mix two studies
     def protocol(self) -> dict[str, Any]:
-        from .recipe import load_recipe
+        from ..recipe import load_recipe
 
         # the recipes' content too: editing a shipped schedule makes earlier runs of it stale
         recipes = {r: hashlib.sha256(json.dumps(load_recipe(r).to_dict(), sort_keys=True, default=str).encode())
@@ -212,7 +212,7 @@ class CompareConfig:
 
     def resolved_data(self) -> str:
         """``auto``: Fashion-MNIST when its Debian package is installed, else the bundled MNIST-5k."""
-        from .data import FASHION_MNIST_DEBIAN
+        from ..data import FASHION_MNIST_DEBIAN
 
         if self.data != "auto":
             return self.data
@@ -222,7 +222,7 @@ class CompareConfig:
         """Every run, in the order they are started: the dense reference, baseline and tost for
         every seed first (what the headline needs if the grid is cut short), then the ablations;
         seed-major within each, so an interrupted grid holds whole seeds."""
-        from .recipe import load_recipe
+        from ..recipe import load_recipe
 
         with_ghosts = {r: bool(load_recipe(r).ghosts) for r in self.recipes}
         variants = [DEFAULT_SCHEDULE] + [s.name for s in self.schedules]
@@ -241,7 +241,7 @@ class CompareConfig:
         return specs
 
     def recipe_overrides(self, spec: RunSpec) -> dict[str, Any]:
-        from .recipe import load_recipe
+        from ..recipe import load_recipe
 
         o: dict[str, Any] = {"training.epochs": self.epochs, "training.batch_size": self.batch_size}
         if spec.recipe == DENSE:
@@ -260,7 +260,7 @@ class CompareConfig:
 def prepare_data(config: CompareConfig, out: Path) -> str:
     """The ``data`` argument every run gets: the dataset name, or a class-balanced subset saved
     once under ``out`` (same images for every run; validation fixed across seeds)."""
-    from . import data
+    from .. import data
 
     name = config.resolved_data()
     if config.per_class is None:
@@ -287,7 +287,7 @@ def prepare_data(config: CompareConfig, out: Path) -> str:
 def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> dict[str, Any]:
     """Train ``spec`` with the reference Trainer and return its result line."""
     from .metrics import read_metrics
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
     from .train import TrainConfig, Trainer
 
     run_dir = out / "runs" / spec.key
@@ -330,7 +330,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
 
 
 def recipe_has_lrsi(name: str) -> bool:
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     spec = load_recipe(name).passes.get("rescale")
     return spec is not None and spec.enabled
@@ -546,7 +546,7 @@ def same_masks(results: Iterable[dict[str, Any]]) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _masks_move(recipe: str) -> bool:
     """Whether ``recipe`` moves its masks during training (an enabled ``[dynamic]`` table)."""
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     try:
         spec = load_recipe(recipe).passes.get("dynamic")
@@ -772,8 +772,8 @@ def plot_curves(results, path: Path) -> Path:
 def plot_schedules(path: Path, schedules: Sequence[dict[str, Any]] = ()) -> Path:
     """The gate of every ghost group of the shipped tost recipe over training (and of each schedule
     variant of a sweep), with its label smoothing and learning-rate factor."""
-    from .recipe import load_recipe
-    from .scheduler import lr_factor
+    from ..recipe import load_recipe
+    from ..scheduler import lr_factor
 
     plt = _pyplot()
     recipe = load_recipe("tost")

@@ -1,6 +1,6 @@
 """The reference trainer behind ``fxsparse train``: a recipe, real data, checkpoints, resume, export.
 
-    from fxsparse.train import TrainConfig, Trainer
+    from fxsparse.tools.train import TrainConfig, Trainer
     summary = Trainer(TrainConfig("fxsparse.nets:resnet8", out="runs/x", overrides={"training.epochs": 6})).run()
 
 What a run does, in order:
@@ -12,7 +12,7 @@ What a run does, in order:
    IMP trains short rounds here), runs ``fxsparse.transform`` and builds the recipe's optimizer
    and lr schedule through ``RecipeScheduler``;
 4. trains, logging every step to ``metrics.jsonl`` and writing a checkpoint atomically after
-   every epoch (``fxsparse.checkpoint``);
+   every epoch (``fxsparse.tools.checkpoint``);
 5. evaluates on test (and validation), exports the weights (``model.safetensors``, loads strict
    into the original class) and the masks (``masks.safetensors``), writes ``summary.json`` and
    PNG plots.
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as fxdist
+from .. import distributed as fxdist
 from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
-from .errors import FxSparseError
+from ..errors import FxSparseError
 from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Trainer:
         self.sync_every = 1 if self.device.type == "cpu" else 25  # .item() stalls a GPU: read losses in batches
 
     def _load_data(self) -> None:
-        from . import data
+        from .. import data
 
         c = self.config
         name, root = c.data, c.data_root
@@ -214,7 +214,7 @@ class Trainer:
         return ckpt
 
     def _recipe(self):
-        from .recipe import load_recipe
+        from ..recipe import load_recipe
 
         c = self.config
         overrides = dict(c.overrides)
@@ -232,7 +232,7 @@ class Trainer:
 
     def _build_model(self) -> tuple[nn.Module, int]:
         """(model on the device, input channels it takes); seeded, so a resume builds the same one."""
-        from .models import create
+        from ..models import create
 
         spec, chans, n = self.config.model, self.splits.shape[0], self.splits.num_classes
         extra = {"in_chans": chans} if chans != 3 else {}
@@ -278,7 +278,7 @@ class Trainer:
 
     def _start(self) -> None:
         import fxsparse
-        from .scheduler import RecipeScheduler
+        from ..scheduler import RecipeScheduler
 
         c = self.config
         self.recipe = self._recipe()
@@ -305,8 +305,8 @@ class Trainer:
         atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(asdict(c), indent=1).encode()))
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
-        from .recipe import from_dict
-        from .scheduler import restore
+        from ..recipe import from_dict
+        from ..scheduler import restore
 
         if "sharded" not in ckpt and self.config.fsdp and fxdist.is_distributed():
             raise TrainError(
@@ -343,7 +343,7 @@ class Trainer:
         is built over the sharded parameters and ``load_sharded`` puts back the parameters and the
         optimizer state, each rank its own shards."""
         import fxsparse.fsdp as fxfsdp
-        from .scheduler import restore
+        from ..scheduler import restore
 
         path, c = ckpt["sharded"], self.config
         weights = {k: v.to(self.device) for k, v in fxfsdp.read_sharded(path).items()}
@@ -402,7 +402,7 @@ class Trainer:
     def _imp_round(self, example: torch.Tensor):
         """IMP's ``train_fn``: ``imp_epochs`` epochs of the recipe's optimizer at its initial lr."""
         import fxsparse
-        from .passes.mask import MaskPass
+        from ..passes.mask import MaskPass
 
         rounds = itertools.count()
         t = self.recipe.training
@@ -638,7 +638,7 @@ class Trainer:
         """(forward, module to put in eval mode): the graph itself, unless its trace depends on the
         mode (then the original class with the exported weights, once the ghosts are gone)."""
         import fxsparse
-        from .trace import META_KEY
+        from ..trace import META_KEY
 
         info = self.gm.meta.get(META_KEY)
         if info is None or not info.mode_dependent:
@@ -695,7 +695,7 @@ class Trainer:
         import fxsparse.masks
         from safetensors.torch import save as safetensors_bytes
 
-        from .passes.mask import masked_parameters
+        from ..passes.mask import masked_parameters
         from .plots import plot_run
 
         c, gm = self.config, self.gm

@@ -45,8 +45,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from . import distributed as fxdist
-from .errors import FxSparseError
+from .. import distributed as fxdist
+from ..errors import FxSparseError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ a loss? The rule (docs/results.md, "The regime map"): d = accuracy(recipe) − a
 for the same seed, initialization and mask; spread = the sample std of d over seeds; a **win** when
 mean d > spread, a **loss** when mean d < −spread, a **tie** otherwise.
 
-    from fxsparse.regime import read_map, cells, markdown, plot_map
+    from fxsparse.tools.regime import read_map, cells, markdown, plot_map
     results = read_map(["runs/map/vgg16", "runs/c1/vgg16"])
     table = cells(results, which="val")
 

@@ -35,7 +35,7 @@ neither can tell variants apart.
 **Transform time**: trace, mask scoring (random ERK), ``MaskPass``, each ghost pass and the
 removal of every ghost, per model (``transform_times``), and over a whole zoo (``zoo_times``).
 
-    from fxsparse.bench import BenchConfig, run_bench
+    from fxsparse.tools.bench import BenchConfig, run_bench
     rows = run_bench(BenchConfig(models=("resnet18",), rounds=5))
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FxSparseError
+from ..errors import FxSparseError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class BenchConfig:
 # --------------------------------------------------------------------------- building
 def create_model(name: str, config: BenchConfig) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(seeded model in train mode, inputs, targets) on the config's device."""
-    from .models import create
+    from ..models import create
 
     kwargs: dict[str, Any] = {"num_classes": config.num_classes}
     if config.size and "vit" in name and not name.startswith("tv:"):
@@ -167,7 +167,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> nn.Module:
     """A copy of ``model`` masked (or not) the ``kind`` way; ``model`` is left untouched."""
     import fxsparse
-    from .passes.mask import MaskPass
+    from ..passes.mask import MaskPass
 
     if kind in BEFORE_VARIANTS:
         return plain_forms(build_variant(BEFORE_VARIANTS[kind], model, masks, x), mask=kind.endswith("_mul"))
@@ -206,8 +206,8 @@ def plain_forms(gm: nn.Module, mask: bool = True, blend: bool = True) -> nn.Modu
     soft(x), gate)`` (``blend``; graph sites only: the leaf-style sites keep the fused form)."""
     import operator
 
-    from .fused import apply_mask, ghost_relu_blend
-    from .passes.ghost_neurons import SOFT, ghost_blend
+    from ..fused import apply_mask, ghost_relu_blend
+    from ..passes.ghost_neurons import SOFT, ghost_blend
 
     for node in list(gm.graph.nodes):
         if mask and node.op == "call_function" and node.target is apply_mask:
@@ -259,7 +259,7 @@ class Runner:
     def static_bytes(self) -> int:
         """Parameters, buffers (masks included), optimizer state, and the float copies of the masks
         that eager mode multiplies by (``fxsparse.fused``)."""
-        from .fused import mask_cache_bytes
+        from ..fused import mask_cache_bytes
 
         seen: set[int] = set()
         total = 0
@@ -418,9 +418,9 @@ def transform_times(model: nn.Module, x: torch.Tensor, sparsity: float = 0.9) ->
     """Seconds of each stage of the tost pipeline (LRsI left out: it trains) on a copy of ``model``:
     trace, mask scoring, MaskPass, each ghost pass, and removing every ghost again."""
     import fxsparse
-    from .passes import GHOST_GROUPS, PASS_ORDER, load
-    from .passes.mask import MaskPass
-    from .recipe import load_recipe
+    from ..passes import GHOST_GROUPS, PASS_ORDER, load
+    from ..passes.mask import MaskPass
+    from ..recipe import load_recipe
 
     recipe = load_recipe("tost")
     model = copy.deepcopy(model)
@@ -465,8 +465,8 @@ def edge_costs(name: str, config: BenchConfig, lrsi_iters: int = 3,
       torch.compile it recompiles the smaller graph) and ``step_after_s`` (the step after that).
     """
     import fxsparse
-    from .passes.mask import MaskPass
-    from .passes.rescale_init import RescaleInitPass
+    from ..passes.mask import MaskPass
+    from ..passes.rescale_init import RescaleInitPass
 
     model, x, y = create_model(name, config)
     masks = random_masks(model, x, config.sparsity)
@@ -543,7 +543,7 @@ def zoo_times(models: Iterable[tuple[str, tuple[int, int, int]]], sparsity: floa
               say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """``transform_times`` over a list of (MODEL, input C,H,W), each model built on CPU with random
     weights (building is not timed). A model that fails is reported with its error, not raised."""
-    from .models import create
+    from ..models import create
 
     rows = []
     for spec, shape in models:
