@@ -58,6 +58,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxsparse import gates
+from fxsparse.dropout import is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
@@ -244,14 +245,10 @@ def _site_name(call: LayerCall, taken: set[str]) -> str:
 
 
 # --------------------------------------------------------------------------- folding (fold=True)
-_IDENTITY_IN_EVAL: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                                       nn.AlphaDropout)
-try:  # timm's DropPath is the identity in eval mode too
-    from timm.layers import DropPath as _DropPath
-
-    _IDENTITY_IN_EVAL = (*_IDENTITY_IN_EVAL, _DropPath)
-except Exception:  # pragma: no cover - timm is a dependency
-    pass
+def _identity_in_eval(m: nn.Module) -> bool:
+    """An ``nn.Identity`` or a dropout of any kind (torch's, timm's DropPath / DropBlock2d,
+    torchvision's StochasticDepth): the identity in eval mode, where a fold is exact."""
+    return isinstance(m, nn.Identity) or is_dropout_module(m)
 
 
 def _call_arg(node: Node, index: int, name: str, default):
@@ -315,9 +312,9 @@ def _linear_step(gm: GraphModule, node: Node, cur: Node) -> str | None:
             return leaf if leaf is not None and gm.get_submodule(leaf) is m.leaf else None
         if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward:
             return node.target
-        if _unfoldable(m) is None and isinstance(m.act, nn.Identity) and isinstance(m.drop, _IDENTITY_IN_EVAL):
+        if _unfoldable(m) is None and isinstance(m.act, nn.Identity) and _identity_in_eval(m.drop):
             return node.target  # a BatchNormAct2d without activation (RepVGG's conv_kxk.bn): a BatchNorm in eval
-        if isinstance(m, _IDENTITY_IN_EVAL):
+        if _identity_in_eval(m):
             return "id"
         return None
     is_add = (node.op == "call_function" and node.target in (operator.add, torch.add)) or (
@@ -689,7 +686,7 @@ class GhostSkipPass(FxSparsePass):
             leaf = gm.get_submodule(point.leaf.target)
             if list(point.value.users) != [point.leaf]:
                 raise _Skip("fold", f"{point.value.name} is also read outside {point.leaf.target}")
-            if not isinstance(leaf.drop, _IDENTITY_IN_EVAL):
+            if not _identity_in_eval(leaf.drop):
                 raise _Skip("fold", f"{point.leaf.target}.drop is a {type(leaf.drop).__name__}")
             _eval_norm(gm, point.leaf.target)
             norms.append(point.leaf.target)

@@ -282,3 +282,18 @@ def test_a_folding_recipe_may_remove_mid_anneal_and_the_output_does_not_move():
     with torch.no_grad():
         after = gm(x)
     assert torch.allclose(before, after, atol=1e-5 * before.abs().max().item())
+
+
+def test_every_dropout_is_the_identity_a_fold_may_cross():
+    """The fold is exact in eval mode, where every dropout (torch's, timm's DropPath and DropBlock2d,
+    torchvision's StochasticDepth) and nn.Identity return their input; nothing else counts."""
+    from timm.layers import DropBlock2d, DropPath
+    from torchvision.ops import StochasticDepth
+
+    from fxsparse.passes.ghost_skips import _identity_in_eval
+
+    for m in (nn.Identity(), nn.Dropout(0.5), nn.Dropout2d(0.1), nn.AlphaDropout(0.2), DropPath(0.1),
+              DropBlock2d(0.1), StochasticDepth(0.1, "row")):
+        x = torch.randn(2, 3, 8, 8)
+        assert _identity_in_eval(m) and torch.equal(m.eval()(x), x), type(m).__name__
+    assert not any(_identity_in_eval(m) for m in (nn.ReLU(), nn.BatchNorm2d(3), nn.Sequential()))
