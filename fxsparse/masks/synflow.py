@@ -90,8 +90,11 @@ class _LinearizedCopy:
         out = {n: (grads[n] * p.detach()).abs() for n, p in self.params.items()}
         if not all(torch.isfinite(s).all() for s in out.values()):
             raise SynFlowOverflow(
-                f"SynFlow scores overflowed in {self.input.dtype} (the product of |weights| over the depth of the model is "
-                "not representable). Prune fewer layers, or rescale the model's weights."
+                f"SynFlow scores overflowed in {self.input.dtype}: the linearized model (|weights|, an all-ones input) "
+                "is not representable in its forward or backward. Deep products of |weights| do this, and so do "
+                "operations that multiply activations together (attention's q.k, gates), whose values grow with "
+                "a power of the input. Score this model with another method (magnitude, snip, grasp, random), "
+                "or leave more of its layers dense."
             )
         return out
 
