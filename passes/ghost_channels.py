@@ -423,7 +423,6 @@ class GhostChannelPass(FxSparsePass):
         self.ratio, self.masked, self.initial_gate = float(ratio), masked, float(initial_gate)
         self.init, self.dropout, self.seed = init, dropout, seed
         self.sites: list[dict[str, Any]] = []  # what the last call added
-        self.skipped: dict[str, str] = {}  # producer -> "kind: reason", of the last call
         self._names: set[str] = set()
 
     def requires(self, gm: GraphModule) -> None:
@@ -526,7 +525,7 @@ class GhostChannelPass(FxSparsePass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, gm: GraphModule) -> PassResult:
-        self.sites, self.skipped, self._names = [], {}, set()
+        self.sites, self._names = [], set()  # self.skipped: producer -> "kind: reason" (FxSparsePass resets it)
         reasons: Counter[str] = Counter()
         planned = []
         for layer in parameterized_layers(gm):

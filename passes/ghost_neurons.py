@@ -211,7 +211,6 @@ class GhostNeuronPass(FxSparsePass):
     def __init__(self, *, soft: str = "swish", beta: float = 2.0, learn_beta: bool = False,
                  kinds: tuple[str, ...] = ("relu",), initial_gate: float = 1.0):
         super().__init__()
-        self.skipped: dict[str, str] = {}  # site -> why it has no ghost
         if soft not in SOFT:
             raise PassError(f"GhostNeuronPass: soft must be one of {sorted(SOFT)}; got {soft!r}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
@@ -234,7 +233,6 @@ class GhostNeuronPass(FxSparsePass):
             )
 
     def call(self, gm: GraphModule) -> PassResult:
-        self.skipped = {}
         sites = []
         for site in activation_sites(gm, self.kinds):
             why = _kernel_feature_map(gm, site)

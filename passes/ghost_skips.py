@@ -427,7 +427,6 @@ class GhostSkipPass(FxSparsePass):
         self.fold = bool(fold)
         self.where = where
         self.sites: dict[str, dict] = {}
-        self.skipped: dict[str, str] = {}
         self.not_foldable: dict[str, str] = {}
         self._weight_uses: collections.Counter | None = None
 
@@ -582,7 +581,7 @@ class GhostSkipPass(FxSparsePass):
 
     # ------------------------------------------------------------------ rewrite
     def call(self, gm: GraphModule) -> PassResult:
-        self.sites, self.skipped, self.not_foldable = {}, {}, {}
+        self.sites, self.not_foldable = {}, {}
         self._weight_uses = None
         plan = self._plan(gm)
         if not plan:

@@ -19,6 +19,7 @@ prunes in eval mode by default; ToST's example calls the same loop with ``train_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Sequence, TypeVar
 
@@ -80,11 +81,7 @@ class _LinearizedCopy:
             if alive is not None:
                 for n, p in self.params.items():
                     p.copy_(self.magnitudes[n] * alive[n])
-        if self.input.dtype == torch.float64:
-            with _stay_float64():
-                r = _model.output_sum(self.work(self.input))
-                grads = _model.grads(r, self.params)
-        else:
+        with _stay_float64() if self.input.dtype == torch.float64 else contextlib.nullcontext():
             r = _model.output_sum(self.work(self.input))
             grads = _model.grads(r, self.params)
         out = {n: (grads[n] * p.detach()).abs() for n, p in self.params.items()}
