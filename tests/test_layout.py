@@ -39,6 +39,19 @@ def test_the_library_never_imports_the_tools():
 
 def test_the_tools_are_found_where_the_layout_says():
     tools = {p.stem for p in (LIBRARY / "tools").glob("*.py")} - {"__init__"}
+    tools |= {p.parent.name for p in (LIBRARY / "tools").glob("*/__init__.py")}  # tools that are packages
     assert tools == {"train", "checkpoint", "metrics", "plots", "compare", "regime", "bench", "zoo"}
     # and nothing of theirs is left beside the library
     assert not tools & {p.stem for p in LIBRARY.glob("*.py")}
+
+
+def test_every_package_is_listed_for_the_wheel():
+    # pyproject lists the packages by name (passes/ and recipes/ are mapped into fxsparse), so a
+    # new subpackage left out of the list is missing from a wheel while an editable install works
+    import tomllib
+
+    root = LIBRARY.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in LIBRARY.rglob("__init__.py")}
+    found |= {"fxsparse.passes", "fxsparse.recipes"}
+    assert found == listed

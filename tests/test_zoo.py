@@ -451,7 +451,7 @@ def _slow_to_retire_worker(conn, options):
 def test_a_retiring_worker_is_given_no_model(monkeypatch):
     # the sweep lost every model it sent to a worker between that worker's last result and its
     # "retire" message: recorded as "retired: the worker process died (exit code None)"
-    monkeypatch.setattr(zoo, "_worker_main", _slow_to_retire_worker)
+    monkeypatch.setattr(zoo.pool, "_worker_main", _slow_to_retire_worker)
     specs = ["test_zoo:a", "test_zoo:b"]
     results = zoo.sweep(specs, workers=1, timeout=60, max_tasks=1, progress=False)
     assert [(r.model, r.status) for r in results] == [(s, "ok") for s in specs]

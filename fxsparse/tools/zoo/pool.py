@@ -1,0 +1,278 @@
+"""The worker pool: one model at a time per long-lived process; a crash or a timeout is a row of the report."""
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+from .pipeline import PipelineOptions, check_pipeline
+from .result import DEFAULT_MAX_PARAMS, ModelResult
+from .trace_check import check_model
+
+
+# Worker start-up (importing torch, timm and torchvision) is not charged to any model, but a
+# worker that cannot even start within this many seconds is an error of the sweep itself. A dead
+# worker is seen at once; this bound is only for a live one that never gets ready. Generous: on a
+# loaded machine a sweep at `nice 19` took over 300 s to import torch three times in a row (a
+# 2-core machine with four other jobs), and the whole sweep stopped for it.
+_STARTUP_TIMEOUT_S = 1200.0
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, options: dict[str, Any]) -> None:
+    """A pool worker: import once, then check one model per message until told to stop (None)."""
+    # Ctrl-C reaches the whole process group; the parent handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(options.get("threads", 1))
+    warnings.filterwarnings("ignore")
+    # the sweep records mode-dependent graphs itself; per-model log lines would bury the progress bar
+    logging.getLogger("fxsparse").setLevel(logging.ERROR)
+    import timm  # noqa: F401 -- paid once per worker, not per model
+    import torchvision  # noqa: F401
+
+    import fxsparse.testing  # noqa: F401
+
+    _warm_up()
+    # torch, timm and torchvision are ~500k long-lived objects: moved out of the collector's
+    # reach, full collections (triggered often by tracing) stop costing a tenth of a trace
+    gc.freeze()
+    conn.send(("ready", os.getpid()))
+    done = 0
+    while True:
+        spec = conn.recv()
+        if spec is None:
+            return
+        if options.get("pipeline") is not None:
+            result = check_pipeline(spec, max_params=options["max_params"], options=options["pipeline"],
+                                    on_stage=lambda stage: conn.send(("stage", stage)))
+        else:
+            result = check_model(spec, numeric=options["numeric"], max_params=options["max_params"])
+        conn.send(("result", result))
+        done += 1
+        if options.get("max_tasks") and done >= options["max_tasks"]:
+            # a fresh process for the next models: memory a long pipeline run fragments is given back
+            conn.send(("retire", done))
+            return
+
+
+def _warm_up() -> None:
+    """Trace a tiny model once so the first real model's time excludes torch's lazy imports."""
+    import torch
+    from torch import nn
+
+    import fxsparse
+
+    with torch.device("meta"):
+        tiny = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    fxsparse.trace(tiny, torch.randn(1, 3, 8, 8, device="meta"))
+
+
+class _Worker:
+    """One worker process, its pipe, and the model it is working on."""
+
+    def __init__(self, ctx: Any, options: dict[str, Any]):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, options), daemon=True, name="fxsparse-zoo")
+        self.process.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.spec: str | None = None
+        self.stage: str | None = None  # the pipeline stage the current model is in
+        self.deadline = math.inf
+        self.done = 0  # models it returned a result for
+        # it has done its max_tasks and is about to send "retire" and exit: give it no model (one
+        # sent between its result and its "retire" message would be lost with it)
+        self.retiring = False
+
+    def submit(self, spec: str, timeout: float) -> None:
+        self.conn.send(spec)
+        self.spec, self.stage, self.deadline = spec, None, time.monotonic() + timeout
+
+    def stop(self, *, kill: bool = False) -> None:
+        if not kill and self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                kill = True
+            self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
+def sweep(
+    specs: Sequence[str],
+    *,
+    timeout: float = 120.0,
+    workers: int = 2,
+    numeric: bool = False,
+    max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
+    pipeline: PipelineOptions | bool | None = None,
+    max_tasks: int | None = None,
+    time_budget: float | None = None,
+    progress: bool = True,
+    on_result: Callable[[ModelResult], None] | None = None,
+) -> list[ModelResult]:
+    """Check every spec (see ``check_model``) in ``workers`` processes; results in ``specs`` order.
+
+    A model that takes longer than ``timeout`` seconds, or whose worker dies, is recorded as
+    ``"timeout"`` / ``"crashed"`` and its worker replaced. ``workers=0`` runs everything in this
+    process: no isolation and no timeout, but easy to debug. After ``time_budget`` seconds no
+    new model is started: the models not reached are left out of the results.
+
+    ``pipeline`` (``True`` or a ``PipelineOptions``) runs ``check_pipeline`` on each model instead
+    (``max_params`` is then its budget). ``max_tasks``: a worker is replaced by a fresh process
+    after that many models (default: 10 with ``pipeline``, never without).
+    """
+    if pipeline is True:
+        pipeline = PipelineOptions()
+    pipeline = pipeline or None
+    if max_tasks is None and pipeline is not None:
+        max_tasks = 10
+    specs = list(dict.fromkeys(specs))  # each model once
+    stop_at = time.monotonic() + time_budget if time_budget is not None else math.inf
+    bar = _progress_bar(len(specs), progress)
+    results: dict[str, ModelResult] = {}
+
+    def record(r: ModelResult) -> None:
+        results[r.model] = r
+        if on_result:
+            on_result(r)
+        if bar is not None:
+            failed = sum(not x.ok for x in results.values())
+            bar.set_postfix_str(f"failed={failed}" + (f" last={r.model}" if not r.ok else ""), refresh=False)
+            bar.update(1)
+
+    try:
+        if workers <= 0:
+            for spec in specs:
+                if time.monotonic() >= stop_at:
+                    break
+                if pipeline is not None:
+                    record(check_pipeline(spec, max_params=max_params, options=pipeline))
+                else:
+                    record(check_model(spec, numeric=numeric, max_params=max_params))
+        else:
+            options = {"numeric": numeric, "max_params": max_params, "pipeline": pipeline, "max_tasks": max_tasks}
+            _run_pool(specs, record, timeout=timeout, workers=min(workers, max(len(specs), 1)),
+                      options=options, stop_at=stop_at)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [results[s] for s in specs if s in results]
+
+
+def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeout: float,
+              workers: int, options: dict[str, Any], stop_at: float = math.inf) -> None:
+    ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
+    pending = collections.deque(specs)
+    pool = [_Worker(ctx, options) for _ in range(workers)]
+    failed_starts = 0
+    try:
+        while (pending and time.monotonic() < stop_at) or any(w.spec is not None for w in pool):
+            for w in pool:
+                if w.ready and not w.retiring and w.spec is None and pending and time.monotonic() < stop_at:
+                    w.submit(pending.popleft(), timeout)
+            now = time.monotonic()
+            deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in pool]
+            wait_s = max(0.0, min(deadlines) - now)
+            handles = [w.conn for w in pool] + [w.process.sentinel for w in pool]
+            multiprocessing.connection.wait(handles, timeout=min(wait_s, 1.0))
+            for i, w in enumerate(pool):
+                replace, reason = _poll(w, record, max_tasks=options.get("max_tasks"))
+                if not replace and time.monotonic() > (w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S):
+                    replace, reason = True, "timeout"
+                if not replace:
+                    continue
+                if reason == "retired" and w.spec is None:
+                    pass  # it did its share of models; a fresh one takes its place
+                elif reason == "retired":  # it retired holding a model it never started: not the model's fault
+                    pending.appendleft(w.spec)
+                elif w.spec is not None:
+                    record(_lost(w.spec, reason, timeout, w.process, stage=w.stage,
+                                 pipeline=options.get("pipeline") is not None))
+                    failed_starts = 0
+                elif not w.ready:
+                    failed_starts += 1
+                    if failed_starts >= 3:
+                        raise RuntimeError(
+                            f"zoo workers fail to start (exit code {w.process.exitcode}); run with "
+                            f"workers=0 (--workers 0) to see the error in this process."
+                        )
+                w.stop(kill=True)
+                pool[i] = _Worker(ctx, options)
+    finally:
+        for w in pool:
+            w.stop()
+
+
+def _poll(w: _Worker, record: Callable[[ModelResult], None], *, max_tasks: int | None = None) -> tuple[bool, str]:
+    """Read what worker ``w`` sent; (True, reason) if it died and must be replaced."""
+    try:
+        while w.conn.poll():
+            kind, payload = w.conn.recv()
+            if kind == "ready":
+                w.ready = True
+            elif kind == "stage":
+                w.stage = payload
+            elif kind == "retire":
+                return True, "retired"
+            else:
+                record(payload)
+                w.spec, w.stage, w.deadline = None, None, math.inf
+                w.done += 1
+                w.retiring = bool(max_tasks) and w.done >= max_tasks
+    except (EOFError, OSError):
+        return True, "retired" if w.retiring and w.spec is None else "crashed"
+    if not w.process.is_alive():
+        return True, "retired" if w.retiring and w.spec is None else "crashed"
+    return False, ""
+
+
+def _lost(spec: str, reason: str, timeout: float, process: Any, *, stage: str | None = None,
+          pipeline: bool = False) -> ModelResult:
+    from fxsparse.models import source_of
+
+    if reason == "timeout":
+        error = f"still running after {timeout:g} s; the worker was killed"
+    else:
+        process.join(1)  # the pipe closes a moment before the process is reaped: wait for its exit code
+        code = process.exitcode
+        how = f"signal {-code} ({_signal_name(-code)})" if code is not None and code < 0 else f"exit code {code}"
+        error = f"the worker process died ({how})"
+    if stage:
+        error += f" (in stage {stage})"
+    r = ModelResult(model=spec, source=source_of(spec), status=reason, error_type=reason, error=error)
+    if pipeline:
+        r.pipeline, r.pipeline_stage, r.pipeline_error = "error", stage or "meta-trace", f"{reason}: {error}"
+        r.pipeline_failures = {r.pipeline_stage: r.pipeline_error}
+    return r
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "?"
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="model", dynamic_ncols=True, smoothing=0.05)
+
+
