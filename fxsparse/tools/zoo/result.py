@@ -8,7 +8,7 @@ from typing import Any
 
 SOURCES = ("timm", "torchvision", "all")
 DEFAULT_MAX_PARAMS = 30_000_000
-_ERROR_CHARS = 300  # error messages are cut to this length in the report
+ERROR_CHARS = 300  # error messages are cut to this length in the report
 
 
 @dataclass
@@ -72,7 +72,7 @@ def first_line(e: BaseException | str) -> str:
     """The message's first line, with installed packages' paths made relative (timm/models/...)."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     first = _SITE_PACKAGES.sub("", lines[0]) if lines else type(e).__name__
-    return first if len(first) <= _ERROR_CHARS else first[: _ERROR_CHARS - 3] + "..."
+    return first if len(first) <= ERROR_CHARS else first[: ERROR_CHARS - 3] + "..."
 
 
 _SITE_PACKAGES = re.compile(r"[^\s`'\"]*[/\\](?:site|dist)-packages[/\\]")

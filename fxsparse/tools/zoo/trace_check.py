@@ -7,7 +7,7 @@ import fnmatch
 import time
 from typing import Sequence
 
-from .result import DEFAULT_MAX_PARAMS, SOURCES, ModelResult, _ERROR_CHARS, bare, first_line
+from .result import DEFAULT_MAX_PARAMS, SOURCES, ModelResult, ERROR_CHARS, bare, first_line
 
 
 def list_specs(source: str = "timm", *, filter: str | None = None, limit: int | None = None) -> list[str]:
@@ -108,7 +108,7 @@ def _check_numeric(spec: str) -> tuple[str, str | None]:
         return "error", f"{type(e).__name__}: {first_line(e)}"
     if not diffs:
         return "equal", None
-    detail = "; ".join(str(m).strip() for m in diffs[:3])[:_ERROR_CHARS]
+    detail = "; ".join(str(m).strip() for m in diffs[:3])[:ERROR_CHARS]
     return ("mismatch" if beyond_tol else "close"), detail
 
 
