@@ -7,7 +7,7 @@ import fnmatch
 import time
 from typing import Sequence
 
-from .result import DEFAULT_MAX_PARAMS, SOURCES, ModelResult, ERROR_CHARS, bare, first_line
+from .result import DEFAULT_MAX_PARAMS, ERROR_CHARS, SOURCES, ModelResult, bare, first_line
 
 
 def list_specs(source: str = "timm", *, filter: str | None = None, limit: int | None = None) -> list[str]:
