@@ -136,7 +136,7 @@ def run_a(fsdp: bool, checkpoints: Path | None = None) -> dict:
     out["export"] = fxdist.export(model)
     out["masks"] = {k: v.clone() for k, v in gm.state_dict().items() if k.startswith("fxsparse.masks.")}
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         out["state"] = get_model_state_dict(gm, options=StateDictOptions(full_state_dict=True))
         out["fsdp_params"] = sum(len(g.fsdp_params) for _, g in fxfsdp._param_groups(gm))

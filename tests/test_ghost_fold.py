@@ -193,7 +193,7 @@ def test_alpha_zero_is_the_plain_removal_bit_for_bit():
 
 
 def test_batchnormact_leaf_folds():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
 
     class Block(nn.Module):
