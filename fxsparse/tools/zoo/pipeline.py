@@ -2,15 +2,13 @@
 each recorded with its time and, if it fails, its error."""
 from __future__ import annotations
 
-import collections
-import collections.abc
 import dataclasses
 import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .result import DEFAULT_MAX_PARAMS, ModelResult, first_line
+from .result import DEFAULT_MAX_PARAMS, ModelResult, budget_for, first_line
 from .trace_check import check_model
 
 
@@ -61,8 +59,7 @@ def check_pipeline(
     if on_stage:
         on_stage("meta-trace")
     result = check_model(spec)
-    if isinstance(max_params, collections.abc.Mapping):  # a budget per source
-        max_params = max_params.get(result.source, max_params.get("default", DEFAULT_MAX_PARAMS))
+    max_params = budget_for(max_params, result.source)
     if result.params is not None and result.params > max_params:
         result.pipeline, result.pipeline_detail = "skipped", f"{result.params:,} parameters > {max_params:,.0f}"
         return result

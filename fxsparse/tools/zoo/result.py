@@ -1,6 +1,7 @@
 """One row of a zoo report (``ModelResult``) and the helpers every stage uses to record an error."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -62,10 +63,16 @@ class ModelResult:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def budget_for(max_params: float | collections.abc.Mapping[str, float], source: str) -> float:
+    """The parameter budget of a model from ``source``: ``max_params`` itself, or its entry for the
+    source (else its ``"default"``, else ``DEFAULT_MAX_PARAMS``) when it is a budget per source."""
+    if isinstance(max_params, collections.abc.Mapping):
+        return max_params.get(source, max_params.get("default", DEFAULT_MAX_PARAMS))
+    return max_params
+
 
 def bare(spec: str) -> str:
     return spec[3:] if spec.startswith("tv:") else spec
-
 
 
 def first_line(e: BaseException | str) -> str:

@@ -1,13 +1,11 @@
 """Which models a sweep covers, and the trace check of one model (meta device; optionally numeric on CPU)."""
 from __future__ import annotations
 
-import collections
-import collections.abc
 import fnmatch
 import time
 from typing import Sequence
 
-from .result import DEFAULT_MAX_PARAMS, ERROR_CHARS, SOURCES, ModelResult, bare, first_line
+from .result import DEFAULT_MAX_PARAMS, ERROR_CHARS, SOURCES, ModelResult, bare, budget_for, first_line
 
 
 def list_specs(source: str = "timm", *, filter: str | None = None, limit: int | None = None) -> list[str]:
@@ -41,7 +39,6 @@ def select(specs: Sequence[str], *, filter: str | None = None, limit: int | None
     return specs
 
 
-
 def check_model(spec: str, *, numeric: bool = False, max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS) -> ModelResult:
     """Build ``spec`` on the meta device and trace it; with ``numeric`` also check outputs on CPU.
 
@@ -70,8 +67,7 @@ def check_model(spec: str, *, numeric: bool = False, max_params: float | dict[st
         result.error_type, result.error = type(e).__name__, first_line(e)
     finally:
         model = gm = None  # noqa: F841 -- free the meta model before the numeric check
-    if isinstance(max_params, collections.abc.Mapping):  # a budget per source
-        max_params = max_params.get(result.source, max_params.get("default", DEFAULT_MAX_PARAMS))
+    max_params = budget_for(max_params, result.source)
     if numeric:
         if not result.ok:
             result.numeric, result.numeric_detail = "skipped", "the meta trace failed"
