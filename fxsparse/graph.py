@@ -24,7 +24,8 @@ __all__ = [
     "Layer", "ActivationSite", "Chain", "to_networkx", "parameterized_layers", "layer_of",
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
     "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
-    "activation_reach", "is_residual_add", "articulation_nodes", "SITE_FILTERS", "site_filter",
+    "activation_reach", "is_residual_add", "articulation_nodes", "stem_layer", "SITE_KINDS",
+    "SITE_FILTERS", "parse_where", "site_filter", "describe_where",
 ]
 
 
@@ -693,22 +694,51 @@ def articulation_nodes(gm: GraphModule) -> set[Node]:
     return chain
 
 
-# ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph
-SITE_FILTERS = ("all", "plain", "bypassed")
+# ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph.
+# "all", or one kind of layer, or a union of kinds joined by "+" ("bypassed+stem").
+SITE_KINDS = ("plain", "bypassed", "stem")
+SITE_FILTERS = ("all", *SITE_KINDS)
+
+
+def parse_where(where: str) -> tuple[str, ...]:
+    """The kinds of layer a ``where`` value names (``()`` for ``"all"``); ValueError if malformed."""
+    if where == "all":
+        return ()
+    parts = tuple(where.split("+")) if isinstance(where, str) else ()
+    if not parts or any(p not in SITE_KINDS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"where must be 'all', one of {SITE_KINDS}, or several of them joined by '+' "
+                         f"(e.g. 'bypassed+stem'); got {where!r}")
+    return parts
+
+
+def stem_layer(gm: GraphModule, plain: set[Node] | None = None) -> Node | None:
+    """The first conv/linear layer node that every input-to-output path goes through: the layer
+    the input reaches first (a CIFAR ResNet's or VGG's first conv), None if there is none."""
+    plain = articulation_nodes(gm) if plain is None else plain
+    return next((n for n in gm.graph.nodes if n in plain and layer_call(gm, n) is not None), None)
 
 
 def site_filter(gm: GraphModule, where: str) -> Callable[[Node], bool]:
-    """A predicate on layer nodes: ``"all"``; ``"plain"``, layers no other path goes around
-    (``articulation_nodes``: VGG's convs, the stem); ``"bypassed"``, layers inside a residual
-    block or another multi-path structure."""
-    if where not in SITE_FILTERS:
-        raise ValueError(f"where must be one of {SITE_FILTERS}; got {where!r}")
-    if where == "all":
+    """A predicate on layer nodes for a ``where`` value (``parse_where``): ``"all"``; ``"plain"``,
+    layers no other path goes around (``articulation_nodes``: VGG's convs, the stem);
+    ``"bypassed"``, layers inside a residual block or another multi-path structure; ``"stem"``,
+    the first layer every path goes through (``stem_layer``); ``"a+b"``, layers of either kind."""
+    kinds = parse_where(where)
+    if not kinds:
         return lambda node: True
     plain = articulation_nodes(gm)
-    if where == "plain":
-        return lambda node: node in plain
-    return lambda node: node not in plain
+    stem = stem_layer(gm, plain) if "stem" in kinds else None
+    tests = {"plain": lambda n: n in plain, "bypassed": lambda n: n not in plain, "stem": lambda n: n is stem}
+    chosen = [tests[k] for k in kinds]
+    return lambda node: any(t(node) for t in chosen)
+
+
+def describe_where(where: str) -> str:
+    """Why a layer was refused under ``where``: the reason stored in a pass's ``skipped``."""
+    said = {"plain": "another path goes around this layer",
+            "bypassed": "no other path goes around this layer",
+            "stem": "this layer is not the stem"}
+    return " and ".join(said[k] for k in parse_where(where))
 
 
 @dataclass(frozen=True, eq=False)

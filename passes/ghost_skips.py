@@ -62,7 +62,8 @@ from fxsparse.dropout import is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
-    SITE_FILTERS, LayerCall, PreActivation, activation_reach, channel_chains, layer_call, site_filter,
+    LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
+    site_filter,
 )
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
@@ -380,8 +381,9 @@ class GhostSkipPass(FxSparsePass):
             only layers that every input-to-output path goes through (no residual shortcut or
             other path around them: VGG's convs, the stem, MobileNetV2's blocks without a
             residual add); ``"bypassed"``, only layers that another path goes around
-            (``fxsparse.graph.articulation_nodes``). Refused sites are counted as ``skipped``
-            with the reason ``where``.
+            (``fxsparse.graph.articulation_nodes``); ``"stem"``, only the first layer the input
+            reaches (``fxsparse.graph.stem_layer``); kinds joined by ``+`` take their union
+            (``"bypassed+stem"``). Refused sites are counted as ``skipped`` with the reason.
 
     Stats: ``edges`` (merge points added), ``conv_edges``, ``mlp_edges``, ``unfolded``
     (BatchNormAct2d leaves split), ``skipped`` (candidates refused; reasons in ``self.skipped``
@@ -422,8 +424,10 @@ class GhostSkipPass(FxSparsePass):
         self.min_kernel = min_kernel
         self.linear_norm = linear_norm
         self.seed = seed
-        if where not in SITE_FILTERS:
-            raise PassError(f"GhostSkipPass: where must be one of {SITE_FILTERS}; got {where!r}")
+        try:
+            parse_where(where)
+        except ValueError as bad:
+            raise PassError(f"GhostSkipPass: {bad}") from None
         self.fold = bool(fold)
         self.where = where
         self.sites: dict[str, dict] = {}
@@ -484,8 +488,7 @@ class GhostSkipPass(FxSparsePass):
                 log.debug("GhostSkipPass: %s is not in an MLP block: %s", call.layer.name, why)
                 return None
         if not wanted(node):
-            around = "another path goes around" if self.where == "plain" else "no other path goes around"
-            self.skipped[call.layer.name] = f"where={self.where!r}: {around} this layer"
+            self.skipped[call.layer.name] = f"where={self.where!r}: {describe_where(self.where)}"
             self.stats["skipped"] += 1
             return None
         name = _site_name(call, taken)

@@ -178,32 +178,49 @@ def test_exact_at_identity_and_removal_restores_structure():
 ], ids=["vgg16", "resnet20", "mobilenetv2"])
 def test_where_reads_residual_bypasses_from_the_graph(build, plain, bypassed):
     import fxsparse.nets  # noqa: F401
-    from fxsparse.graph import articulation_nodes
+    from fxsparse.graph import articulation_nodes, stem_layer
 
     torch.manual_seed(0)
     model = build().eval()
     x = torch.randn(2, 3, 32, 32)
     gm = fxsparse.trace(model, x)
-    counts = {}
-    for where in ("all", "plain", "bypassed"):
+    counts, sites = {}, {}
+    for where in ("all", "plain", "bypassed", "stem", "bypassed+stem"):
         g = copy.deepcopy(gm)
         p = GhostSkipPass(where=where)
         p(g)
         counts[where] = p.stats["conv_edges"]
-        sites = {n.meta["fxsparse"]["site"] for n in tagged_nodes(g, group=GROUP, role="merge")}
+        sites[where] = {n.meta["fxsparse"]["site"] for n in tagged_nodes(g, group=GROUP, role="merge")}
         if where != "all":
             assert p.stats["skipped"] == counts["all"] - counts[where]
             assert all(f"where='{where}'" in why for why in p.skipped.values())
         gates.set_identity(g)
         assert compare(gm, g, x, exact=True) == []  # still exact at gate 0
-        assert len(sites) == counts[where]
+        assert len(sites[where]) == counts[where]
     assert (counts["plain"], counts["bypassed"]) == (plain, bypassed)
     assert counts["all"] == plain + bypassed
     # the stem conv is on every path; a conv inside a residual block is not
     first_conv = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
-    assert first_conv in articulation_nodes(gm)
-    with pytest.raises(PassError, match="where must be one of"):
-        GhostSkipPass(where="residual")
+    assert first_conv in articulation_nodes(gm) and stem_layer(gm) is first_conv
+    # "stem" is that conv alone; "+" is the union, and the stem is plain, so it adds one site
+    assert counts["stem"] == 1 and sites["stem"] <= sites["plain"]
+    assert sites["bypassed+stem"] == sites["bypassed"] | sites["stem"]
+    assert counts["bypassed+stem"] == bypassed + 1
+
+
+@pytest.mark.parametrize("where", ["residual", "stem+stem", "all+stem", "", "bypassed+"])
+def test_where_refuses_unknown_kinds(where):
+    with pytest.raises(PassError, match="where must be 'all', one of"):
+        GhostSkipPass(where=where)
+
+
+def test_where_is_checked_when_the_recipe_loads():
+    from fxsparse.errors import RecipeError
+    from fxsparse.recipe import load_recipe
+
+    assert load_recipe("tost", overrides={"ghost_skips.where": "bypassed+stem"}) is not None
+    with pytest.raises(RecipeError, match="ghost_skips.where"):
+        load_recipe("tost", overrides={"ghost_skips.where": "stems"})
 
 
 def test_train_mode_updates_only_branch_statistics():
