@@ -52,17 +52,82 @@ def _worker_main(conn: multiprocessing.connection.Connection, options: dict[str,
         spec = conn.recv()
         if spec is None:
             return
+        memory = _StagePeaks()
         if options.get("pipeline") is not None:
+            def on_stage(stage: str) -> None:
+                memory.enter(stage)
+                conn.send(("stage", stage))
+
             result = check_pipeline(spec, max_params=options["max_params"], options=options["pipeline"],
-                                    on_stage=lambda stage: conn.send(("stage", stage)))
+                                    on_stage=on_stage)
         else:
             result = check_model(spec, numeric=options["numeric"], max_params=options["max_params"])
+        result.peak_rss_mb, result.stage_rss_mb = memory.finish()
+        result.worker_models_before = done
         conn.send(("result", result))
         done += 1
-        if options.get("max_tasks") and done >= options["max_tasks"]:
-            # a fresh process for the next models: memory a long pipeline run fragments is given back
+        rss = _rss_mb("VmRSS")
+        max_rss = options.get("max_rss_mb")
+        if (options.get("max_tasks") and done >= options["max_tasks"]) or (max_rss and rss and rss > max_rss):
+            # a fresh process for the next models: memory a long pipeline run fragments (glibc keeps
+            # what a 384-px model's transform freed) is given back
             conn.send(("retire", done))
             return
+
+
+def _machine_memory_mb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def _rss_mb(field: str) -> float | None:
+    """This process's resident memory (``VmRSS``) or its peak since the last reset (``VmHWM``), in
+    MB; None where /proc is not there (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _StagePeaks:
+    """The worker's peak resident memory per pipeline stage: the kernel's high-water mark
+    (``VmHWM``), reset to the current RSS when a stage starts (``/proc/self/clear_refs``)."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = "model"  # before the first stage (check_model has none)
+        self.peaks: dict[str, float] = {}
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        peak = _rss_mb("VmHWM")
+        if self.stage is not None and peak is not None:
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), round(peak, 1))
+
+    def enter(self, stage: str) -> None:
+        self._close()
+        self.stage = stage
+        self._reset()
+
+    def finish(self) -> tuple[float | None, dict[str, float] | None]:
+        self._close()
+        if not self.peaks:
+            return None, None
+        stages = {k: v for k, v in self.peaks.items() if k != "model"} or None
+        return max(self.peaks.values()), stages
 
 
 def _warm_up() -> None:
@@ -121,6 +186,7 @@ def sweep(
     max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
     pipeline: PipelineOptions | bool | None = None,
     max_tasks: int | None = None,
+    max_rss_mb: float | None = None,
     time_budget: float | None = None,
     progress: bool = True,
     on_result: Callable[[ModelResult], None] | None = None,
@@ -134,13 +200,18 @@ def sweep(
 
     ``pipeline`` (``True`` or a ``PipelineOptions``) runs ``check_pipeline`` on each model instead
     (``max_params`` is then its budget). ``max_tasks``: a worker is replaced by a fresh process
-    after that many models (default: 10 with ``pipeline``, never without).
+    after that many models (default: 10 with ``pipeline``, never without), and sooner when its
+    resident memory after a model is above ``max_rss_mb`` (default with ``pipeline``: 4096, or a
+    quarter of the machine's memory if that is less; memory freed inside a process is not always
+    given back, and a worker that held 20 GB after ten large models was killed by the next one).
     """
     if pipeline is True:
         pipeline = PipelineOptions()
     pipeline = pipeline or None
     if max_tasks is None and pipeline is not None:
         max_tasks = 10
+    if max_rss_mb is None and pipeline is not None:
+        max_rss_mb = min(4096.0, _machine_memory_mb() / 4)
     specs = list(dict.fromkeys(specs))  # each model once
     stop_at = time.monotonic() + time_budget if time_budget is not None else math.inf
     bar = _progress_bar(len(specs), progress)
@@ -165,7 +236,8 @@ def sweep(
                 else:
                     record(check_model(spec, numeric=numeric, max_params=max_params))
         else:
-            options = {"numeric": numeric, "max_params": max_params, "pipeline": pipeline, "max_tasks": max_tasks}
+            options = {"numeric": numeric, "max_params": max_params, "pipeline": pipeline, "max_tasks": max_tasks,
+                       "max_rss_mb": max_rss_mb}
             _run_pool(specs, record, timeout=timeout, workers=min(workers, max(len(specs), 1)),
                       options=options, stop_at=stop_at)
     finally:

@@ -140,7 +140,20 @@ def summarize_pipeline(results: Sequence[ModelResult]) -> dict[str, Any]:
             "total": _round(sum(r.pipeline_s or 0.0 for r in ran)),
         },
         "stage_share": {k: round(v / sum(stage_totals.values()), 3) for k, v in stage_totals.items()} if stage_totals else {},
+        "peak_rss_mb": _memory_summary(ran),
     }
+
+
+def _memory_summary(results: Sequence[ModelResult]) -> dict[str, Any] | None:
+    """The workers' peak resident memory per model (median, p90, the largest with its stage)."""
+    measured = [r for r in results if r.peak_rss_mb is not None]
+    if not measured:
+        return None
+    peaks = [r.peak_rss_mb for r in measured]
+    top = max(measured, key=lambda r: r.peak_rss_mb)
+    stage = max((top.stage_rss_mb or {}).items(), key=lambda kv: kv[1], default=(None, None))[0]
+    return {"median": round(statistics.median(peaks)), "p90": round(_quantile(peaks, 0.9)),
+            "max": round(top.peak_rss_mb), "max_model": top.model, "max_stage": stage, "measured": len(measured)}
 
 
 def pipeline_error_key(r: ModelResult) -> str:
@@ -228,6 +241,11 @@ def render_markdown(results: Sequence[ModelResult], *, env: dict[str, Any], sett
         if pt["median"] is not None:
             lines.append(f"| pipeline time per model (s) | median {pt['median']:.1f} · p90 {pt['p90']:.1f} · max "
                          f"{pt['max']:.1f} (`{pt['max_model']}`) · total {pt['total'] / 3600:.2f} h |")
+        mem = pipe.get("peak_rss_mb")
+        if mem:
+            at = f", in {mem['max_stage']}" if mem["max_stage"] else ""
+            lines.append(f"| worker peak memory per model (MB; {mem['measured']} measured) | median {mem['median']} · "
+                         f"p90 {mem['p90']} · max {mem['max']} (`{mem['max_model']}`{at}) |")
         if pipe["ok"]:
             ident = ", ".join(f"{v} {k}" for k, v in pipe["identity"].items())
             exp = ", ".join(f"{v} {k}" for k, v in pipe["exported"].items())

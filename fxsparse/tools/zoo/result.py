@@ -47,6 +47,11 @@ class ModelResult:
     ghosts: list[str] | None = None  # the ghost groups the tost transform added
     identity: str | None = None  # gates at identity vs the mask-only graph: "equal" or "close"
     exported: str | None = None  # exported model vs the final graph: "equal" or "close"
+    # the worker process's peak resident memory (MB) while it checked this model, and per stage
+    # (Linux only; it includes what the worker held before the model started)
+    peak_rss_mb: float | None = None
+    stage_rss_mb: dict[str, float] | None = None
+    worker_models_before: int | None = None  # models its worker had checked before it (0: a fresh process)
 
     @property
     def ok(self) -> bool:
