@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .errors import RecipeError
+from .errors import MaskError, RecipeError
+from .graph import parameterized_layers
 from .pass_infra import run_passes
 from .recipe import Recipe, load_recipe
 from .registry import Context, build_pass, pass_names, pass_option_names, register_pass, unregister_pass
@@ -104,6 +105,13 @@ def _compute_masks(gm: GraphModule, recipe, data, loss_fn) -> dict[str, torch.Te
     import fxsparse.masks as masks_mod
 
     options = dict(recipe.masks.options)  # method, sparsity, distribution, path (file), method options
+    if not parameterized_layers(gm):  # said in the recipe's terms, not as a mask method's complaint
+        dynamic = recipe.passes.get("dynamic")
+        moving = dynamic is not None and dynamic.enabled
+        needs = "[masks]" + (f" and [dynamic] (method = {dynamic.options.get('method')!r})" if moving else "")
+        off = "masks.enabled = false" + (" and dynamic.enabled = false" if moving else "")
+        raise MaskError(f"recipe {recipe.name!r}: {needs} need a conv or linear layer to mask, and the model has "
+                        f"none; use a model with one, or set {off} to train it dense.")
     if loss_fn is not None:
         options["loss_fn"] = loss_fn
     return masks_mod.compute(gm, data=data, **options)

@@ -183,3 +183,15 @@ def test_console_script_exit_status_and_error():
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().startswith("fxsparse inspect: error: timm has no model 'resnet_nope'")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("recipe, first, second", [
+    ("rigl", "dynamic masks: rigl, every 100 steps", "cosine decay"),
+    ("gmp", "dynamic masks: gmp, every 100 steps from 10% to 50% of training", "cubic (Zhu & Gupta)"),
+])
+def test_inspect_shows_a_dynamic_recipes_schedule(capsys, recipe, first, second):
+    assert main(["inspect", "fxsparse.nets:resnet8", "--recipe", recipe]) == 0
+    text = capsys.readouterr().out
+    assert first in text and second in text, text[-800:]
+    assert main(["inspect", "fxsparse.nets:resnet8", "--recipe", "tost"]) == 0
+    assert "dynamic masks" not in capsys.readouterr().out

@@ -109,3 +109,18 @@ def test_cli_report_only(tmp_path, capsys):
     assert "Test accuracy" in capsys.readouterr().out
     assert json.loads((out / "compare.json").read_text())["protocol"]["per_class"] == [8, 3, 4]
     assert main(["compare", "--out", str(tmp_path / "empty"), "--report-only"]) == 2  # a clear error, no trace
+
+
+def test_dynamic_recipes_run_in_the_grid_and_their_moved_masks_are_not_a_mismatch(tmp_path):
+    out = tmp_path / "dyn"
+    config = CompareConfig(out=str(out), recipes=("baseline", "rigl", "set"), dense=False,
+                           overrides={"dynamic.update_every": 1, "dynamic.end": 0.9}, **TINY)
+    results = {r["recipe"]: r for r in run_grid(config, say=lambda s: None)}
+    assert set(results) == {"baseline", "rigl", "set"}
+    for name in ("rigl", "set"):
+        r = results[name]
+        assert abs(r["achieved_sparsity"] - 0.9) < 0.01  # the count each update keeps
+        assert r["mask_sha256"] != results["baseline"]["mask_sha256"]  # the masks moved
+    summary = report(out)
+    assert summary["mask_mismatch"] == []  # moving masks end as their own: not compared with the baseline's
+    assert {row["recipe"] for row in summary["rows"]} == {"baseline", "rigl", "set"}

@@ -93,6 +93,7 @@ def counts(gm):
     ("rigl", {"dynamic.initial_sparsity": 0.5}, "initial_sparsity is a setting of method = 'gmp'", "remove it"),
     ("rigl", {"dynamic.every": 5}, "unknown key 'dynamic.every'", "update_every"),
     ("rigl", {"masks.enabled": False}, "dynamic.enabled = True", "masks.enabled = false"),
+    ("set", {"masks.method": "nm", "masks.pattern": "2:4"}, "dynamic.enabled = True", "masks.method = 'nm'"),
     ("gmp", {"dynamic.initial_sparsity": 0.5, "dynamic.final_sparsity": 0.3}, "final_sparsity = 0.3 is below "
      "initial_sparsity = 0.5", "final_sparsity >= initial_sparsity"),
     ("gmp", {"dynamic.initial_sparsity": 0.6, "masks.sparsity": 0.5}, "masks.sparsity = 0.5", ">= dynamic.initial"),
@@ -116,8 +117,14 @@ def test_shipped_dynamic_recipes():
 
 def test_no_maskable_layer_is_a_clear_error():
     model = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
-    with pytest.raises(FxSparseError, match="dynamic|mask"):
+    with pytest.raises(FxSparseError) as info:
         fxsparse.transform(model, recipe("rigl"), example_inputs=torch.zeros(2, 1, 8, 8))
+    msg = str(info.value)
+    assert "[dynamic] (method = 'rigl')" in msg and "masks.enabled = false and dynamic.enabled = false" in msg
+    assert "\n" not in msg, msg
+    # with [masks] off, the dynamic pass itself refuses (nothing it could move)
+    with pytest.raises(FxSparseError, match=r"\[dynamic\] method = 'rigl' moves masks, but the model has none"):
+        fxsparse.transform(model, recipe("rigl"), example_inputs=torch.zeros(2, 1, 8, 8), skip=["masks"])
 
 
 def test_schedules():
@@ -273,7 +280,7 @@ def test_probes_survive_a_conversion_after_the_transform():
 
 
 # --------------------------------------------------------------------------- compile
-@pytest.mark.parametrize("method", ["rigl", "set"])
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
 def test_compiled_updates_recompile_nothing(method):
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
@@ -292,10 +299,11 @@ def test_compiled_updates_recompile_nothing(method):
         s_eager.step()
         if sched.step_count < end:
             assert counter.frame_count == 1, f"step {sched.step_count}: recompiled"
-    assert len(sched.mask_updates) == 5
+    assert len(sched.mask_updates) == len(sched.dynamic.schedule.update_steps(STEPS)) >= 4
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # the end of the phase removes the probes from the graph: one recompile, as a ghost removal
-    assert counter.frame_count == (2 if method == "rigl" else 1)
+    # the end of the phase removes the probes (rigl) or the per-layer targets (gmp) from the graph:
+    # one recompile, as a ghost removal; set added nothing to remove
+    assert counter.frame_count == (1 if method == "set" else 2)
     for k, m in masked_parameters(eager).items():  # the compiled run moved the masks exactly as eager did
         assert torch.equal(masked_parameters(gm)[k], m), k
     torch._dynamo.reset()
@@ -395,7 +403,7 @@ def ddp_run(method: str) -> dict:
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
     env = fxdist.init(timeout=timedelta(seconds=60))
-    result = {"world": env.world_size, "rigl": ddp_run("rigl"), "set": ddp_run("set")}
+    result = {"world": env.world_size, **{method: ddp_run(method) for method in ("rigl", "set", "gmp")}}
     torch.save(result, out / f"rank{env.rank}.pt")
     fxdist.destroy()
 
@@ -407,9 +415,10 @@ if __name__ == "__main__":
 def test_ddp_ranks_make_the_identical_update(tmp_path):
     r0, r1 = torchrun_ranks(__file__, tmp_path)
     assert r0["world"] == 2
-    for method in ("rigl", "set"):
+    for method in ("rigl", "set", "gmp"):
         a, b = r0[method], r1[method]
-        assert len(a["updates"]) == 5 and sum(u["grown"] for u in a["updates"]) > 0
+        assert len(a["updates"]) >= 4 and sum(u["dropped"] for u in a["updates"]) > 0
+        assert (sum(u["grown"] for u in a["updates"]) > 0) == (method != "gmp")  # gmp only prunes
         assert a["updates"] == b["updates"]
         for k in a["masks"]:  # bitwise the same masks, weights and everything else on both ranks
             assert torch.equal(a["masks"][k], b["masks"][k]), (method, k)
@@ -418,3 +427,21 @@ def test_ddp_ranks_make_the_identical_update(tmp_path):
     # the ranks' own half-batch gradients would have moved the masks differently
     differ = [k for lo, hi in zip(r0["rigl"]["local"], r1["rigl"]["local"]) for k in lo if not torch.equal(lo[k], hi[k])]
     assert differ, "the test cannot tell: both ranks saw the same gradients"
+
+
+def test_an_update_without_the_optimizer_is_refused_not_left_half_done():
+    # momentum kept at a regrown weight would move it off zero: the update needs the optimizer's state
+    torch.manual_seed(0)
+    gm = fxsparse.transform(Net(), recipe("set"), example_inputs=torch.zeros(2, 1, 8, 8))
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)  # the user's own, not attached
+    before = {k: m.clone() for k, m in masked_parameters(gm).items()}
+    with pytest.raises(FxSparseError, match=r"no optimizer whose state it must zero.*optimizer=opt") as info:
+        for x, y in batches():
+            loss = sched.loss(gm(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    assert "\n" not in str(info.value) and sched.dynamic.schedule.is_update(sched.step_count, STEPS)
+    assert all(torch.equal(before[k], m) for k, m in masked_parameters(gm).items())  # nothing moved

@@ -367,6 +367,10 @@ class DynamicMasks:
         from .. import distributed as fxdist
         from ..passes.mask import masked_parameters
 
+        if optimizer is None:  # momentum or Adam moments left at a regrown weight would move it off zero
+            raise MaskError(f"[dynamic] method = {self.schedule.method!r} updates the masks at step {step}, and the "
+                            f"scheduler has no optimizer whose state it must zero where weights change: pass "
+                            f"RecipeScheduler(..., optimizer=opt) or call sched.build_optimizer()")
         masks = masked_parameters(self.gm)
         params = dict(self.gm.named_parameters(remove_duplicate=False))
         if any(type(params[n]).__name__ == "DTensor" for n in masks):
@@ -383,7 +387,7 @@ class DynamicMasks:
         new = self._decide(step, masks, params, scores if self.schedule.method == "rigl" else None) \
             if fxdist.is_main() else None
         new = fxdist.broadcast_masks(new) if fxdist.is_distributed() else new  # rank 0 decides for all
-        state = optimizer.state if optimizer is not None else {}
+        state = optimizer.state
         layers, dropped_all, grown_all = {}, 0, 0
         for name, mask in masks.items():
             fresh = new[name].to(mask.device)
@@ -398,10 +402,6 @@ class DynamicMasks:
             d, g = int(dropped.sum()), int(grown.sum())
             layers[name] = {"kept": int(fresh.sum()), "dropped": d, "grown": g}
             dropped_all, grown_all = dropped_all + d, grown_all + g
-        if optimizer is None and not getattr(self, "_warned", False):
-            log.warning("dynamic masks: no optimizer attached to the scheduler, so no optimizer state was zeroed at "
-                        "the positions that changed (pass optimizer=... or use sched.build_optimizer())")
-            self._warned = True
         kept, total = sum(r["kept"] for r in layers.values()), sum(m.numel() for m in masks.values())
         record: dict[str, Any] = {"step": step, "fraction": step / self.total_steps, "method": self.schedule.method}
         if self.schedule.method == "gmp":
