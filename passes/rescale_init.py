@@ -132,6 +132,9 @@ class RescaleInitPass(FxSparsePass):
                 else:
                     x2, y2 = next(batches)
                     step = [g.detach() / (gnorm.detach() if self.normalize_grad else 1.0) for g in grads]
+                    # the lookahead needs only the detached step: free the gradient's double-backward
+                    # graph before the second forward, not when the next iteration overwrites it
+                    del loss, gnorm, grads
                     moved = {n: scales[i] * base[n] - self.eta * step[i] for i, n in enumerate(names)}
                     out = functional_call(gm, moved, (torch.cat([x0, x2]),))
                     objective = self.loss_fn(out, torch.cat([y0, y2])) / self.eta
@@ -139,6 +142,7 @@ class RescaleInitPass(FxSparsePass):
                     self.report.last_loss = objective.item() * self.eta
                 opt.zero_grad(set_to_none=True)
                 objective.backward()
+                loss = gnorm = grads = objective = None  # one iteration's graph alive at a time, not two
                 with torch.no_grad():
                     scales.grad.clamp_(-self.grad_clip, self.grad_clip)
                     opt.step()
