@@ -203,7 +203,7 @@ def sweep(
     after that many models (default: 10 with ``pipeline``, never without), and sooner when its
     resident memory after a model is above ``max_rss_mb`` (default with ``pipeline``: 4096, or a
     quarter of the machine's memory if that is less; memory freed inside a process is not always
-    given back, and a worker that held 20 GB after ten large models was killed by the next one).
+    given back: one worker held 19.8 GB after ten models, leaving the next large one too little).
     """
     if pipeline is True:
         pipeline = PipelineOptions()
