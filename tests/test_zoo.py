@@ -315,20 +315,20 @@ def test_a_worker_lost_in_the_pipeline_is_reported_with_its_stage():
 
 
 def test_workers_report_their_peak_memory_per_stage_and_retire_above_the_limit():
-    specs = ["test_zoo:tiny_net", "test_zoo:no_layers_net", "test_zoo:dropout_chain_net"]
+    specs = ["test_zoo:tiny_net", "test_zoo:no_layers_net"]
     # a limit no process is under: every model gets a fresh worker, and none is lost on the way
     fresh = zoo.sweep(specs, workers=1, timeout=120, pipeline=True, max_rss_mb=1, progress=False)
-    assert [r.model for r in fresh] == specs and [r.worker_models_before for r in fresh] == [0, 0, 0]
-    assert [r.pipeline for r in fresh] == ["ok", "error", "ok"]
+    assert [r.model for r in fresh] == specs and [r.worker_models_before for r in fresh] == [0, 0]
+    assert [r.pipeline for r in fresh] == ["ok", "error"]
     for r in fresh:
         assert r.peak_rss_mb > 50  # torch alone is more than that
         assert set(r.stage_s) <= set(r.stage_rss_mb)  # a peak for every stage that ran (and the meta trace)
         assert max(r.stage_rss_mb.values()) <= r.peak_rss_mb
     # no limit: one worker checks them all
     shared = zoo.sweep(specs, workers=1, timeout=120, pipeline=True, max_rss_mb=1e9, progress=False)
-    assert [r.worker_models_before for r in shared] == [0, 1, 2]
+    assert [r.worker_models_before for r in shared] == [0, 1]
     mem = zoo.summarize_pipeline(shared)["peak_rss_mb"]
-    assert mem["measured"] == 3 and mem["max"] == round(max(r.peak_rss_mb for r in shared))
+    assert mem["measured"] == 2 and mem["max"] == round(max(r.peak_rss_mb for r in shared))
     assert mem["max_stage"] in shared[0].stage_s
 
 
