@@ -249,6 +249,15 @@ def test_an_empty_selection_is_a_readable_error(capsys):
     assert "no models to sweep" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--worker-memory", "0"], "--worker-memory must be a positive number of MB; got 0"),
+    (["--pipeline", "--lrsi-iters", "0"], "--lrsi-iters must be at least 1"),
+])
+def test_bad_sweep_options_are_readable_errors(capsys, argv, says):
+    assert main(["zoo", "--model", "test_zoo:tiny_net", "--no-progress", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------- the pipeline (--pipeline)
 def test_pipeline_runs_every_stage_and_reports_budget_skips(tmp_path):
     out = tmp_path / "pipe.json"

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds per model before its worker is killed (default: 120; 900 with --pipeline)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                    help="worker processes (default: 2; 0 runs in this process, without timeout or isolation)")
+    p.add_argument("--worker-memory", type=float, default=None, metavar="MB",
+                   help="replace a worker with a fresh process once it holds more than MB of resident memory "
+                   "after a model (default with --pipeline: 4096, or a quarter of the machine's memory)")
     p.add_argument("--numeric", action="store_true",
                    help="also build small models on CPU with random weights and check that the traced "
                    "graph's eval output equals the module's")
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         "device": "meta",
     }
     pipeline = None
+    if args.worker_memory is not None and not args.worker_memory > 0:
+        raise FxSparseError(f"--worker-memory must be a positive number of MB; got {args.worker_memory:g}.")
     if args.pipeline:
         if args.lrsi_iters < 1:
             raise FxSparseError(f"--lrsi-iters must be at least 1; got {args.lrsi_iters}.")
@@ -147,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         numeric=args.numeric,
         max_params=budget,
         pipeline=pipeline,
+        max_rss_mb=args.worker_memory,
         time_budget=args.time_budget,
         progress=not args.no_progress,
         on_result=on_result,
