@@ -94,3 +94,28 @@ def test_edge_costs(capsys):
     e = row["eager"]
     assert e["removal_s"] > 0 and e["first_step_after_s"] > 0 and e["step_after_s"] > 0
     assert "| fxsparse.nets:resnet8 | eager |" in bench.edges_markdown([row])
+
+
+def test_recipe_overrides_reach_the_ghost_variants(tmp_path, capsys):
+    import pytest
+
+    from fxsparse.errors import RecipeError
+    from fxsparse.passes.ghost_channels import GROUP
+    from fxsparse.pass_infra import container
+
+    def ghost_channels(config):
+        model, x, _ = bench.create_model(MODEL, config)
+        masks = bench.random_masks(model, x, config.sparsity)
+        gm = bench.build_variant("ghosts", model, masks, x, config.ghost_recipe())
+        return sum(b.weight.shape[0] for b in container(gm, GROUP).children())
+
+    default, fewer = bench.BenchConfig(**TINY), bench.BenchConfig(**TINY, overrides={"ghost_channels.ratio": 0.1})
+    assert ghost_channels(fewer) < ghost_channels(default)
+    assert fewer.ghost_recipe("ghost_channels").passes["ghost_channels"].options["ratio"] == 0.1  # one technique too
+    with pytest.raises(RecipeError, match="ghost_channels.ratioo"):
+        bench.BenchConfig(**TINY, overrides={"ghost_channels.ratioo": 0.1})
+    out = tmp_path / "r"
+    assert main(["bench", "--models", MODEL, "--modes", "eager", "--variants", "masked", "ghosts", "--batch", "2",
+                 "--size", "16", "--rounds", "1", "--warmup", "1", "--no-memory", "--no-transform",
+                 "--set", "ghost_channels.ratio=0.1", "--out", str(out)]) == 0
+    assert {r["recipe"] for r in bench.read_rows(out / bench.RESULTS)} == {"tost ghost_channels.ratio=0.1"}

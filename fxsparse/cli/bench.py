@@ -14,6 +14,7 @@ examples:
   fxsparse bench --zoo --out runs/bench                     # transform time over the test zoo
   fxsparse bench --zoo --zoo-source timm --limit 50         # ... or over the first 50 timm models
   fxsparse bench --device cuda --batch 64 --size 224        # GPU: bf16 autocast and channels_last on
+  fxsparse bench --variants masked ghosts --set ghost_channels.ratio=0.1   # another ghost phase
 
 Ratios are medians over alternating rounds of (variant step time / reference step time in the
 same round): masked, prune and parametrize against dense, ghosts against masked. See
@@ -23,6 +24,7 @@ docs/benchmarks.md.
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..tools.bench import ALL_VARIANTS, MODELS, MODES, VARIANTS
+    from .common import add_set_arg
 
     p = subparsers.add_parser(
         "bench", help="speed study: training-step time and peak memory of dense, masked, ghost phase, "
@@ -47,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last (default: on for CUDA)")
+    p.add_argument("--recipe", default="tost", metavar="R",
+                   help="the ghost phase's recipe, a name or a TOML path (default: tost)")
+    add_set_arg(p, "override a key of the ghost variants' recipes (e.g. ghost_channels.ratio=0.1); repeatable")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
     p.add_argument("--no-transform", dest="transform", action="store_false", help="skip the transform timing")
     p.add_argument("--out", metavar="DIR", help="append rows to DIR/bench.jsonl (zoo: zoo.jsonl) and skip what "
@@ -65,6 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..tools import bench
+    from .common import parse_sets
 
     out = Path(args.out) if args.out else None
     if args.report_only and out is None:
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         config = bench.BenchConfig(
             models=tuple(args.models), modes=tuple(args.modes), batch=args.batch, size=args.size or None,
             sparsity=args.sparsity, warmup=args.warmup, threads=args.threads, device=args.device, bf16=args.bf16,
-            channels_last=args.channels_last, out=args.out)
+            channels_last=args.channels_last, out=args.out, recipe=args.recipe, overrides=parse_sets(args.sets))
         path = out / bench.EDGE_RESULTS if out else None
         rows = bench.read_rows(path) if path else []
         if not args.report_only:
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             models=tuple(args.models), variants=tuple(args.variants), modes=tuple(args.modes), batch=args.batch,
             size=args.size or None, sparsity=args.sparsity, warmup=args.warmup, rounds=args.rounds,
             threads=args.threads, device=args.device, bf16=args.bf16, channels_last=args.channels_last,
-            memory=args.memory, transform=args.transform, out=args.out)
+            memory=args.memory, transform=args.transform, out=args.out, recipe=args.recipe,
+            overrides=parse_sets(args.sets))
         rows = bench.read_rows(out / bench.RESULTS) if args.report_only else bench.run_bench(config)
         if args.json:
             text = json.dumps(rows, indent=1)

@@ -77,6 +77,12 @@ GHOST_VARIANTS = ("ghost_neurons", "ghost_skips", "ghost_channels")
 BEFORE_VARIANTS = {"masked_mul": "masked", "ghosts_mul": "ghosts", "ghosts_unfused": "ghosts",
                    "ghost_neurons_unfused": "ghost_neurons"}
 ALL_VARIANTS = VARIANTS + GHOST_VARIANTS + tuple(BEFORE_VARIANTS)
+
+
+def _is_ghost_variant(kind: str) -> bool:
+    """Whether ``kind`` is a graph of a ghost recipe (the ghost phase, one technique, or their forms before)."""
+    kind = BEFORE_VARIANTS.get(kind, kind)
+    return kind == "ghosts" or kind in GHOST_VARIANTS
 MODES = ("eager", "compiled")
 MODELS = ("resnet18", "resnet50", "vit_tiny_patch16_224", "efficientnet_b0")
 # what each variant's time is divided by: masks against dense, the ghost phase against the mask
@@ -114,6 +120,8 @@ class BenchConfig:
     num_classes: int = 1000
     out: str | None = None  # a directory: rows appended to bench.jsonl, finished (model, mode) skipped
     progress: bool = True
+    recipe: str = "tost"  # the ghost phase's recipe (name or TOML path): its ghost passes and options
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe keys, e.g. {"ghost_channels.ratio": 0.1}
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in ALL_VARIANTS]
@@ -129,6 +137,18 @@ class BenchConfig:
         cuda = self.device.startswith("cuda")
         self.bf16 = cuda if self.bf16 is None else self.bf16
         self.channels_last = cuda if self.channels_last is None else self.channels_last
+        self.ghost_recipe()  # a bad recipe or key fails now, not after the first model
+
+    def ghost_recipe(self, kind: str = "ghosts"):
+        """The recipe a ghost variant runs: ``recipe`` for ``ghosts``, the technique's ablation
+        recipe for one technique; ``overrides`` on both."""
+        from ..recipe import load_recipe
+
+        return load_recipe(self.recipe if kind == "ghosts" else kind, self.overrides)
+
+    @property
+    def recipe_label(self) -> str:
+        return " ".join([self.recipe, *(f"{k}={v}" for k, v in self.overrides.items())])
 
 
 # --------------------------------------------------------------------------- building
@@ -164,13 +184,15 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(path), attr
 
 
-def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` masked (or not) the ``kind`` way; ``model`` is left untouched."""
+def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor,
+                  recipe: Any = None) -> nn.Module:
+    """A copy of ``model`` masked (or not) the ``kind`` way; ``model`` is left untouched. ``recipe``:
+    the ghost variants' recipe (default: ``tost``, or the technique's ablation recipe)."""
     import fxsparse
     from ..passes.mask import MaskPass
 
     if kind in BEFORE_VARIANTS:
-        return plain_forms(build_variant(BEFORE_VARIANTS[kind], model, masks, x), mask=kind.endswith("_mul"))
+        return plain_forms(build_variant(BEFORE_VARIANTS[kind], model, masks, x, recipe), mask=kind.endswith("_mul"))
     model = copy.deepcopy(model)
     if kind == "dense":
         return model
@@ -182,7 +204,7 @@ def build_variant(kind: str, model: nn.Module, masks: dict[str, torch.Tensor], x
         # the tost recipe's passes with its options (or one technique's ablation recipe), minus
         # LRsI: it only rescales weights
         torch.manual_seed(0)  # ghost branch initializations
-        recipe = "tost" if kind == "ghosts" else kind
+        recipe = recipe if recipe is not None else "tost" if kind == "ghosts" else kind
         return fxsparse.transform(model, recipe, masks=masks, example_inputs=x, skip=("rescale",), copy=False)
     if kind == "prune":
         from torch.nn.utils import prune
@@ -355,7 +377,8 @@ def _build_runners(name: str, mode: str, config: BenchConfig, model: nn.Module, 
     for kind in config.variants:
         counters.clear()
         try:
-            r = Runner(kind, build_variant(kind, model, masks, x), mode == "compiled", x, y, config.bf16,
+            recipe = config.ghost_recipe(BEFORE_VARIANTS.get(kind, kind)) if _is_ghost_variant(kind) else None
+            r = Runner(kind, build_variant(kind, model, masks, x, recipe), mode == "compiled", x, y, config.bf16,
                        config.channels_last)
             t = time.perf_counter()
             for _ in range(config.warmup):
@@ -414,7 +437,7 @@ def compiled_over_eager(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str],
 
 
 # --------------------------------------------------------------------------- transform time
-def transform_times(model: nn.Module, x: torch.Tensor, sparsity: float = 0.9) -> dict[str, float]:
+def transform_times(model: nn.Module, x: torch.Tensor, sparsity: float = 0.9, recipe: Any = "tost") -> dict[str, float]:
     """Seconds of each stage of the tost pipeline (LRsI left out: it trains) on a copy of ``model``:
     trace, mask scoring, MaskPass, each ghost pass, and removing every ghost again."""
     import fxsparse
@@ -422,7 +445,7 @@ def transform_times(model: nn.Module, x: torch.Tensor, sparsity: float = 0.9) ->
     from ..passes.mask import MaskPass
     from ..recipe import load_recipe
 
-    recipe = load_recipe("tost")
+    recipe = load_recipe(recipe)
     model = copy.deepcopy(model)
     out: dict[str, float] = {}
     t = time.perf_counter()
@@ -474,10 +497,10 @@ def edge_costs(name: str, config: BenchConfig, lrsi_iters: int = 3,
     torch.manual_seed(0)
     cpu = copy.deepcopy(model).cpu()
     t, c = time.perf_counter(), time.process_time()
-    fxsparse.transform(cpu, "tost", example_inputs=x[:2].cpu(), skip=("rescale",), copy=False)
+    fxsparse.transform(cpu, config.ghost_recipe(), example_inputs=x[:2].cpu(), skip=("rescale",), copy=False)
     # process CPU time too: on a loaded machine the wall time is mostly waiting for a core
     out["transform_s"], out["transform_cpu_s"] = time.perf_counter() - t, time.process_time() - c
-    out["transform"] = transform_times(model.cpu(), x[:2].cpu(), config.sparsity)
+    out["transform"] = transform_times(model.cpu(), x[:2].cpu(), config.sparsity, config.ghost_recipe())
     model = model.to(config.device)
 
     masked = build_variant("masked", model, masks, x)
@@ -501,7 +524,7 @@ def edge_costs(name: str, config: BenchConfig, lrsi_iters: int = 3,
         f"masked step {out['masked_step_s']:.3f} s")
     for mode in config.modes:
         torch._dynamo.reset()
-        gm = build_variant("ghosts", model, masks, x)
+        gm = build_variant("ghosts", model, masks, x, config.ghost_recipe())
         r = Runner("ghosts", gm, mode == "compiled", x, y, config.bf16, config.channels_last)
         for _ in range(config.warmup):
             r.step()
@@ -647,12 +670,13 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
             say(f"{name} {mode} (load average {os.getloadavg()[0]:.1f})")
             new = bench_model(name, mode, config, say)
             extra = {"batch": config.batch, "size": config.size, "sparsity": config.sparsity, "device": config.device,
-                     "bf16": config.bf16, "channels_last": config.channels_last, "machine": info,
+                     "bf16": config.bf16, "channels_last": config.channels_last, "recipe": config.recipe_label,
+                     "machine": info,
                      "load_average_after": round(os.getloadavg()[0], 2)}
             new = [{**r, **extra} for r in new]
             if config.transform and mode == config.modes[0]:
                 model, x, _ = create_model(name, config)
-                times = transform_times(model.cpu(), x[:2].cpu(), config.sparsity)
+                times = transform_times(model.cpu(), x[:2].cpu(), config.sparsity, config.ghost_recipe())
                 for r in new:
                     r["transform_s"] = times
             rows += new
