@@ -185,7 +185,9 @@ def test_a_crash_or_a_hang_is_recorded_and_the_sweep_goes_on():
     seen = []
     # the timeout bounds every model, not only the hanging one: 15 s leaves a loaded machine room
     # for the others (tiny models, traced in well under a second when the machine is quiet)
-    results = zoo.sweep(specs, workers=2, timeout=15, progress=False, on_result=lambda r: seen.append(r.model))
+    # (per source: these are all "user" models; a default of 600 s would make the hang take that long)
+    results = zoo.sweep(specs, workers=2, timeout={"user": 15, "default": 600}, progress=False,
+                        on_result=lambda r: seen.append(r.model))
     by_name = {r.model: r for r in results}
     assert [r.model for r in results] == specs  # the report keeps the requested order
     assert sorted(seen) == sorted(specs)
@@ -252,6 +254,9 @@ def test_an_empty_selection_is_a_readable_error(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["--worker-memory", "0"], "--worker-memory must be a positive number of MB; got 0"),
     (["--pipeline", "--lrsi-iters", "0"], "--lrsi-iters must be at least 1"),
+    (["--timeout-for", "torchvision=0"], "--timeout-for takes SOURCE=S (e.g. torchvision=3600), SOURCE one of"),
+    (["--timeout-for", "tv=60"], "got 'tv=60'"),
+    (["--max-params-for", "torchvision"], "--max-params-for takes SOURCE=M"),
 ])
 def test_bad_sweep_options_are_readable_errors(capsys, argv, says):
     assert main(["zoo", "--model", "test_zoo:tiny_net", "--no-progress", *argv]) == 2

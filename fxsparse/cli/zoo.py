@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N models (after --filter)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds per model before its worker is killed (default: 120; 900 with --pipeline)")
+    p.add_argument("--timeout-for", action="append", default=[], metavar="SOURCE=S",
+                   help="another --timeout for one source (timm, torchvision, user), e.g. torchvision=3600; repeatable")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                    help="worker processes (default: 2; 0 runs in this process, without timeout or isolation)")
     p.add_argument("--worker-memory", type=float, default=None, metavar="MB",
@@ -63,6 +65,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _per_source(value: float, items: list[str], flag: str, form: str, *, zero: bool = False) -> float | dict[str, float]:
+    """``value``, or ``{"default": value, SOURCE: X, ...}`` from ``flag``'s SOURCE=X items (X > 0, or
+    X >= 0 with ``zero``)."""
+    if not items:
+        return value
+    out = {"default": value}
+    for item in items:
+        source, sep, text = item.partition("=")
+        try:
+            if not sep or source not in ("timm", "torchvision", "user"):
+                raise ValueError
+            out[source] = float(text)
+            if not (out[source] >= 0 if zero else out[source] > 0):
+                raise ValueError
+        except ValueError:
+            raise FxSparseError(f"{flag} takes {form}, SOURCE one of timm, torchvision, user, and a "
+                                f"{'non-negative' if zero else 'positive'} number; got {item!r}.") from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from ..tools import zoo
 
@@ -70,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         args.timeout = 900.0 if args.pipeline else 120.0
     if args.timeout <= 0:
         raise FxSparseError(f"--timeout must be a positive number of seconds; got {args.timeout:g}.")
+    budget = _per_source(args.max_params, args.max_params_for, "--max-params-for", "SOURCE=M (e.g. torchvision=inf)",
+                         zero=True)
+    timeout = _per_source(args.timeout, args.timeout_for, "--timeout-for", "SOURCE=S (e.g. torchvision=3600)")
     explicit = list(args.model)
     if args.models_from:
         explicit += _read_model_list(args.models_from)
@@ -135,19 +160,13 @@ def run(args: argparse.Namespace) -> int:
             since_report = 0
             zoo.write_report([done[s] for s in specs if s in done], out, settings=settings, title=title)
 
-    budget: float | dict[str, float] = args.max_params
-    if args.max_params_for:
-        budget = {"default": args.max_params}
-        for item in args.max_params_for:
-            source, _, value = item.partition("=")
-            try:
-                budget[source] = float(value)
-            except ValueError:
-                raise FxSparseError(f"--max-params-for takes SOURCE=M (e.g. torchvision=inf); got {item!r}.") from None
+    if isinstance(budget, dict):
         settings["max_params_for"] = {k: (int(v) if math.isfinite(v) else "none") for k, v in budget.items()}
+    if isinstance(timeout, dict):
+        settings["timeout_for"] = timeout
     zoo.sweep(
         todo,
-        timeout=args.timeout,
+        timeout=timeout,
         workers=args.workers,
         numeric=args.numeric,
         max_params=budget,

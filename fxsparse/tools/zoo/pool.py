@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from .pipeline import PipelineOptions, check_pipeline
-from .result import DEFAULT_MAX_PARAMS, ModelResult
+from .result import DEFAULT_MAX_PARAMS, ModelResult, per_source
 from .trace_check import check_model
 
 
@@ -180,7 +180,7 @@ class _Worker:
 def sweep(
     specs: Sequence[str],
     *,
-    timeout: float = 120.0,
+    timeout: float | dict[str, float] = 120.0,
     workers: int = 2,
     numeric: bool = False,
     max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
@@ -193,7 +193,8 @@ def sweep(
 ) -> list[ModelResult]:
     """Check every spec (see ``check_model``) in ``workers`` processes; results in ``specs`` order.
 
-    A model that takes longer than ``timeout`` seconds, or whose worker dies, is recorded as
+    A model that takes longer than ``timeout`` seconds (a number, or one per source as
+    ``{"torchvision": 3600, "default": 900}``), or whose worker dies, is recorded as
     ``"timeout"`` / ``"crashed"`` and its worker replaced. ``workers=0`` runs everything in this
     process: no isolation and no timeout, but easy to debug. After ``time_budget`` seconds no
     new model is started: the models not reached are left out of the results.
@@ -246,8 +247,13 @@ def sweep(
     return [results[s] for s in specs if s in results]
 
 
-def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeout: float,
+def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeout: float | dict[str, float],
               workers: int, options: dict[str, Any], stop_at: float = math.inf) -> None:
+    from fxsparse.models import source_of
+
+    def seconds(spec: str) -> float:
+        return per_source(timeout, source_of(spec), 120.0)
+
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
     pending = collections.deque(specs)
     pool = [_Worker(ctx, options) for _ in range(workers)]
@@ -256,7 +262,8 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
         while (pending and time.monotonic() < stop_at) or any(w.spec is not None for w in pool):
             for w in pool:
                 if w.ready and not w.retiring and w.spec is None and pending and time.monotonic() < stop_at:
-                    w.submit(pending.popleft(), timeout)
+                    spec = pending.popleft()
+                    w.submit(spec, seconds(spec))
             now = time.monotonic()
             deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in pool]
             wait_s = max(0.0, min(deadlines) - now)
@@ -273,7 +280,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
                 elif reason == "retired":  # it retired holding a model it never started: not the model's fault
                     pending.appendleft(w.spec)
                 elif w.spec is not None:
-                    record(_lost(w.spec, reason, timeout, w.process, stage=w.stage,
+                    record(_lost(w.spec, reason, seconds(w.spec), w.process, stage=w.stage,
                                  pipeline=options.get("pipeline") is not None))
                     failed_starts = 0
                 elif not w.ready:

@@ -68,12 +68,18 @@ class ModelResult:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def per_source(value: float | collections.abc.Mapping[str, float], source: str, default: float) -> float:
+    """A setting that may differ per model source: ``value`` itself, or its entry for ``source``
+    (else its ``"default"``, else ``default``) when it is a mapping."""
+    if isinstance(value, collections.abc.Mapping):
+        return value.get(source, value.get("default", default))
+    return value
+
+
 def budget_for(max_params: float | collections.abc.Mapping[str, float], source: str) -> float:
-    """The parameter budget of a model from ``source``: ``max_params`` itself, or its entry for the
-    source (else its ``"default"``, else ``DEFAULT_MAX_PARAMS``) when it is a budget per source."""
-    if isinstance(max_params, collections.abc.Mapping):
-        return max_params.get(source, max_params.get("default", DEFAULT_MAX_PARAMS))
-    return max_params
+    """The parameter budget of a model from ``source`` (``per_source``; ``DEFAULT_MAX_PARAMS`` when a
+    mapping names neither the source nor a default)."""
+    return per_source(max_params, source, DEFAULT_MAX_PARAMS)
 
 
 def bare(spec: str) -> str:
