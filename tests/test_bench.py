@@ -109,8 +109,8 @@ def test_recipe_overrides_reach_the_ghost_variants(tmp_path, capsys):
         gm = bench.build_variant("ghosts", model, masks, x, config.ghost_recipe())
         return sum(b.weight.shape[0] for b in container(gm, GROUP).children())
 
-    default, fewer = bench.BenchConfig(**TINY), bench.BenchConfig(**TINY, overrides={"ghost_channels.ratio": 0.1})
-    assert ghost_channels(fewer) < ghost_channels(default)
+    more, fewer = (bench.BenchConfig(**TINY, overrides={"ghost_channels.ratio": r}) for r in (0.5, 0.1))
+    assert ghost_channels(fewer) < ghost_channels(more)
     assert fewer.ghost_recipe("ghost_channels").passes["ghost_channels"].options["ratio"] == 0.1  # one technique too
     with pytest.raises(RecipeError, match="ghost_channels.ratioo"):
         bench.BenchConfig(**TINY, overrides={"ghost_channels.ratioo": 0.1})
