@@ -712,10 +712,12 @@ def parse_where(where: str) -> tuple[str, ...]:
 
 
 def stem_layer(gm: GraphModule, plain: set[Node] | None = None) -> Node | None:
-    """The first conv/linear layer node that every input-to-output path goes through: the layer
-    the input reaches first (a CIFAR ResNet's or VGG's first conv), None if there is none."""
+    """The stem: the first conv/linear layer node in graph order, when every input-to-output path
+    goes through it (a CIFAR ResNet's or VGG's first conv); None when the input first reaches
+    parallel layers (an Inception-style first block has no single stem)."""
     plain = articulation_nodes(gm) if plain is None else plain
-    return next((n for n in gm.graph.nodes if n in plain and layer_call(gm, n) is not None), None)
+    first = next((n for n in gm.graph.nodes if layer_call(gm, n) is not None), None)
+    return first if first in plain else None
 
 
 def site_filter(gm: GraphModule, where: str) -> Callable[[Node], bool]:

@@ -208,6 +208,34 @@ def test_where_reads_residual_bypasses_from_the_graph(build, plain, bypassed):
     assert counts["bypassed+stem"] == bypassed + 1
 
 
+class _TwoStems(nn.Module):
+    """The input reaches two parallel convs first: no single stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.bn_a(self.a(x))), torch.relu(self.bn_b(self.b(x)))], 1)
+        return torch.relu(self.bn(self.head(y))).mean((2, 3))
+
+
+def test_a_network_with_parallel_first_layers_has_no_stem():
+    from fxsparse.graph import stem_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxsparse.trace(_TwoStems(), x)
+    assert stem_layer(gm) is None  # not `head`, the first layer every path goes through
+    p = GhostSkipPass(where="stem")
+    p(gm)
+    assert p.stats["conv_edges"] == 0 and p.stats["skipped"] >= 2
+    assert all("this layer is not the stem" in why for why in p.skipped.values())
+
+
 @pytest.mark.parametrize("where", ["residual", "stem+stem", "all+stem", "", "bypassed+"])
 def test_where_refuses_unknown_kinds(where):
     with pytest.raises(PassError, match="where must be 'all', one of"):
