@@ -18,6 +18,7 @@ Conventions (see docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections import Counter
 from typing import Any, Callable, ClassVar, Iterator, Sequence
@@ -246,7 +247,7 @@ class FxSparsePass(PassBase):
             raise pass_error(self.name, e, node=node, hint=self.hint(e)) from e
         if result is None:
             result = PassResult(graph_module, bool(self.stats))
-        if result.modified:
+        if result.modified and not _MANAGED.get():  # run_passes' PassManager recompiles after each pass
             recompile(result.graph_module)
         summary = self.summary()
         log.info("%s: %s", self.name, summary)
@@ -302,6 +303,11 @@ def _reported(p: Callable, check: bool) -> Callable:
     return run
 
 
+# True while run_passes runs: torch's PassManager recompiles the module after every pass, so a
+# pass does not recompile it too (code generation is a tenth of a ResNet-50's transform)
+_MANAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsparse_managed_passes", default=False)
+
+
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:
     """Run ``passes`` in order with ``torch.fx``'s PassManager, checking the graph after each.
 
@@ -313,6 +319,7 @@ def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = Tru
     pm = PassManager(passes=[_reported(p, check) for p in passes], run_checks_after_each_pass=False)
     if check:
         pm.add_checks(check_graph)
+    managed = _MANAGED.set(True)
     try:
         return pm(gm)
     except FxSparseError:
@@ -326,3 +333,5 @@ def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = Tru
         if error is None:
             raise
         raise PassError(f"{e}: {type(error).__name__}: {error}", cause=error) from error
+    finally:
+        _MANAGED.reset(managed)

@@ -510,7 +510,6 @@ def _mode_guard_hook(module: nn.Module, args: Any) -> None:
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     """Fill ``node.meta["tensor_meta"]`` by running the graph on fake (or meta) tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.shape_prop import ShapeProp
 
     inputs = _as_tuple(example_inputs)
     on_meta = any(t.is_meta for t in inputs if isinstance(t, torch.Tensor)) or any(
@@ -525,7 +524,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) ->
             else:
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-                ShapeProp(gm, fake_mode=mode).propagate(*fake)
+                _fake_state_shape_prop_class()(gm, mode).propagate(*fake)
     except Exception as e:
         if not on_meta and _data_dependent(e):
             # a leaf that branches on tensor values (the fix trace errors suggest) cannot run on
@@ -617,6 +616,38 @@ def _same_sequence(like: Sequence, items: list) -> Any:
 
 
 @functools.cache
+@functools.cache
+def _fake_state_shape_prop_class() -> type:
+    from torch.fx.passes.shape_prop import ShapeProp
+    from torch.func import functional_call
+
+    class FakeStateShapeProp(ShapeProp):
+        """ShapeProp on fake tensors without a fake copy of the whole module.
+
+        torch's ShapeProp deep-copies the GraphModule onto fake tensors first (half of a trace's
+        time on a ResNet-50). Here each parameter and buffer is made fake where it is read (the
+        mode memoizes the conversion), and a module runs through ``functional_call`` on them: the
+        same fake kernels on the same fake values, and the real module's state is never written
+        (train-mode BatchNorm updates the fake running statistics).
+        """
+
+        def __init__(self, gm: torch.fx.GraphModule, fake_mode: Any) -> None:
+            torch.fx.Interpreter.__init__(self, gm)
+            self.fake_module, self.fake_mode, self.real_module = None, fake_mode, self.module
+
+        def get_attr(self, target, args, kwargs):
+            value = super().get_attr(target, args, kwargs)
+            return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+        def call_module(self, target, args, kwargs):
+            module = self.fetch_attr(target)
+            state = {name: self.fake_mode.from_tensor(t) for name, t in (
+                *module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))}
+            return functional_call(module, state, tuple(args), dict(kwargs))
+
+    return FakeStateShapeProp
+
+
 def _meta_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
 

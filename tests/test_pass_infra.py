@@ -146,3 +146,28 @@ def test_ghost_skips_name_the_conv_they_failed_at(monkeypatch, stage):
     monkeypatch.setattr(ghost_skips.GhostSkipPass, stage, broken)
     with pytest.raises(PassError, match=r"^GhostSkipPass failed at node conv .*unexpected geometry"):
         ghost_skips.GhostSkipPass()(gm)
+
+
+class _Renames(FxSparsePass):
+    """Changes the graph (a node's name) so that it has to be recompiled."""
+
+    group = "renaming"
+
+    def call(self, gm):
+        node = next(n for n in gm.graph.nodes if n.op == "call_module")
+        node.name = f"{node.name}_{len(self.stats)}x"
+        self.stats["renamed"] += 1
+        return PassResult(gm, True)
+
+
+def test_under_run_passes_each_pass_is_recompiled_once(monkeypatch):
+    gm = _gm()
+    calls = []
+    original = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: calls.append(1) or original(self))
+    run_passes(gm, [_Renames(), _Renames()])
+    assert len(calls) == 2  # PassManager's, after each pass: not a second one from the pass itself
+    assert "_0x" in gm.code  # and the code is the rewritten graph's
+    calls.clear()
+    _Renames()(gm)  # called directly, a pass recompiles what it changed itself
+    assert len(calls) == 1 and gm.code.count("_0x") >= 1

@@ -240,3 +240,30 @@ def test_functional_dropout_follows_the_runtime_mode():
     assert compare(model, gm, x, modes=("train", "eval")) == []
     gm.eval()
     assert torch.equal(gm(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("spec, size", [
+    ("tv:resnet18", (3, 64, 64)), ("convnext_atto", (3, 64, 64)), ("vit_tiny_patch16_224", (3, 224, 224)),
+    ("torchvision.models.densenet:DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2)",
+     (3, 32, 32)),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_shapes_are_torchs_shapeprop_without_a_fake_copy_of_the_module(spec, size, training):
+    """trace's shape propagation reads each parameter and buffer as a fake tensor where it is used
+    instead of deep-copying the module onto fake tensors: the same metadata as torch's ShapeProp
+    (strides and memory formats included: conv and attention kernels choose them per device), and
+    the real module's state untouched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    torch.manual_seed(0)
+    model = fxsparse.models.create(spec).train(training)
+    x = torch.randn(2, *size)
+    gm = fxsparse.trace(model, x)
+    ours = {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(x))
+    assert ours == {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
+    fxsparse.trace(model, x)  # train-mode BatchNorm ran on fake running statistics, not on these
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -32,7 +32,7 @@ def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool, device=values.device)
     threshold = values.kthvalue(n - k + 1).values  # the k-th largest value
     keep = values > threshold
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))
     tied = (values == threshold).nonzero().squeeze(1)[:missing]
     keep[tied] = True
     return keep
