@@ -616,7 +616,6 @@ def _same_sequence(like: Sequence, items: list) -> Any:
 
 
 @functools.cache
-@functools.cache
 def _fake_state_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.func import functional_call
@@ -648,6 +647,7 @@ def _fake_state_shape_prop_class() -> type:
     return FakeStateShapeProp
 
 
+@functools.cache
 def _meta_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
 
