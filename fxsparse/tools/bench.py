@@ -48,7 +48,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -77,12 +77,6 @@ GHOST_VARIANTS = ("ghost_neurons", "ghost_skips", "ghost_channels")
 BEFORE_VARIANTS = {"masked_mul": "masked", "ghosts_mul": "ghosts", "ghosts_unfused": "ghosts",
                    "ghost_neurons_unfused": "ghost_neurons"}
 ALL_VARIANTS = VARIANTS + GHOST_VARIANTS + tuple(BEFORE_VARIANTS)
-
-
-def _is_ghost_variant(kind: str) -> bool:
-    """Whether ``kind`` is a graph of a ghost recipe (the ghost phase, one technique, or their forms before)."""
-    kind = BEFORE_VARIANTS.get(kind, kind)
-    return kind == "ghosts" or kind in GHOST_VARIANTS
 MODES = ("eager", "compiled")
 MODELS = ("resnet18", "resnet50", "vit_tiny_patch16_224", "efficientnet_b0")
 # what each variant's time is divided by: masks against dense, the ghost phase against the mask
@@ -96,6 +90,12 @@ EDGE_RESULTS = "edges.jsonl"
 
 class BenchError(FxSparseError):
     """The benchmark cannot run as asked."""
+
+
+def _is_ghost_variant(kind: str) -> bool:
+    """Whether ``kind`` is a graph of a ghost recipe (the ghost phase, one technique, or their forms before)."""
+    kind = BEFORE_VARIANTS.get(kind, kind)
+    return kind == "ghosts" or kind in GHOST_VARIANTS
 
 
 @dataclass
@@ -488,7 +488,6 @@ def edge_costs(name: str, config: BenchConfig, lrsi_iters: int = 3,
       torch.compile it recompiles the smaller graph) and ``step_after_s`` (the step after that).
     """
     import fxsparse
-    from ..passes.mask import MaskPass
     from ..passes.rescale_init import RescaleInitPass
 
     model, x, y = create_model(name, config)
