@@ -25,7 +25,7 @@ __all__ = [
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
     "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
     "activation_reach", "is_residual_add", "articulation_nodes", "stem_layer", "SITE_KINDS",
-    "SITE_FILTERS", "parse_where", "site_filter", "describe_where",
+    "parse_where", "site_filter", "describe_where",
 ]
 
 
@@ -697,7 +697,6 @@ def articulation_nodes(gm: GraphModule) -> set[Node]:
 # ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph.
 # "all", or one kind of layer, or a union of kinds joined by "+" ("bypassed+stem").
 SITE_KINDS = ("plain", "bypassed", "stem")
-SITE_FILTERS = ("all", *SITE_KINDS)
 
 
 def parse_where(where: str) -> tuple[str, ...]:

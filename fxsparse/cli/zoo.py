@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         args.timeout = 900.0 if args.pipeline else 120.0
     if args.timeout <= 0:
         raise FxSparseError(f"--timeout must be a positive number of seconds; got {args.timeout:g}.")
+    if args.worker_memory is not None and not args.worker_memory > 0:
+        raise FxSparseError(f"--worker-memory must be a positive number of MB; got {args.worker_memory:g}.")
     budget = _per_source(args.max_params, args.max_params_for, "--max-params-for", "SOURCE=M (e.g. torchvision=inf)",
                          zero=True)
     timeout = _per_source(args.timeout, args.timeout_for, "--timeout-for", "SOURCE=S (e.g. torchvision=3600)")
@@ -122,8 +124,6 @@ def run(args: argparse.Namespace) -> int:
         "device": "meta",
     }
     pipeline = None
-    if args.worker_memory is not None and not args.worker_memory > 0:
-        raise FxSparseError(f"--worker-memory must be a positive number of MB; got {args.worker_memory:g}.")
     if args.pipeline:
         if args.lrsi_iters < 1:
             raise FxSparseError(f"--lrsi-iters must be at least 1; got {args.lrsi_iters}.")

@@ -17,6 +17,8 @@ from .pipeline import PipelineOptions, check_pipeline
 from .result import DEFAULT_MAX_PARAMS, ModelResult, per_source
 from .trace_check import check_model
 
+DEFAULT_TIMEOUT_S = 120.0  # per model: the sweep's default, and where a per-source mapping names neither
+
 
 # Worker start-up (importing torch, timm and torchvision) is not charged to any model, but a
 # worker that cannot even start within this many seconds is an error of the sweep itself. A dead
@@ -100,7 +102,7 @@ class _StagePeaks:
     (``VmHWM``), reset to the current RSS when a stage starts (``/proc/self/clear_refs``)."""
 
     def __init__(self) -> None:
-        self.stage: str | None = "model"  # before the first stage (check_model has none)
+        self.stage = "model"  # before the first stage (check_model has none)
         self.peaks: dict[str, float] = {}
         self._reset()
 
@@ -114,7 +116,7 @@ class _StagePeaks:
 
     def _close(self) -> None:
         peak = _rss_mb("VmHWM")
-        if self.stage is not None and peak is not None:
+        if peak is not None:
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), round(peak, 1))
 
     def enter(self, stage: str) -> None:
@@ -180,7 +182,7 @@ class _Worker:
 def sweep(
     specs: Sequence[str],
     *,
-    timeout: float | dict[str, float] = 120.0,
+    timeout: float | dict[str, float] = DEFAULT_TIMEOUT_S,
     workers: int = 2,
     numeric: bool = False,
     max_params: float | dict[str, float] = DEFAULT_MAX_PARAMS,
@@ -252,7 +254,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
     from fxsparse.models import source_of
 
     def seconds(spec: str) -> float:
-        return per_source(timeout, source_of(spec), 120.0)
+        return per_source(timeout, source_of(spec), DEFAULT_TIMEOUT_S)
 
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
     pending = collections.deque(specs)
