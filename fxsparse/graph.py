@@ -11,7 +11,7 @@ import hashlib
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import networkx as nx
 import torch
@@ -25,7 +25,7 @@ __all__ = [
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
     "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
     "activation_reach", "is_residual_add", "articulation_nodes", "stem_layer", "SITE_KINDS",
-    "parse_where", "site_filter", "describe_where",
+    "parse_where", "site_filter", "describe_where", "disconnected_channels",
 ]
 
 
@@ -694,9 +694,10 @@ def articulation_nodes(gm: GraphModule) -> set[Node]:
     return chain
 
 
-# ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph.
-# "all", or one kind of layer, or a union of kinds joined by "+" ("bypassed+stem").
-SITE_KINDS = ("plain", "bypassed", "stem")
+# ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph (and,
+# for "disconnected", from the masks MaskPass applied to it). "all", or one kind of layer, or a
+# union of kinds joined by "+" ("bypassed+stem").
+SITE_KINDS = ("plain", "bypassed", "stem", "disconnected")
 
 
 def parse_where(where: str) -> tuple[str, ...]:
@@ -719,17 +720,40 @@ def stem_layer(gm: GraphModule, plain: set[Node] | None = None) -> Node | None:
     return first if first in plain else None
 
 
-def site_filter(gm: GraphModule, where: str) -> Callable[[Node], bool]:
+def disconnected_channels(call: LayerCall, mask: torch.Tensor) -> int:
+    """How many of the layer's output channels ``mask`` (the weight's bool mask) cuts off: every
+    weight into the channel pruned, so it carries its bias only."""
+    m = mask.reshape(call.weight_shape)
+    if call.transposed:  # (in, out // groups, *k) -> (out, in // groups, *k)
+        g = call.groups
+        m = m.reshape(g, m.shape[0] // g, *m.shape[1:]).transpose(1, 2).flatten(0, 1)
+    return int((~m.flatten(1).any(1)).sum())
+
+
+def site_filter(
+    gm: GraphModule, where: str, masks: Mapping[str, torch.Tensor] | None = None
+) -> Callable[[Node], bool]:
     """A predicate on layer nodes for a ``where`` value (``parse_where``): ``"all"``; ``"plain"``,
     layers no other path goes around (``articulation_nodes``: VGG's convs, the stem);
     ``"bypassed"``, layers inside a residual block or another multi-path structure; ``"stem"``,
-    the first layer every path goes through (``stem_layer``); ``"a+b"``, layers of either kind."""
+    the first layer every path goes through (``stem_layer``); ``"disconnected"``, layers whose mask
+    (``masks``: {weight name: bool tensor}, required for this kind) cuts an output channel off
+    (``disconnected_channels``); ``"a+b"``, layers of either kind."""
     kinds = parse_where(where)
     if not kinds:
         return lambda node: True
+    if "disconnected" in kinds and masks is None:
+        raise ValueError(f"where={where!r}: 'disconnected' reads the layers' masks, and none were given")
     plain = articulation_nodes(gm)
     stem = stem_layer(gm, plain) if "stem" in kinds else None
-    tests = {"plain": lambda n: n in plain, "bypassed": lambda n: n not in plain, "stem": lambda n: n is stem}
+
+    def disconnected(node: Node) -> bool:
+        call = layer_call(gm, node)
+        mask = masks.get(call.layer.weight) if call is not None else None
+        return mask is not None and disconnected_channels(call, mask) > 0
+
+    tests = {"plain": lambda n: n in plain, "bypassed": lambda n: n not in plain, "stem": lambda n: n is stem,
+             "disconnected": disconnected}
     chosen = [tests[k] for k in kinds]
     return lambda node: any(t(node) for t in chosen)
 
@@ -738,7 +762,8 @@ def describe_where(where: str) -> str:
     """Why a layer was refused under ``where``: the reason stored in a pass's ``skipped``."""
     said = {"plain": "another path goes around this layer",
             "bypassed": "no other path goes around this layer",
-            "stem": "this layer is not the stem"}
+            "stem": "this layer is not the stem",
+            "disconnected": "its mask feeds every output channel"}
     return " and ".join(said[k] for k in parse_where(where))
 
 

@@ -382,8 +382,11 @@ class GhostSkipPass(FxSparsePass):
             other path around them: VGG's convs, the stem, MobileNetV2's blocks without a
             residual add); ``"bypassed"``, only layers that another path goes around
             (``fxsparse.graph.articulation_nodes``); ``"stem"``, only the first layer the input
-            reaches (``fxsparse.graph.stem_layer``); kinds joined by ``+`` take their union
-            (``"bypassed+stem"``). Refused sites are counted as ``skipped`` with the reason.
+            reaches (``fxsparse.graph.stem_layer``); ``"disconnected"``, only layers whose mask
+            (MaskPass's, read when the pass runs) leaves an output channel with no kept weight,
+            so that the branch is the only path that channel has; kinds joined by ``+`` take
+            their union (``"bypassed+stem"``). Refused sites are counted as ``skipped`` with the
+            reason.
 
     Stats: ``edges`` (merge points added), ``conv_edges``, ``mlp_edges``, ``unfolded``
     (BatchNormAct2d leaves split), ``skipped`` (candidates refused; reasons in ``self.skipped``
@@ -442,6 +445,12 @@ class GhostSkipPass(FxSparsePass):
                 "GhostSkipPass: this graph already has ghost skip connections; remove them first "
                 "(fxsparse.passes.ghost_skips.remove_ghost_skips(gm)) or keep the ones it has."
             )
+        if "disconnected" in parse_where(self.where) and not self._masks(gm):
+            raise PassError(
+                f"GhostSkipPass: where={self.where!r} puts branches where a layer's mask cuts an output "
+                "channel off, and this graph has no masks; run MaskPass first (in a recipe: [masks] enabled, "
+                "or masks= given to fxsparse.transform), or drop 'disconnected' from where."
+            )
         if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
             raise PassError(
                 "GhostSkipPass needs the tensor shapes fxsparse.trace records (node.meta['tensor_meta']) "
@@ -462,13 +471,19 @@ class GhostSkipPass(FxSparsePass):
     # ------------------------------------------------------------------ planning
     def _plan(self, gm: GraphModule) -> list[_Site]:
         sites, taken = [], set()
-        wanted = site_filter(gm, self.where)
+        wanted = site_filter(gm, self.where, masks=self._masks(gm))
         for node in list(gm.graph.nodes):
             with self.at(node):
                 site = self._plan_site(gm, node, wanted, taken)
             if site is not None:
                 sites.append(site)
         return sites
+
+    @staticmethod
+    def _masks(gm: GraphModule) -> dict[str, torch.Tensor]:
+        from fxsparse.passes.mask import masked_parameters
+
+        return masked_parameters(gm)
 
     def _plan_site(self, gm: GraphModule, node: Node, wanted, taken: set[str]) -> "_Site | None":
         """The site of ``node``'s layer, or None (not a candidate, or skipped: the reason is kept)."""

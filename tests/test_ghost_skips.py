@@ -236,6 +236,49 @@ def test_a_network_with_parallel_first_layers_has_no_stem():
     assert all("this layer is not the stem" in why for why in p.skipped.values())
 
 
+def test_where_disconnected_reads_the_masks():
+    """``disconnected``: a branch exactly where the mask cuts an output channel off (every weight
+    into it pruned), counted by hand; the others are refused with the reason; still exact."""
+    import fxsparse.nets  # noqa: F401
+    from fxsparse.graph import disconnected_channels, layer_call
+
+    torch.manual_seed(0)
+    model = fxsparse.nets.vgg16(width=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fxsparse.trace(model, x)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
+             if p.dim() == 4}
+    cut = sorted(masks)[1:6:2]  # three convs lose every weight into one (or two) output channels
+    for i, name in enumerate(cut):
+        masks[name][: 1 + i % 2] = False
+    MaskPass(masks)(gm)
+    ref = copy.deepcopy(gm)
+    p = GhostSkipPass(where="disconnected")
+    p(gm)
+    branched = {n.meta["fxsparse"]["site"] for n in tagged_nodes(gm, group=GROUP, role="merge")}
+    assert p.stats["conv_edges"] == len(cut) == len(branched)
+    assert p.stats["skipped"] == 13 - len(cut)
+    assert all("its mask feeds every output channel" in why for why in p.skipped.values())
+    calls = [layer_call(gm, n) for n in gm.graph.nodes]
+    counted = {c.layer.weight: disconnected_channels(c, masks[c.layer.weight]) for c in calls
+               if c is not None and c.layer.weight in masks}
+    assert {w for w, k in counted.items() if k} == set(cut) and sum(counted.values()) == 1 + 2 + 1
+    # the union with the stem adds the first conv (not among the cut ones)
+    both = GhostSkipPass(where="stem+disconnected")
+    both(copy.deepcopy(ref))
+    assert both.stats["conv_edges"] == len(cut) + 1
+    gates.set_identity(gm)
+    assert compare(ref, gm, x, exact=True) == []
+
+
+def test_where_disconnected_needs_masks():
+    import fxsparse.nets  # noqa: F401
+
+    gm = fxsparse.trace(fxsparse.nets.vgg16(width=0.25).eval(), torch.randn(2, 3, 32, 32))
+    with pytest.raises(PassError, match="no masks; run MaskPass first"):
+        GhostSkipPass(where="bypassed+disconnected")(gm)
+
+
 @pytest.mark.parametrize("where", ["residual", "stem+stem", "all+stem", "", "bypassed+"])
 def test_where_refuses_unknown_kinds(where):
     with pytest.raises(PassError, match="where must be 'all', one of"):
