@@ -14,7 +14,6 @@ from torch.func import functional_call
 import fxsparse
 from fxsparse.errors import MaskError
 from fxsparse.masks import LayerCollapseWarning, MaskReport, compute, score, select_layers
-from zoo_models import ZOO
 
 TEMP = 200.0
 
