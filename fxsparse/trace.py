@@ -633,14 +633,34 @@ def _fake_state_shape_prop_class() -> type:
         def __init__(self, gm: torch.fx.GraphModule, fake_mode: Any) -> None:
             torch.fx.Interpreter.__init__(self, gm)
             self.fake_module, self.fake_mode, self.real_module = None, fake_mode, self.module
+            self._fakes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def _fake(self, t: torch.Tensor) -> torch.Tensor:
+            """``t`` as a fake tensor, once per tensor. A plain strided tensor becomes an empty one
+            of its shape, strides, dtype and device made under the fake mode (what ShapeProp reads,
+            without ``from_tensor``'s full description of the real tensor: a millisecond each);
+            anything else (a view, a subclass, a quantized or sparse tensor) goes through
+            ``from_tensor``."""
+            hit = self._fakes.get(id(t))
+            if hit is not None and hit[0] is t:
+                return hit[1]
+            if type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and not t.is_quantized \
+                    and not t._is_view():
+                with self.fake_mode:
+                    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                fake.requires_grad_(t.requires_grad)
+            else:
+                fake = self.fake_mode.from_tensor(t)
+            self._fakes[id(t)] = (t, fake)  # t kept alive with it, so its id is not reused
+            return fake
 
         def get_attr(self, target, args, kwargs):
             value = super().get_attr(target, args, kwargs)
-            return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            return self._fake(value) if isinstance(value, torch.Tensor) else value
 
         def call_module(self, target, args, kwargs):
             module = self.fetch_attr(target)
-            state = {name: self.fake_mode.from_tensor(t) for name, t in (
+            state = {name: self._fake(t) for name, t in (
                 *module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))}
             return functional_call(module, state, tuple(args), dict(kwargs))
 

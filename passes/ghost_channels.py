@@ -271,7 +271,15 @@ def _per_channel(t: torch.Tensor | None, channels: int) -> bool:
     return t is not None and t.dim() == 1 and t.shape[0] == channels
 
 
-def _ghost_module(gm: GraphModule, module: nn.Module, channels: int, k: int) -> nn.Module:
+def _shared_modules(gm: GraphModule) -> dict[int, nn.Module]:
+    """Modules under gm.fxsparse (the gates a GhostActivation refers to), as a deepcopy memo that
+    keeps them shared, never copied; built once per pass (hundreds of modules: masks, gates)."""
+    shared = container(gm, create=False)
+    return {id(x): x for x in shared.modules()} if shared is not None else {}
+
+
+def _ghost_module(gm: GraphModule, module: nn.Module, channels: int, k: int,
+                  shared: dict[int, nn.Module] | None = None) -> nn.Module:
     """A fresh copy of a channel-wise module for ``k`` ghost channels.
 
     Per-channel tensors (1-d, ``channels`` long: BN weight/bias/running stats, PReLU slopes) are
@@ -280,9 +288,7 @@ def _ghost_module(gm: GraphModule, module: nn.Module, channels: int, k: int) -> 
     kept. A ghost neuron swapped into the module (``GhostActivation``) is copied as the original
     activation it stands in for.
     """
-    # modules under gm.fxsparse (gates a GhostActivation refers to) are shared, never copied
-    shared = container(gm, create=False)
-    memo = {id(x): x for x in shared.modules()} if shared is not None else {}
+    memo = dict(_shared_modules(gm) if shared is None else shared)  # deepcopy adds to its memo
     # the per-channel tensors are replaced below: not cloned first (a tenth of the pass's time)
     memo.update({id(t): t for sub in module.modules() for t in (*sub._parameters.values(), *sub._buffers.values())
                  if _per_channel(t, channels)})
@@ -519,7 +525,8 @@ class GhostChannelPass(FxSparsePass):
         for op in site.ops:
             if op.module is not None:
                 site.op_modules[op] = len(branch.ops)
-                branch.ops.append(_ghost_module(gm, gm.get_submodule(op.module), pgeo.out_channels, k))
+                branch.ops.append(_ghost_module(gm, gm.get_submodule(op.module), pgeo.out_channels, k,
+                                                self._shared))
         site.branch = branch
 
     @staticmethod
@@ -533,6 +540,7 @@ class GhostChannelPass(FxSparsePass):
     # ------------------------------------------------------------------ rewrite
     def call(self, gm: GraphModule) -> PassResult:
         self.sites, self._names = [], set()  # self.skipped: producer -> "kind: reason" (FxSparsePass resets it)
+        self._shared = _shared_modules(gm)
         reasons: Counter[str] = Counter()
         planned = []
         for layer in parameterized_layers(gm):

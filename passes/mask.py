@@ -61,7 +61,13 @@ def masked_parameters(gm: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def get_mask(gm: nn.Module, param: str) -> torch.Tensor | None:
-    return masked_parameters(gm).get(param)
+    """The mask buffer of parameter ``param``, or None (looked up by its path, not by listing
+    every mask: passes ask once per site)."""
+    mod = container(gm, GROUP, create=False)
+    *path, name = param.split(".")
+    for atom in path:
+        mod = mod._modules.get(atom) if mod is not None else None
+    return mod._buffers.get(name) if mod is not None else None
 
 
 def _layers_by_node(gm: GraphModule) -> list[tuple[Node, list[Layer]]]:
@@ -166,7 +172,7 @@ class MaskPass(FxSparsePass):
             buf = mask.detach().to(device=w.device, dtype=torch.bool, memory_format=_mask_memory_format(mask), copy=True)
             register_nested_buffer(gm, mask_buffer_name(name), buf)
             self.stats["masked_weights"] += 1
-            self.stats["kept"] += int(mask.sum())
+            self.stats["kept"] += int(torch.count_nonzero(buf))
             self.stats["total"] += mask.numel()
 
         graph = gm.graph

@@ -14,7 +14,6 @@ from torch.func import functional_call
 import fxsparse
 from fxsparse.errors import MaskError
 from fxsparse.masks import LayerCollapseWarning, MaskReport, compute, score, select_layers
-from zoo_models import ZOO
 
 TEMP = 200.0
 
@@ -450,6 +449,40 @@ def test_graph_module_input_and_ties_are_deterministic():
 
 
 # --------------------------------------------------------------------------- selection
+def _top_k_by_full_kthvalue(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The rule written out: everything above the k-th largest value, then ties by lowest index."""
+    threshold = values.kthvalue(values.numel() - k + 1).values
+    keep = values > threshold
+    tied = (values == threshold).nonzero().squeeze(1)[: k - int(keep.sum())]
+    keep[tied] = True
+    return keep
+
+
+@pytest.mark.parametrize("values", [
+    torch.rand(600_000, generator=torch.Generator().manual_seed(0)),           # random scores (random ERK)
+    torch.randn(200_000, generator=torch.Generator().manual_seed(1)).abs(),    # magnitudes
+    torch.randint(0, 5, (300_000,), generator=torch.Generator().manual_seed(2)).float(),  # heavy ties
+    torch.cat([torch.zeros(250_000), torch.rand(50_000)]),                     # a block of equal scores
+    torch.arange(100_000).float().flip(0),                                     # sorted: the sample misses the ends
+    torch.rand(100_000).masked_fill(torch.rand(100_000) < 0.5, float("-inf")), # dead weights ranked last
+    torch.full((70_000,), 3.0),
+], ids=["rand", "magnitude", "ties", "zeros", "sorted", "dead", "constant"])
+def test_top_k_narrowed_selection_is_the_full_kthvalues(values):
+    """top_k finds the k-th largest value in a band an evenly strided sample brackets, not by a
+    kthvalue over every entry: the same threshold, so the same mask, for every k, and the global
+    RNG is not drawn from."""
+    from fxsparse.masks.ranking import kth_largest, top_k
+
+    n = values.numel()
+    for k in (1, 7, n // 50, n // 2, n - 3, n - 1):
+        state = torch.random.get_rng_state()
+        keep = top_k(values, k)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        assert int(keep.sum()) == k
+        assert torch.equal(keep, _top_k_by_full_kthvalue(values, k)), k
+        assert kth_largest(values, k) == values.kthvalue(n - k + 1).values
+
+
 def test_select_layers_options():
     model = seeded(Stack)
     names = lambda **kw: [l.weight for l in select_layers(model, **kw)]  # noqa: E731

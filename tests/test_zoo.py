@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
@@ -489,6 +490,43 @@ def test_a_retiring_worker_is_given_no_model(monkeypatch):
     specs = ["test_zoo:a", "test_zoo:b"]
     results = zoo.sweep(specs, workers=1, timeout=60, max_tasks=1, progress=False)
     assert [(r.model, r.status) for r in results] == [(s, "ok") for s in specs]
+
+
+def _memory_hungry_worker(conn, options):
+    """A pool worker whose models die as the out-of-memory killer kills: SIGKILL, mid-stage.
+    "hungry" fits on a batch of 1, "starving" on none, "exits" dies of an ordinary exit code."""
+    conn.send(("ready", os.getpid()))
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        spec, changes = (task, None) if isinstance(task, str) else task
+        batch = (changes or {}).get("batch_size", options["pipeline"].batch_size)
+        conn.send(("stage", "transform"))
+        if spec.endswith("starving") or (spec.endswith("hungry") and batch > 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if spec.endswith("exits"):
+            os._exit(3)
+        r = zoo.ModelResult(spec, "user", "ok", pipeline="ok", input_size=[batch])
+        conn.send(("result", r))
+
+
+def test_a_worker_killed_for_memory_gets_its_model_again_at_batch_1(monkeypatch):
+    monkeypatch.setattr(zoo.pool, "_worker_main", _memory_hungry_worker)
+    specs = ["test_zoo:hungry", "test_zoo:starving", "test_zoo:exits", "test_zoo:fine"]
+    results = {r.model: r for r in zoo.sweep(specs, workers=1, timeout=60, pipeline=True, progress=False)}
+    assert list(results) == specs
+    hungry, starving, exits, fine = (results[s] for s in specs)
+    assert (hungry.pipeline, hungry.input_size) == ("ok", [1])  # the second try, on a batch of 1
+    assert "at batch 1" in hungry.retried and "SIGKILL" in hungry.retried and "in stage transform" in hungry.retried
+    assert starving.status == "crashed" and "SIGKILL" in starving.error and starving.retried  # tried twice
+    assert exits.status == "crashed" and "exit code 3" in exits.error and exits.retried is None  # not memory
+    assert (fine.pipeline, fine.input_size, fine.retried) == ("ok", [2], None)
+    summary = zoo.summarize_pipeline(list(results.values()))
+    assert set(summary["retried"]) == {"test_zoo:hungry", "test_zoo:starving"}
+    md = zoo.render_markdown(list(results.values()), env=zoo.environment(), settings={})
+    assert "## Run a second time (2)" in md and "`test_zoo:hungry` (completed)" in md
+    assert "`test_zoo:starving` (failed again)" in md
 
 
 def test_pipeline_input_size_fits_the_train_mode_forward_too():

@@ -20,7 +20,7 @@ import torch
 from ..errors import MaskError
 from .distribution import apportion, layer_densities
 
-__all__ = ["Budget", "top_k", "top_k_rows", "make_budget"]
+__all__ = ["Budget", "top_k", "top_k_rows", "kth_largest", "make_budget"]
 
 
 def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -30,12 +30,52 @@ def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=values.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=values.device)
-    threshold = values.kthvalue(n - k + 1).values  # the k-th largest value
-    keep = values > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    tied = (values == threshold).nonzero().squeeze(1)[:missing]
-    keep[tied] = True
+    threshold = kth_largest(values, k)
+    keep = values >= threshold
+    extra = int(torch.count_nonzero(keep)) - k
+    if extra > 0:  # more ties at the threshold than fit: the ones at the highest indices go
+        tied = (values == threshold).nonzero().squeeze(1)
+        keep[tied[tied.numel() - extra:]] = False
     return keep
+
+
+# Below this many entries a full ``kthvalue`` is as fast as narrowing it down first.
+_BAND_MIN = 1 << 16
+_BAND_SAMPLE = 1 << 12
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of a 1-D tensor (``1 <= k <= numel``), exactly
+    ``values.kthvalue(numel - k + 1).values``, found by ranking only a narrow band of values.
+
+    An evenly strided sample (no random numbers drawn: the global RNG is left as it was) brackets
+    the k-th largest value; the entries inside the bracket are few, and ``kthvalue`` over them at
+    the rank the entries below the bracket leave gives the same value a full ``kthvalue`` would.
+    When the sample misses (a bracket that does not hold the rank), the full ``kthvalue`` runs.
+    On 23.5M random scores (resnet50's random-ERK mask) this is several times faster.
+    """
+    n = values.numel()
+    rank = n - k + 1  # ascending, 1-based: kthvalue's convention
+    if n < _BAND_MIN:
+        return values.kthvalue(rank).values
+    sample = values[:: n // _BAND_SAMPLE].sort().values
+    m = sample.numel()
+    at = (rank - 0.5) / n * m  # where the rank falls in the sorted sample
+    margin = 4.0 * math.sqrt(m * (rank / n) * (1 - rank / n)) + 8  # 4 sigma of a sample quantile
+    i_lo, i_hi = math.floor(at - margin), math.ceil(at + margin)
+    if i_lo < 0 and i_hi >= m:
+        return values.kthvalue(rank).values
+    # past the sample's ends the band is open: the sample need not hold the extremes
+    inside = values <= sample[i_hi] if i_hi < m else None
+    below = 0
+    if i_lo >= 0:
+        lo = sample[i_lo]
+        below = int(torch.count_nonzero(values < lo))
+        inside = values >= lo if inside is None else inside.logical_and_(values >= lo)
+    band = values[inside]
+    if below < rank <= below + band.numel():
+        return band.kthvalue(rank - below).values
+    return values.kthvalue(rank).values
 
 
 def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:

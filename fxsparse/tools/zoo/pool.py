@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gc
 import logging
 import math
@@ -51,17 +52,18 @@ def _worker_main(conn: multiprocessing.connection.Connection, options: dict[str,
     conn.send(("ready", os.getpid()))
     done = 0
     while True:
-        spec = conn.recv()
-        if spec is None:
+        task = conn.recv()
+        if task is None:
             return
+        spec, changes = (task, None) if isinstance(task, str) else task  # (spec, PipelineOptions changes)
         memory = _StagePeaks()
         if options.get("pipeline") is not None:
             def on_stage(stage: str) -> None:
                 memory.enter(stage)
                 conn.send(("stage", stage))
 
-            result = check_pipeline(spec, max_params=options["max_params"], options=options["pipeline"],
-                                    on_stage=on_stage)
+            pipeline = dataclasses.replace(options["pipeline"], **changes) if changes else options["pipeline"]
+            result = check_pipeline(spec, max_params=options["max_params"], options=pipeline, on_stage=on_stage)
         else:
             result = check_model(spec, numeric=options["numeric"], max_params=options["max_params"])
         result.peak_rss_mb, result.stage_rss_mb = memory.finish()
@@ -155,6 +157,7 @@ class _Worker:
         self.started = time.monotonic()
         self.ready = False
         self.spec: str | None = None
+        self.retry: str | None = None  # why the current model runs a second time, with what change
         self.stage: str | None = None  # the pipeline stage the current model is in
         self.deadline = math.inf
         self.done = 0  # models it returned a result for
@@ -162,9 +165,10 @@ class _Worker:
         # sent between its result and its "retire" message would be lost with it)
         self.retiring = False
 
-    def submit(self, spec: str, timeout: float) -> None:
-        self.conn.send(spec)
+    def submit(self, spec: str, timeout: float, retry: tuple[dict[str, Any], str] | None = None) -> None:
+        self.conn.send((spec, retry[0]) if retry else spec)
         self.spec, self.stage, self.deadline = spec, None, time.monotonic() + timeout
+        self.retry = retry[1] if retry else None
 
     def stop(self, *, kill: bool = False) -> None:
         if not kill and self.process.is_alive():
@@ -258,6 +262,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
 
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
     pending = collections.deque(specs)
+    retries: dict[str, tuple[dict[str, Any], str] | None] = {}  # spec -> its second try (None: tried)
     pool = [_Worker(ctx, options) for _ in range(workers)]
     failed_starts = 0
     try:
@@ -265,7 +270,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
             for w in pool:
                 if w.ready and not w.retiring and w.spec is None and pending and time.monotonic() < stop_at:
                     spec = pending.popleft()
-                    w.submit(spec, seconds(spec))
+                    w.submit(spec, seconds(spec), retries.get(spec))
             now = time.monotonic()
             deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in pool]
             wait_s = max(0.0, min(deadlines) - now)
@@ -282,8 +287,15 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
                 elif reason == "retired":  # it retired holding a model it never started: not the model's fault
                     pending.appendleft(w.spec)
                 elif w.spec is not None:
-                    record(_lost(w.spec, reason, seconds(w.spec), w.process, stage=w.stage,
-                                 pipeline=options.get("pipeline") is not None))
+                    retry = _memory_retry(w, reason, options) if w.spec not in retries else None
+                    if retry is not None:
+                        retries[w.spec] = retry
+                        pending.appendleft(w.spec)
+                    else:
+                        lost = _lost(w.spec, reason, seconds(w.spec), w.process, stage=w.stage,
+                                     pipeline=options.get("pipeline") is not None)
+                        lost.retried = w.retry  # the second try died too
+                        record(lost)
                     failed_starts = 0
                 elif not w.ready:
                     failed_starts += 1
@@ -311,8 +323,10 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None], *, max_tasks: int |
             elif kind == "retire":
                 return True, "retired"
             else:
+                if w.retry:
+                    payload.retried = w.retry
                 record(payload)
-                w.spec, w.stage, w.deadline = None, None, math.inf
+                w.spec, w.stage, w.deadline, w.retry = None, None, math.inf, None
                 w.done += 1
                 w.retiring = bool(max_tasks) and w.done >= max_tasks
     except (EOFError, OSError):
@@ -320,6 +334,20 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None], *, max_tasks: int |
     if not w.process.is_alive():
         return True, "retired" if w.retiring and w.spec is None else "crashed"
     return False, ""
+
+
+def _memory_retry(w: _Worker, reason: str, options: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The second try of a pipeline model whose worker was SIGKILLed (what the kernel's
+    out-of-memory killer sends): on a batch of 1, which halves the activations LRsI's double
+    backward keeps (a 384-px XCiT needs over 20 GB at batch 2). None when that does not apply."""
+    pipeline = options.get("pipeline")
+    if reason != "crashed" or pipeline is None or pipeline.batch_size <= 1:
+        return None
+    w.process.join(1)
+    if w.process.exitcode != -signal.SIGKILL:
+        return None
+    return {"batch_size": 1}, (f"at batch 1: on a batch of {pipeline.batch_size} its worker was killed "
+                               f"(SIGKILL, most likely out of memory) in stage {w.stage or 'meta-trace'}")
 
 
 def _lost(spec: str, reason: str, timeout: float, process: Any, *, stage: str | None = None,

@@ -127,6 +127,7 @@ def summarize_pipeline(results: Sequence[ModelResult]) -> dict[str, Any]:
         "failures": dict(sorted(failures.items(), key=lambda kv: (-len(kv[1]), kv[0]))),
         "causes": {r.model: r.pipeline_cause for r in ran if r.pipeline_cause},
         "skipped_models": {r.model: r.pipeline_detail for r in results if r.pipeline == "skipped"},
+        "retried": {r.model: r.retried for r in ran if r.retried},
         "identity": dict(collections.Counter(r.identity for r in ok)),
         "exported": dict(collections.Counter(r.exported for r in ok)),
         "ghosts": dict(collections.Counter(g for r in ok for g in (r.ghosts or ()))),
@@ -265,12 +266,17 @@ def render_markdown(results: Sequence[ModelResult], *, env: dict[str, Any], sett
             lines.append("")
         if not pipe["failures"]:
             lines.append("None.")
+        failed = {m for models in pipe["failures"].values() for m in models}
         for key, models in pipe["failures"].items():
             lines.append(f"- **{len(models)}×** `{_md_code(key)}`  ")
             lines.append("  " + ", ".join(f"`{m}`" for m in models))
             causes = sorted({pipe["causes"][m] for m in models if m in pipe["causes"]})
             for c in causes[:3]:
                 lines.append(f"  cause: `{_md_code(c)}`")
+        if pipe.get("retried"):
+            lines += ["", f"## Run a second time ({len(pipe['retried'])})", ""]
+            lines += [f"- `{m}` ({'completed' if m not in failed else 'failed again'}) {why}"
+                      for m, why in pipe["retried"].items()]
         if pipe["skipped_models"]:
             lines += ["", f"## Skipped by the parameter budget ({pipe['skipped']})", ""]
             lines.append(", ".join(f"`{m}` ({d.split(' ')[0]})" for m, d in pipe["skipped_models"].items()))

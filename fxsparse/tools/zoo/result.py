@@ -52,6 +52,7 @@ class ModelResult:
     peak_rss_mb: float | None = None
     stage_rss_mb: dict[str, float] | None = None
     worker_models_before: int | None = None  # models its worker had checked before it (0: a fresh process)
+    retried: str | None = None  # how and why it ran a second time (a worker killed for memory: batch 1)
 
     @property
     def ok(self) -> bool:
