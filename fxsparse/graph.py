@@ -763,7 +763,7 @@ def describe_where(where: str) -> str:
     said = {"plain": "another path goes around this layer",
             "bypassed": "no other path goes around this layer",
             "stem": "this layer is not the stem",
-            "disconnected": "its mask feeds every output channel"}
+            "disconnected": "no mask cuts an output channel of this layer off"}
     return " and ".join(said[k] for k in parse_where(where))
 
 

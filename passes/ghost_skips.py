@@ -384,7 +384,8 @@ class GhostSkipPass(FxSparsePass):
             (``fxsparse.graph.articulation_nodes``); ``"stem"``, only the first layer the input
             reaches (``fxsparse.graph.stem_layer``); ``"disconnected"``, only layers whose mask
             (MaskPass's, read when the pass runs) leaves an output channel with no kept weight,
-            so that the branch is the only path that channel has; kinds joined by ``+`` take
+            so that the branch is the only path that channel has (none, on a graph without
+            masks: nothing is cut off there); kinds joined by ``+`` take
             their union (``"bypassed+stem"``). Refused sites are counted as ``skipped`` with the
             reason.
 
@@ -444,12 +445,6 @@ class GhostSkipPass(FxSparsePass):
             raise PassError(
                 "GhostSkipPass: this graph already has ghost skip connections; remove them first "
                 "(fxsparse.passes.ghost_skips.remove_ghost_skips(gm)) or keep the ones it has."
-            )
-        if "disconnected" in parse_where(self.where) and not self._masks(gm):
-            raise PassError(
-                f"GhostSkipPass: where={self.where!r} puts branches where a layer's mask cuts an output "
-                "channel off, and this graph has no masks; run MaskPass first (in a recipe: [masks] enabled, "
-                "or masks= given to fxsparse.transform), or drop 'disconnected' from where."
             )
         if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
             raise PassError(
