@@ -35,7 +35,7 @@ class ToySkipPass(FxSparsePass):
 
     group = GROUP
 
-    def __init__(self, *, init: float = 1e-4, masked_branch: bool = False):  # tost.toml's ghost_skips options
+    def __init__(self, *, init: float = 1e-4, masked_branch: bool = False, where: str = "all"):  # tost.toml's ghost_skips options
         super().__init__()
 
     def call(self, gm):
