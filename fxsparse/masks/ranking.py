@@ -52,7 +52,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     the k-th largest value; the entries inside the bracket are few, and ``kthvalue`` over them at
     the rank the entries below the bracket leave gives the same value a full ``kthvalue`` would.
     When the sample misses (a bracket that does not hold the rank), the full ``kthvalue`` runs.
-    On 23.5M random scores (resnet50's random-ERK mask) this is several times faster.
+    On 2.4M random scores it takes about half a full ``kthvalue``'s time, and it avoids that
+    kernel's worst case, scores already in order (80-90 s for 1M of them at rank 2).
     """
     n = values.numel()
     rank = n - k + 1  # ascending, 1-based: kthvalue's convention

@@ -262,7 +262,7 @@ def _run_pool(specs: list[str], record: Callable[[ModelResult], None], *, timeou
 
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's threads and state
     pending = collections.deque(specs)
-    retries: dict[str, tuple[dict[str, Any], str] | None] = {}  # spec -> its second try (None: tried)
+    retries: dict[str, tuple[dict[str, Any], str]] = {}  # spec -> its second try: the changes, and why
     pool = [_Worker(ctx, options) for _ in range(workers)]
     failed_starts = 0
     try:
