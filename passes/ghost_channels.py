@@ -365,9 +365,10 @@ def _site_name(layer: Layer) -> str:
 
 def _density(gm: GraphModule, param: str) -> float:
     """Kept fraction of ``param``'s mask (1.0 when it has none)."""
-    try:
-        mask = gm.get_buffer(f"{CONTAINER}.masks.{param}")
-    except AttributeError:
+    from fxsparse.passes.mask import get_mask
+
+    mask = get_mask(gm, param)
+    if mask is None:
         return 1.0
     return int(torch.count_nonzero(mask)) / mask.numel()  # count_nonzero: 5x a bool sum's speed
 

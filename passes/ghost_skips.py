@@ -466,7 +466,9 @@ class GhostSkipPass(FxSparsePass):
     # ------------------------------------------------------------------ planning
     def _plan(self, gm: GraphModule) -> list[_Site]:
         sites, taken = [], set()
-        wanted = site_filter(gm, self.where, masks=self._masks(gm))
+        # the masks are listed only when `where` reads them
+        masks = self._masks(gm) if "disconnected" in parse_where(self.where) else None
+        wanted = site_filter(gm, self.where, masks=masks)
         for node in list(gm.graph.nodes):
             with self.at(node):
                 site = self._plan_site(gm, node, wanted, taken)

@@ -63,11 +63,10 @@ def masked_parameters(gm: nn.Module) -> dict[str, torch.Tensor]:
 def get_mask(gm: nn.Module, param: str) -> torch.Tensor | None:
     """The mask buffer of parameter ``param``, or None (looked up by its path, not by listing
     every mask: passes ask once per site)."""
-    mod = container(gm, GROUP, create=False)
-    *path, name = param.split(".")
-    for atom in path:
-        mod = mod._modules.get(atom) if mod is not None else None
-    return mod._buffers.get(name) if mod is not None else None
+    try:
+        return gm.get_buffer(mask_buffer_name(param))
+    except AttributeError:
+        return None
 
 
 def _layers_by_node(gm: GraphModule) -> list[tuple[Node, list[Layer]]]:

@@ -87,9 +87,10 @@ def _per_source(value: float, items: list[str], flag: str, form: str, *, zero: b
 
 def run(args: argparse.Namespace) -> int:
     from ..tools import zoo
+    from ..tools.zoo.pool import DEFAULT_TIMEOUT_S
 
     if args.timeout is None:
-        args.timeout = 900.0 if args.pipeline else 120.0
+        args.timeout = 900.0 if args.pipeline else DEFAULT_TIMEOUT_S
     if args.timeout <= 0:
         raise FxSparseError(f"--timeout must be a positive number of seconds; got {args.timeout:g}.")
     if args.worker_memory is not None and not args.worker_memory > 0:
