@@ -111,6 +111,40 @@ def test_taylor_matches_formula():
     _assert_kept_are_top(masks, ref)
 
 
+class _SharedGradients(nn.Module):
+    """Weights whose gradients autograd hands out shared or expanded: ``a.weight + b.weight``
+    gives both the same gradient tensor, ``scale.sum()`` a stride-0 one. The scores are made in
+    the gradients' storage, which must not write one weight's score into another's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 4), nn.Linear(5, 4), nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(4, 4))
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.a.weight + self.b.weight) * self.scale.sum()
+        return self.c(h)
+
+
+def test_taylor_scores_with_shared_and_expanded_gradients():
+    model = seeded(_SharedGradients)
+    names = ["a.weight", "b.weight", "scale", "c.weight"]
+    data = [(torch.randn(6, 5), torch.randint(0, 3, (6,))), (torch.randn(6, 5), torch.randint(0, 3, (6,)))]
+    params = dict(model.named_parameters())
+    g = {n: torch.zeros_like(params[n]) for n in names}
+    for x, y in data:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        for n, gr in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
+            g[n] += gr
+    ref = {n: (g[n] * params[n]).abs().detach() for n in names}
+    for d in (data, data[:1]):  # one batch: the gradients themselves hold the scores
+        got = score(model, "taylor", d, layers=names)
+        if d is data:
+            for n in names:
+                torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7)
+        assert len({s.untyped_storage().data_ptr() for s in got.values()}) == len(names)
+
+
 def test_snip_matches_connection_sensitivity():
     """SNIP's definition: |dL/dm| at m = 1 for weights w * m, summed over batches, normalized."""
     model, data = seeded(MLP), mlp_data()
@@ -424,6 +458,47 @@ def test_leaf_held_weights_get_gradient_scores():
     assert "attn.in_proj_weight" in masks and "attn.out_proj.weight" in masks
 
 
+@pytest.mark.parametrize("method", ["snip", "grasp", "synflow"])
+def test_scoring_copy_lets_go_of_its_weights_without_a_garbage_collection(method):
+    # a deep-copied GraphModule is in a reference cycle: its copy of the weights lived until the
+    # next collection (ViT-H/14: 2.5 GB more, in a pipeline run killed for memory)
+    import gc
+    import weakref
+
+    from fxsparse.masks import _model
+
+    gm = fxsparse.trace(seeded(MLP), torch.randn(2, 6))
+    copies = []
+    real = _model.scoring_copy
+
+    def tracked(*args, **kwargs):
+        cm = real(*args, **kwargs)
+        work, params = cm.__enter__()
+        copies.extend(weakref.ref(t) for t in [*work.parameters(), *work.buffers()])
+        return _Entered(cm, (work, params))
+
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_model, "scoring_copy", tracked)
+            got = compute(gm, method, 0.5, data=mlp_data())
+        assert copies and not any(r() is not None for r in copies)
+    finally:
+        gc.enable()
+    assert got
+
+
+class _Entered:
+    def __init__(self, cm, value):
+        self.cm, self.value = cm, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)
+
+
 def test_scoring_never_touches_the_model_or_global_rng():
     model, data = seeded(TinyConv), [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
     before = copy.deepcopy(model.state_dict())
@@ -466,7 +541,9 @@ def _top_k_by_full_kthvalue(values: torch.Tensor, k: int) -> torch.Tensor:
     torch.arange(100_000).float().flip(0),                                     # sorted: the sample misses the ends
     torch.rand(100_000).masked_fill(torch.rand(100_000) < 0.5, float("-inf")), # dead weights ranked last
     torch.full((70_000,), 3.0),
-], ids=["rand", "magnitude", "ties", "zeros", "sorted", "dead", "constant"])
+    torch.cat([torch.zeros(380_000), torch.rand(20_000)])[torch.randperm(400_000, generator=torch.Generator().manual_seed(3))],
+    torch.cat([torch.zeros(150_000), torch.rand(100_000), torch.ones(150_000)]),  # tie blocks at both ends of a band
+], ids=["rand", "magnitude", "ties", "zeros", "sorted", "dead", "constant", "mostly zeros", "two blocks"])
 def test_top_k_narrowed_selection_is_the_full_kthvalues(values):
     """top_k finds the k-th largest value in a band an evenly strided sample brackets, not by a
     kthvalue over every entry: the same threshold, so the same mask, for every k, and the global
@@ -481,6 +558,40 @@ def test_top_k_narrowed_selection_is_the_full_kthvalues(values):
         assert int(keep.sum()) == k
         assert torch.equal(keep, _top_k_by_full_kthvalue(values, k)), k
         assert kth_largest(values, k) == values.kthvalue(n - k + 1).values
+
+
+def test_ties_beyond_the_count_go_from_the_highest_indices_a_chunk_at_a_time():
+    from fxsparse.masks.ranking import _drop_last_ties
+
+    values = torch.randint(0, 3, (10_000,), generator=torch.Generator().manual_seed(4)).float()
+    for k in (1, 2_500, 5_000, 9_999):
+        threshold = values.kthvalue(values.numel() - k + 1).values
+        keep = values >= threshold
+        _drop_last_ties(keep, values, threshold, int(keep.sum()) - k, chunk=777)
+        assert torch.equal(keep, _top_k_by_full_kthvalue(values, k)), k
+
+
+@pytest.mark.parametrize("special", ["none", "nan", "inf", "-inf", "sum overflows"])
+def test_rankable_orders_nan_and_infinities_and_copies_only_when_it_must(special):
+    """NaN ranks lowest among live weights, +inf highest, -inf with the lowest finite; dead weights
+    rank below all. Finite scores (the usual case) are ranked as they are, without a copy."""
+    from fxsparse.masks.ranking import rankable
+
+    s = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.0])
+    value = {"none": 1.5, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "sum overflows": 3e38}[special]
+    s[4] = value
+    if special == "sum overflows":
+        s[0] = 3e38  # finite scores whose sum is not: ranked as they are
+    r = rankable(s, None)
+    low, high = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
+    expected = s.clone()
+    expected[4] = {"nan": low, "inf": high, "-inf": low}.get(special, value)
+    assert torch.equal(r, expected)
+    assert (r.data_ptr() == s.data_ptr()) == (special == "none")
+    dead = rankable(s, torch.tensor([True, True, False, True, True]))
+    assert dead[2] == float("-inf") and torch.equal(dead[[0, 1, 3, 4]], expected[[0, 1, 3, 4]])
+    dropped = fxsparse.masks.ranking.top_k(r, 4).logical_not().nonzero().flatten().tolist()
+    assert dropped == ([4] if special in ("nan", "-inf") else [2])
 
 
 def test_select_layers_options():
@@ -692,13 +803,12 @@ def test_synflow_in_float64_keeps_casts_inside_the_model_in_float64():
     got = score(model, "synflow", input_shape=(32,))
     assert all(s.dtype == torch.float64 and torch.isfinite(s).all() and (s > 0).all() for s in got.values())
     # what it would be without the fix: the float32 island overflows whatever the outer dtype
-    from fxsparse.masks.synflow import SynFlowOverflow, _LinearizedCopy, _stay_float64
+    from fxsparse.masks.synflow import SynFlowOverflow, _linearized, _stay_float64
 
     names = [n for n, p in model.named_parameters()]
-    linearized = _LinearizedCopy(model, names, (32,), torch.float64)
-    with torch.no_grad():
+    with _linearized(model, names, (32,), torch.float64) as linearized, torch.no_grad():
         assert not torch.isfinite(linearized.work(linearized.input)).all()
         with _stay_float64():
             assert torch.isfinite(linearized.work(linearized.input)).all()
-    with pytest.raises(SynFlowOverflow):
-        _LinearizedCopy(model, names, (32,), torch.float32).scores(None)
+    with pytest.raises(SynFlowOverflow), _linearized(model, names, (32,), torch.float32) as linearized:
+        linearized.scores(None)

@@ -20,21 +20,30 @@ from ..errors import MaskError
 Batch = tuple[Any, Any]
 
 
-def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+@contextlib.contextmanager
+def scoring_copy(model: nn.Module, names: Sequence[str], *, train: bool) -> Iterator[tuple[nn.Module, dict[str, nn.Parameter]]]:
     """A deep copy of ``model`` in train or eval mode and its parameters named ``names``.
 
-    Only those parameters require grad on the copy: backward then skips every other weight.
+    Only those parameters require grad on the copy: backward then skips every other weight. On
+    exit the copy lets go of its parameters and buffers: a GraphModule sits in a reference cycle,
+    so its copy would otherwise hold a whole copy of the weights until the next garbage
+    collection (2.5 GB on ViT-H/14). Tensors taken from it stay valid.
     """
     work = copy.deepcopy(model)
-    set_mode(work, train)
-    for p in work.parameters():
-        p.requires_grad_(False)
-    params = {}
-    for name in names:
-        p = work.get_parameter(name)
-        p.requires_grad_(True)
-        params[name] = p
-    return work, params
+    try:
+        set_mode(work, train)
+        for p in work.parameters():
+            p.requires_grad_(False)
+        params = {}
+        for name in names:
+            p = work.get_parameter(name)
+            p.requires_grad_(True)
+            params[name] = p
+        yield work, params
+    finally:
+        for m in work.modules():
+            m._parameters.clear()
+            m._buffers.clear()
 
 
 def set_mode(work: nn.Module, train: bool) -> None:

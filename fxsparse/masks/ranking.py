@@ -34,9 +34,24 @@ def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
     keep = values >= threshold
     extra = int(torch.count_nonzero(keep)) - k
     if extra > 0:  # more ties at the threshold than fit: the ones at the highest indices go
-        tied = (values == threshold).nonzero().squeeze(1)
-        keep[tied[tied.numel() - extra:]] = False
+        _drop_last_ties(keep, values, threshold, extra)
     return keep
+
+
+def _drop_last_ties(keep: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor, extra: int,
+                    chunk: int = 1 << 22) -> None:
+    """Unset ``keep`` at the ``extra`` highest indices where ``values == threshold``, a chunk at a
+    time from the end: the tied indices of all of a large model's scores (SNIP's zeros, where a
+    zero-initialized head stops the gradient) would take 8 bytes per score."""
+    end = values.numel()
+    while extra > 0 and end > 0:
+        start = max(0, end - chunk)
+        tied = (values[start:end] == threshold).nonzero().squeeze(1)
+        take = min(extra, tied.numel())
+        if take:
+            keep[start + tied[tied.numel() - take:]] = False
+        extra -= take
+        end = start
 
 
 # Below this many entries a full ``kthvalue`` is as fast as narrowing it down first.
@@ -53,7 +68,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     the rank the entries below the bracket leave gives the same value a full ``kthvalue`` would.
     When the sample misses (a bracket that does not hold the rank), the full ``kthvalue`` runs.
     On 2.4M random scores it takes about half a full ``kthvalue``'s time, and it avoids that
-    kernel's worst case, scores already in order (80-90 s for 1M of them at rank 2).
+    kernel's worst case, scores already in order (80-90 s for 1M of them at rank 2). A band that
+    a block of equal scores fills is answered without copying it (ViT-H/14's SNIP scores: 600M
+    zeros, which a full ``kthvalue`` would copy with 8-byte indices).
     """
     n = values.numel()
     rank = n - k + 1  # ascending, 1-based: kthvalue's convention
@@ -73,10 +90,15 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         lo = sample[i_lo]
         below = int(torch.count_nonzero(values < lo))
         inside = values >= lo if inside is None else inside.logical_and_(values >= lo)
+    size = int(torch.count_nonzero(inside))
+    if not below < rank <= below + size:  # the sample missed
+        return values.kthvalue(rank).values
+    if i_lo >= 0 and i_hi < m and sample[i_lo] == sample[i_hi]:
+        return sample[i_lo]  # every value in the band is this one (a block of ties: zero scores)
     band = values[inside]
-    if below < rank <= below + band.numel():
-        return band.kthvalue(rank - below).values
-    return values.kthvalue(rank).values
+    if size < n:  # the band is ranked the same way (a large one can hold a block of ties)
+        return kth_largest(band, size - (rank - below) + 1)
+    return band.kthvalue(rank - below).values
 
 
 def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,11 +110,17 @@ def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def rankable(score: torch.Tensor, alive: torch.Tensor | None) -> torch.Tensor:
-    """Flat float scores safe to rank: NaN ranks lowest among live weights, dead weights below all."""
+    """Flat float scores safe to rank: NaN ranks lowest among live weights, dead weights below all.
+
+    Read-only: the result may be a view of ``score``.
+    """
     s = score.detach().flatten()
     s = s.double() if s.dtype == torch.float64 else s.float()
-    low = torch.finfo(s.dtype).min
-    s = torch.nan_to_num(s, nan=low, posinf=torch.finfo(s.dtype).max, neginf=low)
+    # a finite sum means every score is finite (a NaN or an infinity would carry into it), and a
+    # sum reads the scores without writing a copy: the usual case costs a fraction of nan_to_num
+    if not torch.isfinite(s.sum()):
+        low = torch.finfo(s.dtype).min
+        s = torch.nan_to_num(s, nan=low, posinf=torch.finfo(s.dtype).max, neginf=low)
     if alive is not None:
         s = s.masked_fill(~alive.flatten().to(s.device), float("-inf"))
     return s

@@ -53,25 +53,48 @@ def summed_gradients(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(sum over batches of dL_b/dw, w) for each named weight, on a scoring copy of ``model``."""
     batches = _model.as_batches(data, method)
-    work, params = _model.scoring_copy(model, names, train=train_mode)
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    with _model.seeded(seed, _model.device_of(work)):
+    # the first batch's gradients become the sum's storage, and the scores are made in place in it:
+    # on a large model each copy of the weights' size counts (ViT-H/14: 2.5 GB)
+    total: dict[str, torch.Tensor] = {}
+    owned: set[int] = set()
+    with _model.scoring_copy(model, names, train=train_mode) as (work, params), _model.seeded(seed, _model.device_of(work)):
         for inputs, targets in _model.pairs(batches, method):
             loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work))
-            for n, g in _model.grads(loss, params).items():
-                total[n] += g
-    return total, {n: p.detach() for n, p in params.items()}
+            _accumulate(total, _model.grads(loss, params), owned)
+        return total, {n: p.detach() for n, p in params.items()}
+
+
+def _accumulate(total: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], owned: set[int]) -> None:
+    """``total[n] += grads[n]``, the first gradients becoming the storage of the sum."""
+    for n, g in grads.items():
+        if n in total:
+            total[n] += g
+        else:
+            total[n] = _own(g, owned)
+
+
+def _own(g: torch.Tensor, owned: set[int]) -> torch.Tensor:
+    """``g`` if it can be written in place without touching another tensor, else a copy.
+
+    A gradient autograd returns may be an expanded view (stride 0: the gradient of ``w.sum()``) or
+    shared by two names (a tied weight); writing into those would be wrong or refused.
+    """
+    ptr = g.untyped_storage().data_ptr()
+    if not g.is_contiguous() or ptr in owned:
+        return g.clone(memory_format=torch.contiguous_format)
+    owned.add(ptr)
+    return g
 
 
 def taylor_scores(model, names, data, loss_fn=None, *, seed=0, train_mode=True, method="taylor") -> dict[str, torch.Tensor]:
     g, w = summed_gradients(model, names, data, loss_fn, seed=seed, train_mode=train_mode, method=method)
-    return {n: (g[n] * w[n]).abs() for n in names}
+    return {n: g[n].mul_(w[n]).abs_() for n in names}  # in the gradients' storage
 
 
 def snip_scores(model, names, data, loss_fn=None, *, seed=0, train_mode=True) -> dict[str, torch.Tensor]:
     scores = taylor_scores(model, names, data, loss_fn, seed=seed, train_mode=train_mode, method="snip")
     norm = sum(s.sum() for s in scores.values())
-    return {n: s / norm for n, s in scores.items()}
+    return {n: s.div_(norm) for n, s in scores.items()}
 
 
 def grasp_scores(
@@ -88,17 +111,22 @@ def grasp_scores(
     batches = _model.as_batches(data, "grasp")
     if temperature <= 0:
         raise MaskError(f"grasp temperature must be positive, got {temperature}.")
-    work, params = _model.scoring_copy(model, names, train=train_mode)
-    stopped = {n: torch.zeros_like(p) for n, p in params.items()}
-    hg = {n: torch.zeros_like(p) for n, p in params.items()}
+    with _model.scoring_copy(model, names, train=train_mode) as (work, params):
+        return _grasp(work, params, batches, loss_fn, seed=seed, temperature=temperature, eps=eps)
+
+
+def _grasp(work, params, batches, loss_fn, *, seed, temperature, eps) -> dict[str, torch.Tensor]:
+    # sums held in the first batch's gradients, scores made in place, as in summed_gradients
+    stopped: dict[str, torch.Tensor] = {}
+    hg: dict[str, torch.Tensor] = {}
+    owned: set[int] = set()
     # the Hessian-vector product differentiates twice, which fused attention kernels and
     # hardsigmoid's backward do not support: run them as equivalents that can (same values)
     with _model.seeded(seed, _model.device_of(work)), twice_differentiable():
         for inputs, targets in _model.pairs(batches, "grasp"):  # first pass: g, no graph kept
             loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work),
                                temperature=temperature)
-            for n, g in _model.grads(loss, params).items():
-                stopped[n] += g
+            _accumulate(stopped, _model.grads(loss, params), owned)
         for inputs, targets in _model.pairs(batches, "grasp"):  # second pass: H g = d(g_stop . g_b)/dw
             loss = _model.loss(loss_fn, _model.forward(work, inputs), _model.targets_on(targets, work),
                                temperature=temperature)
@@ -106,8 +134,7 @@ def grasp_scores(
             dot = sum((stopped[n] * g_b[n]).sum() for n in params)
             if not dot.requires_grad:  # every weight's gradient is constant: H = 0
                 continue
-            for n, h in _model.grads(dot, params).items():
-                hg[n] += h
-    scores = {n: hg[n] * params[n].detach() for n in params}
+            _accumulate(hg, _model.grads(dot, params), owned)
+    scores = {n: hg[n].mul_(params[n].detach()) if n in hg else torch.zeros_like(params[n]) for n in params}
     norm = torch.stack([s.sum() for s in scores.values()]).sum().abs() + eps
-    return {n: s / norm for n, s in scores.items()}
+    return {n: s.div_(norm) for n, s in scores.items()}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -64,8 +64,8 @@ class _stay_float64(TorchFunctionMode):
 class _LinearizedCopy:
     """An eval-mode copy of the model with |theta| everywhere, ready to score rounds on."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], input_shape: Sequence[int], dtype: torch.dtype | None):
-        self.work, self.params = _model.scoring_copy(model, names, train=False)
+    def __init__(self, work: nn.Module, params: dict[str, nn.Parameter], input_shape: Sequence[int], dtype: torch.dtype | None):
+        self.work, self.params = work, params
         if dtype is not None:
             self.work.to(dtype)
         with torch.no_grad():
@@ -96,6 +96,12 @@ class _LinearizedCopy:
         return out
 
 
+@contextlib.contextmanager
+def _linearized(model: nn.Module, names: Sequence[str], input_shape: Sequence[int], dtype: torch.dtype | None) -> Iterator[_LinearizedCopy]:
+    with _model.scoring_copy(model, names, train=False) as (work, params):
+        yield _LinearizedCopy(work, params, input_shape, dtype)
+
+
 def _in_float64_if_needed(run: Callable[[torch.dtype | None], T], dtype: torch.dtype | None) -> T:
     if dtype is not None:
         return run(dtype)
@@ -108,7 +114,11 @@ def _in_float64_if_needed(run: Callable[[torch.dtype | None], T], dtype: torch.d
 
 def synflow_scores(model, names, *, input_shape, dtype=None) -> dict[str, torch.Tensor]:
     """The scores of SynFlow's first round (nothing pruned yet)."""
-    return _in_float64_if_needed(lambda dt: _LinearizedCopy(model, names, input_shape, dt).scores(None), dtype)
+    def run(dt: torch.dtype | None) -> dict[str, torch.Tensor]:
+        with _linearized(model, names, input_shape, dt) as linearized:
+            return linearized.scores(None)
+
+    return _in_float64_if_needed(run, dtype)
 
 
 def synflow_masks(model, names, budget: Budget, *, input_shape, rounds: int = 100, dtype=None) -> dict[str, torch.Tensor]:
@@ -116,10 +126,10 @@ def synflow_masks(model, names, budget: Budget, *, input_shape, rounds: int = 10
         raise MaskError(f"synflow needs rounds >= 1, got {rounds}.")
 
     def run(dt: torch.dtype | None) -> dict[str, torch.Tensor]:
-        linearized = _LinearizedCopy(model, names, input_shape, dt)
         alive = None
-        for e in range(rounds):
-            alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
+        with _linearized(model, names, input_shape, dt) as linearized:
+            for e in range(rounds):
+                alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
         return alive
 
     return _in_float64_if_needed(run, dtype)

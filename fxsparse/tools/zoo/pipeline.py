@@ -2,8 +2,10 @@
 each recorded with its time and, if it fails, its error."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -172,14 +174,14 @@ class _PipelineRun:
         self.r.input_size = list(size)
 
     def _trace(self) -> None:
-        import copy
-
         import fxsparse
 
         self.gm = fxsparse.trace(self.model, self.x)
         # the reference of the identity check: the same trace, to be given the final weights and
-        # the masks (a copy, not a second trace: tracing is a large share of a small model's time)
-        self.plain = copy.deepcopy(self.gm)
+        # the masks (a copy, not a second trace: tracing is a large share of a small model's time).
+        # Its weights are on the meta device until then: a large model's copy would cost gigabytes
+        # through every stage in between (ViT-H/14: 2.5 GB)
+        self.plain = _weightless_copy(self.gm)
 
     def _masks(self, method: str) -> None:
         import fxsparse.masks
@@ -232,13 +234,11 @@ class _PipelineRun:
     def _identity(self) -> None:
         """Gates at identity: outputs and gradients equal the mask-only graph's (same weights)."""
         import fxsparse
-        from fxsparse.pass_infra import CONTAINER
         from fxsparse.passes.mask import MaskPass, masked_parameters
 
         fxsparse.gates.set_identity(self.sgm)
-        state = {k: v for k, v in self.sgm.state_dict().items() if not k.startswith(CONTAINER + ".")}
         self.ref, self.plain = self.plain, None
-        self.ref.load_state_dict(state, strict=True)  # the weights LRsI and the steps left
+        _load_weights(self.ref, self.sgm)  # the weights LRsI and the steps left
         MaskPass({k: v.clone() for k, v in masked_parameters(self.sgm).items()})(self.ref)
         self.r.identity = self._compare(self.ref, self.sgm, grads=True, what="at identity gates, the tost graph vs the mask-only graph")
 
@@ -311,6 +311,45 @@ class _PipelineRun:
                 return "close"
             diffs = beyond
         raise PipelineCheckFailed(f"{what}: {len(diffs)} mismatches, first: {str(diffs[0]).strip()}")
+
+
+def _weightless_copy(gm: Any) -> Any:
+    """A deep copy of ``gm`` whose parameters and buffers are on the meta device (tied ones stay tied)."""
+    torch = _torch()
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(gm, memo)
+
+
+def _load_weights(ref: Any, sgm: Any) -> None:
+    """Give ``ref`` (a weightless copy of the trace) copies of ``sgm``'s weights and buffers.
+
+    The state dict must match key for key, as ``load_state_dict(strict=True)`` checks (the
+    transform's own masks aside); buffers outside it (``persistent=False``) are copied by name.
+    A tensor shared by several names is copied once, so ties survive.
+    """
+    from fxsparse.pass_infra import CONTAINER
+
+    torch = _torch()
+    copies: dict[int, Any] = {}
+
+    def copy_of(t):
+        if id(t) not in copies:
+            c = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(c, t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
+        return copies[id(t)]
+
+    state = {k: copy_of(v) for k, v in sgm.state_dict(keep_vars=True).items() if not k.startswith(CONTAINER + ".")}
+    ref.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in list(ref.named_buffers(remove_duplicate=False)):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            ref.get_submodule(owner)._buffers[attr] = copy_of(sgm.get_buffer(name))
+    left = [n for n, t in itertools.chain(ref.named_parameters(), ref.named_buffers()) if t.is_meta]
+    if left:
+        raise PipelineCheckFailed(f"the reference graph has no weights for {', '.join(left[:5])}")
 
 
 def _ghost_dropouts(gm: Any) -> list[str]:
