@@ -27,11 +27,13 @@ as one autograd node that saves only ``x`` (see its docstring).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from typing import Iterator
 
 import torch
 
-__all__ = ["apply_mask", "MASK_CACHES", "set_mask_cache", "mask_cache_bytes", "ghost_relu_blend", "FUSED_SOFTS"]
+__all__ = ["apply_mask", "MASK_CACHES", "set_mask_cache", "using_mask_cache", "mask_cache_bytes", "ghost_relu_blend", "FUSED_SOFTS"]
 
 MASK_CACHES = ("float", "off")
 _mode = "float"
@@ -45,6 +47,18 @@ def set_mask_cache(mode: str) -> None:
         raise ValueError(f"mask cache must be one of {MASK_CACHES}; got {mode!r}")
     _mode = mode
     _cache.clear()
+
+
+@contextlib.contextmanager
+def using_mask_cache(mode: str) -> Iterator[None]:
+    """``set_mask_cache(mode)`` inside the block, the mode before it after (e.g. "off" to run a very
+    large model without the 4 bytes per masked weight)."""
+    previous = _mode
+    set_mask_cache(mode)
+    try:
+        yield
+    finally:
+        set_mask_cache(previous)
 
 
 def mask_cache_bytes(module: torch.nn.Module | None = None) -> int:

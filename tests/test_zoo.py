@@ -522,12 +522,13 @@ def _memory_hungry_worker(conn, options):
             return
         spec, changes = (task, None) if isinstance(task, str) else task
         batch = (changes or {}).get("batch_size", options["pipeline"].batch_size)
+        cache = (changes or {}).get("mask_cache", options["pipeline"].mask_cache)
         conn.send(("stage", "transform"))
         if spec.endswith("starving") or (spec.endswith("hungry") and batch > 1):
             os.kill(os.getpid(), signal.SIGKILL)
         if spec.endswith("exits"):
             os._exit(3)
-        r = zoo.ModelResult(spec, "user", "ok", pipeline="ok", input_size=[batch])
+        r = zoo.ModelResult(spec, "user", "ok", pipeline="ok", input_size=[batch], pipeline_detail=cache)
         conn.send(("result", r))
 
 
@@ -537,11 +538,12 @@ def test_a_worker_killed_for_memory_gets_its_model_again_at_batch_1(monkeypatch)
     results = {r.model: r for r in zoo.sweep(specs, workers=1, timeout=60, pipeline=True, progress=False)}
     assert list(results) == specs
     hungry, starving, exits, fine = (results[s] for s in specs)
-    assert (hungry.pipeline, hungry.input_size) == ("ok", [1])  # the second try, on a batch of 1
+    # the second try: on a batch of 1, without the float mask copies
+    assert (hungry.pipeline, hungry.input_size, hungry.pipeline_detail) == ("ok", [1], "off")
     assert "at batch 1" in hungry.retried and "SIGKILL" in hungry.retried and "in stage transform" in hungry.retried
     assert starving.status == "crashed" and "SIGKILL" in starving.error and starving.retried  # tried twice
     assert exits.status == "crashed" and "exit code 3" in exits.error and exits.retried is None  # not memory
-    assert (fine.pipeline, fine.input_size, fine.retried) == ("ok", [2], None)
+    assert (fine.pipeline, fine.input_size, fine.retried, fine.pipeline_detail) == ("ok", [2], None, "float")
     summary = zoo.summarize_pipeline(list(results.values()))
     assert set(summary["retried"]) == {"test_zoo:hungry", "test_zoo:starving"}
     md = zoo.render_markdown(list(results.values()), env=zoo.environment(), settings={})
@@ -631,3 +633,23 @@ def _probe_glibc() -> bool:
         return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
     except OSError:
         return False
+
+
+def test_pipeline_runs_with_the_mask_cache_it_is_given_and_restores_it(monkeypatch):
+    import fxsparse.fused
+    from fxsparse.tools.zoo.pipeline import _PipelineRun
+
+    seen = []
+    train = _PipelineRun._train
+
+    def recording(self, value):
+        train(self, value)
+        seen.append(fxsparse.fused.mask_cache_bytes())
+
+    monkeypatch.setattr(_PipelineRun, "_train", recording)
+    for mode in ("off", "float"):
+        seen.clear()
+        r = zoo.check_pipeline("test_zoo:tiny_net", options=zoo.PipelineOptions(mask_cache=mode))
+        assert r.pipeline == "ok", r.pipeline_error
+        assert (max(seen) > 0) == (mode == "float"), seen
+    assert fxsparse.fused._mode == "float"

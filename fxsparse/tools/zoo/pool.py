@@ -363,15 +363,17 @@ def _poll(w: _Worker, record: Callable[[ModelResult], None], *, max_tasks: int |
 def _memory_retry(w: _Worker, reason: str, options: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """The second try of a pipeline model whose worker was SIGKILLed (what the kernel's
     out-of-memory killer sends): on a batch of 1, which halves the activations LRsI's double
-    backward keeps (a 384-px XCiT needs over 20 GB at batch 2). None when that does not apply."""
+    backward keeps (a 384-px XCiT needs over 20 GB at batch 2), and without the eager float copies
+    of the masks (a copy of the weights' size: 2.5 GB on ViT-H/14). None when that does not apply."""
     pipeline = options.get("pipeline")
     if reason != "crashed" or pipeline is None or pipeline.batch_size <= 1:
         return None
     w.process.join(1)
     if w.process.exitcode != -signal.SIGKILL:
         return None
-    return {"batch_size": 1}, (f"at batch 1: on a batch of {pipeline.batch_size} its worker was killed "
-                               f"(SIGKILL, most likely out of memory) in stage {w.stage or 'meta-trace'}")
+    return {"batch_size": 1, "mask_cache": "off"}, (
+        f"at batch 1, without the float mask copies: on a batch of {pipeline.batch_size} its worker was "
+        f"killed (SIGKILL, most likely out of memory) in stage {w.stage or 'meta-trace'}")
 
 
 def _lost(spec: str, reason: str, timeout: float, process: Any, *, stage: str | None = None,
