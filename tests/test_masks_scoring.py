@@ -462,6 +462,7 @@ def test_leaf_held_weights_get_gradient_scores():
 def test_scoring_copy_lets_go_of_its_weights_without_a_garbage_collection(method):
     # a deep-copied GraphModule is in a reference cycle: its copy of the weights lived until the
     # next collection (ViT-H/14: 2.5 GB more, in a pipeline run killed for memory)
+    import contextlib
     import gc
     import weakref
 
@@ -471,11 +472,11 @@ def test_scoring_copy_lets_go_of_its_weights_without_a_garbage_collection(method
     copies = []
     real = _model.scoring_copy
 
+    @contextlib.contextmanager
     def tracked(*args, **kwargs):
-        cm = real(*args, **kwargs)
-        work, params = cm.__enter__()
-        copies.extend(weakref.ref(t) for t in [*work.parameters(), *work.buffers()])
-        return _Entered(cm, (work, params))
+        with real(*args, **kwargs) as (work, params):
+            copies.extend(weakref.ref(t) for t in [*work.parameters(), *work.buffers()])
+            yield work, params
 
     gc.disable()
     try:
@@ -486,17 +487,6 @@ def test_scoring_copy_lets_go_of_its_weights_without_a_garbage_collection(method
     finally:
         gc.enable()
     assert got
-
-
-class _Entered:
-    def __init__(self, cm, value):
-        self.cm, self.value = cm, value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return self.cm.__exit__(*exc)
 
 
 def test_scoring_never_touches_the_model_or_global_rng():
