@@ -489,6 +489,53 @@ def test_scoring_copy_lets_go_of_its_weights_without_a_garbage_collection(method
     assert got
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_synflow_rounds_keep_no_copy_of_the_weights_but_their_own(dtype):
+    # in float64 each copy of the weights is twice the model's (RegNetY-128GF: 5.2 GB each); a
+    # pipeline run was killed for memory in masks:synflow while a clone of |w| and the scores sat
+    # beside the gradients
+    from fxsparse.masks import _model, synflow
+
+    model = seeded(TinyConv)
+    names = [n for n, p in model.named_parameters() if p.dim() > 1]
+    user = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    grad_storages: list[int] = []
+    real_grads = _model.grads
+
+    def recording(loss, params, **kw):
+        got = real_grads(loss, params, **kw)
+        grad_storages.extend(g.untyped_storage().data_ptr() for g in got.values())
+        return got
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_model, "grads", recording)
+        with synflow._linearized(model, names, (3, 8, 8), dtype) as lin:
+            work = {t.untyped_storage().data_ptr() for t in [*lin.work.parameters(), *lin.work.buffers()]}
+            held = [t for v in vars(lin).values() for t in (v.values() if isinstance(v, dict) else [v])
+                    if isinstance(t, torch.Tensor)]
+            assert [t for t in held if t.untyped_storage().data_ptr() not in user | work and t is not lin.input] == []
+            alive = None
+            for _ in range(2):
+                scores = lin.scores(alive)
+                assert {s.untyped_storage().data_ptr() for s in scores.values()} <= set(grad_storages)  # in place
+                assert all(s.dtype == dtype for s in scores.values())
+                alive = {n: s >= s.median() for n, s in scores.items()}
+    # the same values as the rule written out: |w| * alive on the linearized copy, |grad * w|
+    ref = copy.deepcopy(model).to(dtype).eval()
+    with torch.no_grad():
+        for t in ref.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+        for n in names:
+            ref.get_parameter(n).mul_(alive[n])
+    params = {n: ref.get_parameter(n) for n in names}
+    g = torch.autograd.grad(ref(torch.ones(1, 3, 8, 8, dtype=dtype)).sum(), list(params.values()))
+    with synflow._linearized(model, names, (3, 8, 8), dtype) as lin:
+        got = lin.scores(alive)
+    for (n, p), gn in zip(params.items(), g):
+        assert torch.equal(got[n], (gn * p).abs()), n
+
+
 def test_scoring_never_touches_the_model_or_global_rng():
     model, data = seeded(TinyConv), [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
     before = copy.deepcopy(model.state_dict())

@@ -125,6 +125,20 @@ def loss(loss_fn: Callable | None, out: Any, targets: Any, *, temperature: float
     return (loss_fn or outputs.cross_entropy)(out, targets)
 
 
+def writable(g: torch.Tensor, owned: set[int]) -> torch.Tensor:
+    """``g`` if it can be written in place without touching another tensor, else a copy.
+
+    A gradient autograd returns may be an expanded view (stride 0: the gradient of ``w.sum()``) or
+    shared by two names (a tied weight); writing into those would be wrong or refused. ``owned``
+    collects the storages already handed out.
+    """
+    ptr = g.untyped_storage().data_ptr()
+    if not g.is_contiguous() or ptr in owned:
+        return g.clone(memory_format=torch.contiguous_format)
+    owned.add(ptr)
+    return g
+
+
 def output_sum(out: Any) -> torch.Tensor:
     """The sum of every tensor in a model output (a tensor, a tuple/list or a dict of tensors)."""
     if isinstance(out, torch.Tensor):

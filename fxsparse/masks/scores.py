@@ -70,20 +70,7 @@ def _accumulate(total: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], 
         if n in total:
             total[n] += g
         else:
-            total[n] = _own(g, owned)
-
-
-def _own(g: torch.Tensor, owned: set[int]) -> torch.Tensor:
-    """``g`` if it can be written in place without touching another tensor, else a copy.
-
-    A gradient autograd returns may be an expanded view (stride 0: the gradient of ``w.sum()``) or
-    shared by two names (a tied weight); writing into those would be wrong or refused.
-    """
-    ptr = g.untyped_storage().data_ptr()
-    if not g.is_contiguous() or ptr in owned:
-        return g.clone(memory_format=torch.contiguous_format)
-    owned.add(ptr)
-    return g
+            total[n] = _model.writable(g, owned)
 
 
 def taylor_scores(model, names, data, loss_fn=None, *, seed=0, train_mode=True, method="taylor") -> dict[str, torch.Tensor]:
