@@ -597,6 +597,36 @@ def test_top_k_narrowed_selection_is_the_full_kthvalues(values):
         assert kth_largest(values, k) == values.kthvalue(n - k + 1).values
 
 
+@pytest.mark.parametrize("distribution,min_per_layer", [("global", 0), ("global", 4), ("erk", 0), ("uniform", 3)])
+def test_select_may_consume_its_scores_and_gives_the_same_masks(distribution, min_per_layer):
+    # consume=True lets an owner of the scores hold one copy at a time (float64 SynFlow on
+    # RegNetY-128GF was killed for memory with the scores and their ranked concatenation side by side)
+    from fxsparse.masks.ranking import make_budget, rankable, top_k
+
+    g = torch.Generator().manual_seed(0)
+    scores = {
+        "a": torch.randint(0, 4, (8, 5), generator=g).float(),             # ties at the threshold
+        "b": torch.rand(3, 3, generator=g, dtype=torch.float64),           # float64 beside float32
+        "c": torch.rand(6, generator=g).index_fill(0, torch.tensor([1, 4]), float("nan")),
+        "d": torch.rand(4, 2, generator=g) * 1e-3,                         # all below the others
+    }
+    scores["b"][0, 0] = float("inf")
+    alive = {n: torch.rand(s.shape, generator=g) > 0.3 for n, s in scores.items()}
+    budget = make_budget({n: tuple(s.shape) for n, s in scores.items()}, 0.6, distribution, min_per_layer)
+    for a in (None, alive):
+        expected = budget.select(dict(scores), a)
+        owned = {n: s.clone() for n, s in scores.items()}
+        got = budget.select(owned, a, consume=True)
+        assert owned == {}
+        assert all(torch.equal(got[n], expected[n]) and got[n].shape == scores[n].shape for n in scores)
+        assert sum(int(m.sum()) for m in got.values()) == budget.keep
+        if distribution == "global" and not min_per_layer:  # the rule written out: one ranking of every score
+            flat = torch.cat([rankable(scores[n], None if a is None else a[n]) for n in scores])
+            want = torch.split(top_k(flat, budget.keep), [s.numel() for s in scores.values()])
+            assert all(torch.equal(got[n].flatten(), w) for n, w in zip(scores, want))
+    assert all(int(m.sum()) >= min(min_per_layer, m.numel()) for m in got.values())
+
+
 def test_ties_beyond_the_count_go_from_the_highest_indices_a_chunk_at_a_time():
     from fxsparse.masks.ranking import _drop_last_ties
 

@@ -103,7 +103,7 @@ def compute(
         masks = imp_masks(runner, names, budget, **method_opts)
     else:
         raw = score(runner, method, data, loss_fn, layers=names, seed=seed, **method_opts)
-        masks = budget.select(raw)
+        masks = budget.select(raw, consume=True)  # raw is ours: one copy of the scores at a time
     _finish(masks, method, distribution, sparsity)
     return masks
 

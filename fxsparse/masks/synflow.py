@@ -136,7 +136,7 @@ def synflow_masks(model, names, budget: Budget, *, input_shape, rounds: int = 10
         alive = None
         with _linearized(model, names, input_shape, dt) as linearized:
             for e in range(rounds):
-                alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive)
+                alive = budget.at_fraction((e + 1) / rounds).select(linearized.scores(alive), alive, consume=True)
         return alive
 
     return _in_float64_if_needed(run, dtype)
