@@ -593,6 +593,37 @@ def test_pipeline_reference_holds_no_weights_until_the_identity_check():
     assert torch.equal(ref(x), gm(x))
 
 
+def test_pipeline_lets_go_of_the_optimizer_state_before_export(monkeypatch):
+    # the momentum buffers are a copy of the weights; RegNetY-128GF was killed for memory building
+    # the fresh model in export while they were still held
+    import gc
+    import weakref
+
+    from fxsparse.tools.zoo.pipeline import _PipelineRun
+
+    held: list[weakref.ref] = []
+    real_removal, real_export = _PipelineRun._removal, _PipelineRun._export
+
+    def removal(self):
+        held.extend(weakref.ref(t) for state in self.opt.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor))
+        real_removal(self)
+
+    def export(self):
+        assert held and not any(r() is not None for r in held), "optimizer state still alive in export"
+        real_export(self)
+
+    monkeypatch.setattr(_PipelineRun, "_removal", removal)
+    monkeypatch.setattr(_PipelineRun, "_export", export)
+    gc.disable()
+    try:
+        r = zoo.check_pipeline("test_zoo:tied_and_non_persistent_net")
+    finally:
+        gc.enable()
+    assert r.pipeline == "ok", r.pipeline_error
+    assert r.exported == "equal"
+
+
 def test_pipeline_with_tied_weights_and_non_persistent_buffers():
     r = zoo.check_pipeline("test_zoo:tied_and_non_persistent_net")
     assert r.pipeline == "ok", r.pipeline_error
