@@ -31,7 +31,7 @@ from .errors import RecipeError
 from .registry import BadOption, check_options, pass_names, pass_option_names
 
 __all__ = [
-    "Recipe", "PassSpec", "Schedule", "LabelSmoothing", "Training", "load_recipe", "from_dict",
+    "Recipe", "PassSpec", "Schedule", "LabelSmoothing", "Distill", "Training", "load_recipe", "from_dict",
     "GHOST_SHAPES", "MASK_METHODS", "MASK_DISTRIBUTIONS",
 ]
 
@@ -44,7 +44,7 @@ LR_SCHEDULES = ("step", "cosine", "constant")
 MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "imp", "file")
 MASK_DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
-_TOP = ("name", "description", "extends", "masks", "label_smoothing", "training")
+_TOP = ("name", "description", "extends", "masks", "label_smoothing", "distill", "training")
 _PASS_RESERVED = ("enabled", "schedule")
 _MASK_KEYS = ("enabled", "method", "sparsity", "distribution", "path")
 _EPS = 1e-12
@@ -107,6 +107,21 @@ class LabelSmoothing:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """Distillation from the network with its ghosts into the network that remains.
+
+    At ``at`` (a fraction of training, or a ghost group's name: the step its anneal begins) a
+    frozen copy of the network becomes the teacher; from then to the end the loss is
+    ``(1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``.
+    """
+
+    enabled: bool = False
+    alpha: float = 0.9
+    temperature: float = 4.0
+    at: float | str = "ghost_neurons"
+
+
+@dataclass(frozen=True)
 class Training:
     """The training protocol defaults (ToST's CIFAR protocol unless the recipe says otherwise)."""
 
@@ -141,6 +156,7 @@ class Recipe:
     passes: Mapping[str, PassSpec]
     label_smoothing: LabelSmoothing
     training: Training
+    distill: Distill = Distill()
     source: str = field(default="", compare=False)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -443,6 +459,27 @@ def _label_smoothing(source: str, table: Any) -> LabelSmoothing:
     return LabelSmoothing(enabled=enabled, eps=eps, final_eps=final_eps, form=form, schedule=schedule)
 
 
+def _distill(source: str, table: Any, ghosts: Mapping[str, PassSpec]) -> Distill:
+    c = _Checker(source, "distill", table, ("enabled", "alpha", "temperature", "at"))
+    d = Distill()
+    enabled = c.bool("enabled", d.enabled)
+    alpha = c.number("alpha", d.alpha, 0.0, 1.0)
+    temperature = c.number("temperature", d.temperature, 0.0, lo_open=True)
+    at = c.table.get("at", d.at)
+    if isinstance(at, str):
+        if enabled and at not in ghosts:
+            c.fail("at", at, f"a fraction of training in (0, 1), or an enabled ghost group "
+                             f"({' | '.join(repr(g) for g in ghosts) or 'this recipe enables none'}): the teacher is "
+                             f"the network as it is when that group's anneal begins")
+        if enabled and ghosts[at].schedule.hold_until <= 0:
+            c.fail("at", at, f"a group whose anneal begins after step 0 ({at}.schedule.hold_until = 0 here, so the "
+                             f"teacher would be the untrained network): set {at}.schedule.hold_until > 0, or give "
+                             f"distill.at as a fraction of training")
+    else:
+        at = c.number("at", None, 0.0, 1.0, lo_open=True, hi_open=True)
+    return Distill(enabled=enabled, alpha=alpha, temperature=temperature, at=at)
+
+
 def _training(source: str, table: Any) -> Training:
     names = tuple(f.name for f in dataclasses.fields(Training))
     c = _Checker(source, "training", table, names)
@@ -508,6 +545,7 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe")
     description = top.string("description", "") or ""
     specs = {p: _pass_spec(source, p, top.table.get(p, {}), ghost=p in GHOST_GROUPS) for p in passes}
     masks = _dynamic_with_masks(source, specs.get("dynamic"), _mask_spec(source, top.table.get("masks", {})))
+    ghosts = {n: s for n, s in specs.items() if s.enabled and s.schedule is not None}
     return Recipe(
         name=recipe_name,
         description=description.strip(),
@@ -515,6 +553,7 @@ def from_dict(raw: Mapping[str, Any], *, source: str = "", name: str = "recipe")
         passes=specs,
         label_smoothing=_label_smoothing(source, top.table.get("label_smoothing", {})),
         training=_training(source, top.table.get("training", {})),
+        distill=_distill(source, top.table.get("distill", {}), ghosts),
         source=source,
         raw=copy.deepcopy(dict(raw)),
     )

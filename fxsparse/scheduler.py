@@ -6,6 +6,11 @@ ghost's ``remove_at`` runs its removal pass on the module in place and drops the
 parameters and their optimizer state from the optimizer. ``sched.loss`` is cross-entropy with
 the recipe's (scheduled) label smoothing in ToST's eps/(C-1) form.
 
+With ``[distill]`` the scheduler also takes a frozen copy of the module at ``distill.at`` (the
+network with its ghosts, before they leave) and ``sched.loss(logits, y, teacher_logits=...)``
+adds the distillation term; ``sched.teacher_logits(x)`` runs the teacher (``None`` before the
+snapshot, so the loop below needs one more line: ``t = sched.teacher_logits(x)``).
+
 The loop, in full::
 
     gm = fxsparse.transform(model, "tost", data=calibration_batches)
@@ -21,6 +26,7 @@ weights and the optimizer state. See docs/recipes.md.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any, Callable, Iterable, Mapping
@@ -38,7 +44,7 @@ from .transform import RECIPE_KEY, transform
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RecipeScheduler", "smoothed_cross_entropy", "restore", "drop_parameters", "lr_factor"]
+__all__ = ["RecipeScheduler", "smoothed_cross_entropy", "distillation_loss", "restore", "drop_parameters", "lr_factor"]
 
 MAIN_GROUP = "main"  # the optimizer param group of every parameter that is not a ghost's
 GROUP_KEY = "fxsparse_group"  # param-group key naming whose parameters a group holds
@@ -74,6 +80,19 @@ def smoothed_cross_entropy(
     if reduction == "none":
         return loss
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                      reduction: str = "mean") -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per sample, reduced over the batch
+    (Hinton et al. 2015; the T^2 keeps its gradient's scale independent of T)."""
+    t = float(temperature)
+    log_p = F.log_softmax(logits / t, dim=1)
+    log_q = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    per_sample = (log_q.exp() * (log_q - log_p)).sum(dim=1) * (t * t)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 def drop_parameters(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
@@ -157,6 +176,9 @@ class RecipeScheduler:
         for g in set(self.recipe.ghosts) - present:
             log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
+        self.teacher: GraphModule | None = None  # [distill]: the frozen copy, from teacher_step on
+        self.teacher_step = self._teacher_step()
+        self._teacher_removed: list[str] = []  # the groups already removed when the teacher was copied
         self._apply()
 
     # ------------------------------------------------------------------ schedule
@@ -206,7 +228,34 @@ class RecipeScheduler:
         """The ghost groups the next ``step()`` removes."""
         return [g for g in self.schedules if g not in self.removed and self._step + 1 >= self.removal_step(g)]
 
+    def _teacher_step(self) -> int | None:
+        spec = self.recipe.distill
+        if not spec.enabled:
+            return None
+        at = spec.at if not isinstance(spec.at, str) else self.recipe.ghosts[spec.at].schedule.hold_until
+        return max(1, math.ceil(at * self.total_steps - 1e-6))
+
+    def _snapshot_teacher(self) -> None:
+        # the copy keeps its own gate buffers: the scheduler moves only self.gm's, so the teacher
+        # stays the network as it is now (its ghosts on) while the student's ghosts leave
+        teacher = copy.deepcopy(self.gm)
+        teacher.requires_grad_(False)
+        teacher.train()  # batch statistics: a sparse network's running ones lag (precise BN, docs/results.md)
+        self.teacher, self._teacher_removed = teacher, list(self.removed)
+        log.info("step %d (%.1f%%): distilling from here on from a frozen copy of the network (gates %s)",
+                 self._step, 100 * self.fraction, _gates.get(teacher) or "none")
+
+    def teacher_logits(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The teacher's output for this batch, without gradient; ``None`` when there is no teacher
+        (no ``[distill]``, or before ``distill.at``)."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(*args, **kwargs)
+
     def _apply(self, notify: bool = False) -> None:
+        if self.teacher is None and self.teacher_step is not None and self._step == self.teacher_step:
+            self._snapshot_teacher()  # before any removal due at the same step: the teacher has that ghost
         current = _gates.get(self.gm)
         for group, schedule in self.schedules.items():
             if group in self.removed:
@@ -235,10 +284,18 @@ class RecipeScheduler:
                  group, len(params), event["parameters"])
 
     # ------------------------------------------------------------------ loss
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy with the recipe's label smoothing at the current step (plain CE if off)."""
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+             teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy with the recipe's label smoothing at the current step (plain CE if off);
+        with ``teacher_logits`` (``teacher_logits(x)``), mixed with the distillation term:
+        ``(1 - alpha) * CE + alpha * distillation_loss``."""
         ls = self.recipe.label_smoothing
-        return smoothed_cross_entropy(logits, targets, self.label_smoothing, ls.form, reduction)
+        ce = smoothed_cross_entropy(logits, targets, self.label_smoothing, ls.form, reduction)
+        if teacher_logits is None:
+            return ce
+        spec = self.recipe.distill
+        kd = distillation_loss(logits, teacher_logits.to(logits.dtype), spec.temperature, reduction)
+        return (1.0 - spec.alpha) * ce + spec.alpha * kd
 
     # ------------------------------------------------------------------ optimizer
     def ghost_param_groups(self, **options: Any) -> list[dict[str, Any]]:
@@ -285,6 +342,8 @@ class RecipeScheduler:
             "recipe": self.recipe.to_dict(),
             "recipe_name": self.recipe.name,
             **({"dynamic": self.dynamic.state_dict()} if self.dynamic is not None else {}),
+            **({"teacher": {"removed": list(self._teacher_removed), "weights": self.teacher.state_dict()}}
+               if self.teacher is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -296,6 +355,16 @@ class RecipeScheduler:
         unknown = set(state["removed"]) - set(self.schedules)
         if unknown:
             raise ValueError(f"the checkpoint removed {sorted(unknown)}, which this module's recipe does not schedule")
+        teacher = state.get("teacher")
+        if teacher is not None and self.teacher is None:
+            if list(state["removed"][:len(teacher["removed"])]) != list(teacher["removed"]):
+                raise ValueError(f"the checkpoint's teacher had {teacher['removed']} removed, which is not how its "
+                                 f"removals {state['removed']} began")
+            for group in teacher["removed"]:  # the teacher's graph: the removals before its copy
+                if group not in self.removed:
+                    self._remove(group)
+            self._snapshot_teacher()
+            self.teacher.load_state_dict(teacher["weights"])
         for group in state["removed"]:
             if group not in self.removed:
                 self._remove(group)

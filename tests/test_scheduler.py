@@ -24,7 +24,9 @@ import fxsparse.ghosts
 from fxsparse import gates
 from fxsparse.pass_infra import FxSparsePass, container, delete_container, tagged_nodes
 from fxsparse.passes import GHOST_GROUPS
-from fxsparse.scheduler import RecipeScheduler, drop_parameters, lr_factor, restore, smoothed_cross_entropy
+from fxsparse.errors import RecipeError
+from fxsparse.scheduler import (RecipeScheduler, distillation_loss, drop_parameters, lr_factor, restore,
+                                 smoothed_cross_entropy)
 
 GROUP = "ghost_skips"
 
@@ -347,6 +349,112 @@ def test_load_state_dict_replays_removal_before_weights(toy_ghost):
     assert other.removed == [GROUP] and other.step_count == 5
     with pytest.raises(ValueError, match="total_steps"):
         RecipeScheduler(_transformed()[1], total_steps=20).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- distillation
+DISTILL = {"distill.enabled": True, "distill.at": GROUP, "distill.alpha": 0.7, "distill.temperature": 3.0}
+
+
+def test_distillation_loss_is_the_tempered_kl():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    expected = F.kl_div(F.log_softmax(s / 3, 1), F.softmax(t / 3, 1), reduction="batchmean") * 9
+    assert torch.allclose(distillation_loss(s, t, 3.0), expected)
+    assert torch.allclose(distillation_loss(s, t, 3.0, "none").sum(), distillation_loss(s, t, 3.0, "sum"))
+    assert distillation_loss(s, s, 3.0).abs() < 1e-12  # no pull when the student already agrees
+    s.requires_grad_(True)
+    distillation_loss(s, t.requires_grad_(True), 3.0).backward()
+    assert t.grad is None  # the teacher's side is a target, never trained
+
+
+def test_teacher_is_a_frozen_copy_taken_when_the_anneal_begins(toy_ghost):
+    total = 12  # hold_until 0.1: the anneal begins at step 2; removal at 0.3: step 4
+    batches = _batches(total)
+    _, gm = _transformed(_toy_recipe(**DISTILL))
+    sched = RecipeScheduler(gm, total_steps=total)
+    sched.build_optimizer()
+    sched.build_lr_scheduler()
+    assert sched.teacher_step == 2
+    x, y = batches[0]
+    assert sched.teacher_logits(x) is None
+    _train_distilled(sched, batches[:2])
+    assert sched.teacher is not None and gates.get(sched.teacher) == {GROUP: 1.0}
+    # the copy was taken before this step moved the student's gate: the weights it trained at gate 1
+    assert gates.get(gm)[GROUP] < 1.0
+    snapshot = {k: v.clone() for k, v in gm.state_dict().items()}
+    snapshot[gates.target(GROUP)] = torch.tensor(1.0)
+    assert all(torch.equal(snapshot[k], v) for k, v in sched.teacher.state_dict().items())
+    assert not any(p.requires_grad for p in sched.teacher.parameters())
+    in_optimizer = {id(p) for g in sched.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in sched.teacher.parameters())
+    # the loss mixes CE and the distillation term by alpha
+    t = sched.teacher_logits(x)
+    assert torch.equal(t, sched.teacher(x)) and not t.requires_grad
+    logits = gm(x)
+    ce = smoothed_cross_entropy(logits, y, 0.1, "tost")
+    assert torch.allclose(sched.loss(logits, y, teacher_logits=t), 0.3 * ce + 0.7 * distillation_loss(logits, t, 3.0))
+
+    _train_distilled(sched, batches[2:])
+    assert sched.removed == [GROUP] and GROUP not in fxsparse.ghosts.present(gm)
+    assert fxsparse.ghosts.present(sched.teacher) == [GROUP]  # the teacher keeps its ghost at gate 1
+    assert gates.get(sched.teacher) == {GROUP: 1.0}
+    assert all(torch.equal(snapshot[k], v) for k, v in sched.teacher.state_dict().items())
+    assert not torch.equal(snapshot["fc.weight"], gm.state_dict()["fc.weight"])  # the student moved on
+
+
+def _train_distilled(sched, batches):
+    opt, lr = sched.optimizer, sched.lr_scheduler
+    for x, y in batches:
+        opt.zero_grad()
+        sched.loss(sched.gm(x), y, teacher_logits=sched.teacher_logits(x)).backward()
+        opt.step()
+        lr.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("stop", [1, 3, 7], ids=["before-teacher", "teacher-and-ghost", "after-removal"])
+def test_resume_with_a_teacher_gives_identical_continuation(toy_ghost, stop):
+    total = 12
+    batches = _batches(total)
+    recipe = _toy_recipe(**DISTILL)
+    _, gm = _transformed(recipe)
+    sched = RecipeScheduler(gm, total_steps=total)
+    sched.build_optimizer()
+    sched.build_lr_scheduler()
+    _train_distilled(sched, batches[:stop])
+    ckpt = copy.deepcopy(sched.checkpoint())
+    assert ("teacher" in ckpt["scheduler"]) == (stop >= 2)
+    _train_distilled(sched, batches[stop:])
+
+    torch.manual_seed(123)
+    resumed = restore(Tiny(), ckpt, example_inputs=torch.randn(4, 3, 8, 8))
+    assert (resumed.teacher is not None) == (stop >= 2)
+    if resumed.teacher is not None:  # the teacher's graph has the ghost, whatever the student lost since
+        assert fxsparse.ghosts.present(resumed.teacher) == [GROUP]
+    _train_distilled(resumed, batches[stop:])
+    final, again = sched.gm.state_dict(), resumed.gm.state_dict()
+    assert final.keys() == again.keys()
+    for k in final:
+        assert torch.equal(final[k], again[k]), k
+    teacher, teacher_again = sched.teacher.state_dict(), resumed.teacher.state_dict()
+    assert all(torch.equal(teacher[k], teacher_again[k]) for k in teacher)
+
+
+def test_distill_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match="distill.at = 'ghost_neurons'.*hold_until = 0"):
+        fxsparse.load_recipe("tost", {"distill.enabled": True})  # tost's ghosts leave from step 0
+    with pytest.raises(RecipeError, match="distill.at = 'ghost_nerons'.*'ghost_neurons'"):
+        fxsparse.load_recipe("tost", {"distill.enabled": True, "distill.at": "ghost_nerons"})
+    with pytest.raises(RecipeError, match="distill.at = 1.0"):
+        fxsparse.load_recipe("tost", {"distill.enabled": True, "distill.at": 1.0})
+    with pytest.raises(RecipeError, match="distill.alpha"):
+        fxsparse.load_recipe("tost", {"distill.alpha": 1.5})
+    with pytest.raises(RecipeError, match="distill.temperature"):
+        fxsparse.load_recipe("tost", {"distill.temperature": 0})
+    with pytest.raises(RecipeError, match="unknown key 'distill.teacher'"):
+        fxsparse.load_recipe("tost", {"distill.teacher": "ema"})
+    r = fxsparse.load_recipe("tost", {"distill.enabled": True, "distill.at": 0.5})
+    assert r.distill.at == 0.5 and not fxsparse.load_recipe("tost").distill.enabled
 
 
 # --------------------------------------------------------------------------- real passes

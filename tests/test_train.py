@@ -181,6 +181,34 @@ def test_metrics_plots_and_summary(e2e):
     assert [c.epoch for c in CheckpointManager(out).entries()] == [1, 2]
 
 
+def test_distillation_from_the_network_with_its_ghosts(tmp_path, monkeypatch):
+    """[distill]: the trainer feeds the teacher's logits to the loss from distill.at on, and the
+    run still ends as the original network."""
+    from fxsparse.scheduler import RecipeScheduler
+
+    used = []
+    teacher_logits = RecipeScheduler.teacher_logits
+
+    def counting(self, *args, **kwargs):
+        out = teacher_logits(self, *args, **kwargs)
+        used.append((self.step_count, out is not None))
+        return out
+
+    monkeypatch.setattr(RecipeScheduler, "teacher_logits", counting)
+    late = {f"ghost_neurons.schedule.{k}": v for k, v in {"hold_until": 0.5, "anneal_until": 0.75, "remove_at": 0.75}.items()}
+    t = Trainer(TrainConfig("fxsparse.nets:resnet8", out=str(tmp_path), data="digits", progress=False, quiet=True,
+                            overrides={**DIGITS, **late, "distill.enabled": True}))
+    summary = t.run()
+    assert summary["distill"] == {"teacher_step": 20, "alpha": 0.9, "temperature": 4.0}
+    assert [s for s, on in used if on] == list(range(20, 40))  # steps 21..40 (step_count before the step)
+    assert [(e["group"], e["step"]) for e in summary["removals"]] == [("ghost_skips", 6), ("ghost_channels", 6),
+                                                                     ("ghost_neurons", 30)]
+    assert t.sched.teacher is None  # let go before precise BN and export
+    model = nets.resnet8(num_classes=10, in_chans=1)
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert summary["test_accuracy"] > 0.5
+
+
 def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):
     _, out = e2e
     args = ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--out", str(out)]

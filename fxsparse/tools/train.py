@@ -371,6 +371,9 @@ class Trainer:
         if self.channels_last:
             gm.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
         if self.config.fsdp and fxdist.is_distributed():  # FSDP2, in place: gm is the sharded model
+            if self.recipe.distill.enabled:
+                raise TrainError("[distill] with --fsdp: the teacher is a full copy of the module, which a sharded "
+                                 "module cannot give; train with DDP (no --fsdp) or set distill.enabled = false.")
             units = self.config.fsdp
             self.model = fxdist.fully_shard(gm, units if units == "layers" else units.split(","), scheduler=self.sched)
         else:
@@ -510,7 +513,8 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.forward(x)
-        loss = sched.loss(logits.float(), y)
+            teacher = sched.teacher_logits(x)  # [distill], from distill.at on; None otherwise
+        loss = sched.loss(logits.float(), y, teacher_logits=None if teacher is None else teacher.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -710,6 +714,9 @@ class Trainer:
         if dynamic.present(gm):  # a [dynamic] phase that had not ended: its probes have no place in the export
             self._note("ending the dynamic-mask phase before export (its end was not reached)")
             dynamic.finish(gm)
+        distill = self.recipe.distill
+        teacher_step = self.sched.teacher_step if self.sched.teacher is not None else None
+        self.sched.teacher = None  # training is over: its memory back before precise BN and export
         precise = self._precise_bn()
         test = self.evaluate(self.test_loader)
         val = self.evaluate(self.val_loader) if c.val else None
@@ -761,6 +768,8 @@ class Trainer:
             "mask_method": mask_opts.get("method") if masks else None,
             "removals": [dict(e) for e in self.sched.events],
             "mask_updates": _mask_update_summary(self.sched),
+            "distill": ({"teacher_step": teacher_step, "alpha": distill.alpha, "temperature": distill.temperature}
+                        if distill.enabled else None),
             "precise_bn": precise,
             "passes": gm.meta.get("fxsparse.passes", []),
             "time_s": {"setup": self.setup_time, "train": self.elapsed, "this_process": wall_time},
