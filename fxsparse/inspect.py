@@ -228,6 +228,7 @@ def summary(gm: GraphModule) -> dict[str, Any]:
         "tagged_nodes": dict(Counter(t["group"] for n in gm.graph.nodes if (t := _tag(n)))),
         "passes": list(gm.meta.get(HISTORY_KEY, [])),
         "dynamic": _dynamic(gm),
+        **_ghost_schedules(gm),
     }
     if masks:
         masked_params = [params[p] for p in masks if p in params]
@@ -237,6 +238,18 @@ def summary(gm: GraphModule) -> dict[str, Any]:
             "weights_masked": sum(_numel(p) for p in masked_params),
         }
     return out
+
+
+def _ghost_schedules(gm: GraphModule) -> dict[str, Any]:
+    """``schedules``: how each ghost group still in the graph will move (its recipe's schedule);
+    ``distill``: the recipe's ``[distill]``, described (None when off or no recipe)."""
+    recipe = gm.meta.get("fxsparse.recipe")
+    if recipe is None or not hasattr(recipe, "ghosts"):
+        return {"schedules": {}, "distill": None}
+    present = _gates(gm)
+    schedules = {g: spec.schedule.describe() for g, spec in recipe.ghosts.items() if g in present}
+    distill = recipe.distill.describe(recipe) if recipe.distill.enabled else None
+    return {"schedules": schedules, "distill": distill}
 
 
 def _dynamic(gm: GraphModule) -> dict[str, Any] | None:
@@ -410,6 +423,11 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(f"masks: {s['masks']['tensors']} weight tensors, overall density {s['masks']['density']:.2%}")
     if s["gates"]:
         lines.append("gates: " + ", ".join(f"{k}={v:g}" for k, v in s["gates"].items()))
+    if s.get("schedules"):
+        lines.append("schedules (gate, as fractions of training): "
+                     + "; ".join(f"{g} {text}" for g, text in s["schedules"].items()))
+    if s.get("distill"):
+        lines.append(f"distill: {s['distill']}")
     if s.get("dynamic"):
         lines.extend(s["dynamic"]["schedule"])
     if s["passes"]:

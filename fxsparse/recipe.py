@@ -76,6 +76,15 @@ class Schedule:
             return 1.0 - p
         return 0.5 * (1.0 + math.cos(math.pi * p))
 
+    def describe(self) -> str:
+        """``"1 until 60%, linear to 0 by 80%, removed at 80%"`` (fractions as percentages of training)."""
+        if self.shape == "constant":
+            return "constant"
+        held = f"1 until {self.hold_until:.0%}, " if self.hold_until > 0 else ""
+        text = (f"{held}{self.shape} {'to' if held else 'from 1 to'} 0 by {self.anneal_until:.0%}"
+                if self.anneal_until > self.hold_until else f"1 until {self.hold_until:.0%}, then 0")
+        return text + (f", removed at {self.remove_at:.0%}" if self.remove_at is not None else "")
+
 
 @dataclass(frozen=True)
 class PassSpec:
@@ -119,6 +128,14 @@ class Distill:
     alpha: float = 0.9
     temperature: float = 4.0
     at: float | str = "ghost_neurons"
+
+    def describe(self, recipe: "Recipe") -> str:
+        """``"from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"``."""
+        if isinstance(self.at, str):
+            when = f"{recipe.ghosts[self.at].schedule.hold_until:.0%} of training (when {self.at}' anneal begins)"
+        else:
+            when = f"{self.at:.0%} of training"
+        return f"from {when}, alpha {self.alpha:g}, T {self.temperature:g}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 import fxsparse
+import fxsparse.nets
 from conftest import build, masked, random_masks
 from fxsparse import render
 from fxsparse.errors import FxSparseError
@@ -168,6 +169,23 @@ def test_json_round_trip(resnet18):
     row = next(r for r in data["rows"] if r["layer"] == "fc")
     assert row["shape"] == [2, 1000] and 0 < row["density"] < 1 and row["params"] == 513_000
     assert data["diff"]["removed_ops"] == {"Conv2d": 20, "Linear": 1}
+
+
+def test_summary_states_each_ghost_schedule_and_distillation():
+    torch.manual_seed(0)
+    model = fxsparse.nets.resnet8()
+    late = {"ghost_neurons.schedule.hold_until": 0.6, "ghost_neurons.schedule.anneal_until": 0.8,
+            "ghost_neurons.schedule.remove_at": 0.8, "distill.enabled": True, "masks.sparsity": 0.9}
+    gm = fxsparse.transform(model, fxsparse.load_recipe("tost", late), example_inputs=torch.randn(2, 3, 32, 32))
+    s = inspect_graph(gm).summary
+    assert s["schedules"] == {"ghost_neurons": "1 until 60%, linear to 0 by 80%, removed at 80%",
+                              "ghost_skips": "linear from 1 to 0 by 15%, removed at 15%",
+                              "ghost_channels": "linear from 1 to 0 by 15%, removed at 15%"}
+    assert s["distill"] == "from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"
+    text = to_text(inspect_graph(gm), width=400)
+    assert "ghost_neurons 1 until 60%, linear to 0 by 80%" in text and "distill: from 60% of training" in text
+    fxsparse.remove_ghosts(gm)  # no ghost left: nothing to schedule
+    assert inspect_graph(gm).summary["schedules"] == {}
 
 
 # --------------------------------------------------------------------------- drawings
