@@ -694,6 +694,15 @@ def articulation_nodes(gm: GraphModule) -> set[Node]:
     return chain
 
 
+def is_plain(gm: GraphModule) -> bool:
+    """True when no path goes around any conv or linear layer (``articulation_nodes`` holds them
+    all): a VGG, an MLP. False for a network with residual blocks, concatenations or parallel
+    branches around a layer (ResNets, MobileNetV2, DenseNets), and for one with no such layer."""
+    plain = articulation_nodes(gm)
+    layers = [n for n in gm.graph.nodes if layer_call(gm, n) is not None]
+    return bool(layers) and all(n in plain for n in layers)
+
+
 # ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph (and,
 # for "disconnected", from the masks MaskPass applied to it). "all", or one kind of layer, or a
 # union of kinds joined by "+" ("bypassed+stem").

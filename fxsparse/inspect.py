@@ -246,9 +246,13 @@ def _ghost_schedules(gm: GraphModule) -> dict[str, Any]:
     recipe = gm.meta.get("fxsparse.recipe")
     if recipe is None or not hasattr(recipe, "ghosts"):
         return {"schedules": {}, "distill": None}
-    present = _gates(gm)
-    schedules = {g: spec.schedule.describe() for g, spec in recipe.ghosts.items() if g in present}
-    distill = recipe.distill.describe(recipe) if recipe.distill.enabled else None
+    from .scheduler import ghost_schedules_plain
+
+    present, plain = _gates(gm), ghost_schedules_plain(gm, recipe)
+    schedules = {g: spec.schedule_for(plain).describe() + (" (schedule_plain: a plain network)"
+                                                           if plain and spec.schedule_plain is not None else "")
+                 for g, spec in recipe.ghosts.items() if g in present}
+    distill = recipe.distill.describe(recipe, plain) if recipe.distill.enabled else None
     return {"schedules": schedules, "distill": distill}
 
 

@@ -45,7 +45,7 @@ MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "im
 MASK_DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 _TOP = ("name", "description", "extends", "masks", "label_smoothing", "distill", "training")
-_PASS_RESERVED = ("enabled", "schedule")
+_PASS_RESERVED = ("enabled", "schedule", "schedule_plain")
 _MASK_KEYS = ("enabled", "method", "sparsity", "distribution", "path")
 _EPS = 1e-12
 
@@ -94,6 +94,13 @@ class PassSpec:
     enabled: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     schedule: Schedule | None = None  # ghost groups only
+    # ghost groups only: the schedule used instead on a plain network (no path goes around any
+    # layer of the traced graph: fxsparse.graph.is_plain), when the recipe gives one
+    schedule_plain: Schedule | None = None
+
+    def schedule_for(self, plain: bool) -> Schedule | None:
+        """The schedule this ghost follows on a network that is (``plain``) or is not plain."""
+        return self.schedule_plain if plain and self.schedule_plain is not None else self.schedule
 
 
 @dataclass(frozen=True)
@@ -129,10 +136,12 @@ class Distill:
     temperature: float = 4.0
     at: float | str = "ghost_neurons"
 
-    def describe(self, recipe: "Recipe") -> str:
-        """``"from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"``."""
+    def describe(self, recipe: "Recipe", plain: bool = False) -> str:
+        """``"from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"`` (``plain``: on
+        a plain network, where a ghost with a ``schedule_plain`` follows that one)."""
         if isinstance(self.at, str):
-            when = f"{recipe.ghosts[self.at].schedule.hold_until:.0%} of training (when {self.at}' anneal begins)"
+            hold = recipe.ghosts[self.at].schedule_for(plain).hold_until
+            when = f"{hold:.0%} of training (when {self.at}' anneal begins)"
         else:
             when = f"{self.at:.0%} of training"
         return f"from {when}, alpha {self.alpha:g}, T {self.temperature:g}"
@@ -397,7 +406,13 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
                                  early_removal=options.get("fold") is True)
     elif "schedule" in c.table:
         c.fail("schedule", c.table["schedule"], f"nothing: [{name}] is not a ghost and has no schedule")
-    return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule)
+    schedule_plain = None
+    if "schedule_plain" in c.table:
+        if not ghost:
+            c.fail("schedule_plain", c.table["schedule_plain"], f"nothing: [{name}] is not a ghost and has no schedule")
+        schedule_plain = _schedule(source, f"{name}.schedule_plain", c.table["schedule_plain"], ghost=True,
+                                   early_removal=options.get("fold") is True)
+    return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule, schedule_plain=schedule_plain)
 
 
 def _mask_spec(source: str, table: Any) -> PassSpec:
@@ -488,10 +503,12 @@ def _distill(source: str, table: Any, ghosts: Mapping[str, PassSpec]) -> Distill
             c.fail("at", at, f"a fraction of training in (0, 1), or an enabled ghost group "
                              f"({' | '.join(repr(g) for g in ghosts) or 'this recipe enables none'}): the teacher is "
                              f"the network as it is when that group's anneal begins")
-        if enabled and ghosts[at].schedule.hold_until <= 0:
-            c.fail("at", at, f"a group whose anneal begins after step 0 ({at}.schedule.hold_until = 0 here, so the "
-                             f"teacher would be the untrained network): set {at}.schedule.hold_until > 0, or give "
-                             f"distill.at as a fraction of training")
+        for key in ("schedule", "schedule_plain"):
+            schedule = getattr(ghosts[at], key) if enabled else None
+            if schedule is not None and schedule.hold_until <= 0:
+                c.fail("at", at, f"a group whose anneal begins after step 0 ({at}.{key}.hold_until = 0 here, so the "
+                                 f"teacher would be the untrained network): set {at}.{key}.hold_until > 0, or "
+                                 f"give distill.at as a fraction of training")
     else:
         at = c.number("at", None, 0.0, 1.0, lo_open=True, hi_open=True)
     return Distill(enabled=enabled, alpha=alpha, temperature=temperature, at=at)

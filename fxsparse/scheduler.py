@@ -40,7 +40,7 @@ from . import gates as _gates
 from . import ghosts as _ghosts
 from .errors import RecipeError
 from .recipe import Recipe, from_dict, load_recipe
-from .transform import RECIPE_KEY, transform
+from .transform import PLAIN_KEY, RECIPE_KEY, transform
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,12 @@ class RecipeScheduler:
         self.on_removal = on_removal
         self._step = 0
         present = set(_ghosts.present(graph_module))
-        self.schedules = {g: spec.schedule for g, spec in self.recipe.ghosts.items() if g in present}
+        self.plain = ghost_schedules_plain(graph_module, self.recipe)
+        self.schedules = {g: spec.schedule_for(self.plain) for g, spec in self.recipe.ghosts.items() if g in present}
+        for g, spec in self.recipe.ghosts.items():
+            if g in present and spec.schedule_plain is not None:
+                log.info("%s follows its %s on this %s network: %s", g, "schedule_plain" if self.plain else "schedule",
+                         "plain" if self.plain else "non-plain", self.schedules[g].describe())
         for g in set(self.recipe.ghosts) - present:
             log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
@@ -232,7 +237,7 @@ class RecipeScheduler:
         spec = self.recipe.distill
         if not spec.enabled:
             return None
-        at = spec.at if not isinstance(spec.at, str) else self.recipe.ghosts[spec.at].schedule.hold_until
+        at = spec.at if not isinstance(spec.at, str) else self.recipe.ghosts[spec.at].schedule_for(self.plain).hold_until
         return max(1, math.ceil(at * self.total_steps - 1e-6))
 
     def _snapshot_teacher(self) -> None:
@@ -382,6 +387,19 @@ class RecipeScheduler:
         if self.lr_scheduler is not None:
             ckpt["lr_scheduler"] = self.lr_scheduler.state_dict()
         return ckpt
+
+
+def ghost_schedules_plain(gm: GraphModule, recipe: Recipe) -> bool:
+    """Whether ``gm``'s ghosts follow their ``schedule_plain`` (the recipe has one and ``transform``
+    found the traced graph plain: ``gm.meta[PLAIN_KEY]``)."""
+    if not any(spec.schedule_plain is not None for spec in recipe.ghosts.values()):
+        return False
+    if PLAIN_KEY not in gm.meta:
+        log.warning("recipe %r gives a schedule_plain, but this module does not say whether its traced graph was "
+                    "plain (it was not built by fxsparse.transform with this recipe): every ghost follows its "
+                    "schedule", recipe.name)
+        return False
+    return bool(gm.meta[PLAIN_KEY])
 
 
 def _dynamic_masks(gm: GraphModule, recipe: Recipe, total_steps: int):

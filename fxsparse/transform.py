@@ -28,6 +28,9 @@ __all__ = ["transform", "register_pass", "unregister_pass", "pass_names", "pass_
            "RECIPE_KEY"]
 
 RECIPE_KEY = "fxsparse.recipe"  # gm.meta[RECIPE_KEY] is the Recipe the module was built with
+# gm.meta[PLAIN_KEY]: whether the traced graph, before any ghost, is a plain network (no path around
+# any layer: fxsparse.graph.is_plain); set when a ghost of the recipe has a schedule_plain
+PLAIN_KEY = "fxsparse.plain"
 
 
 # --------------------------------------------------------------------------- transform
@@ -76,6 +79,11 @@ def transform(
 
     if recipe.masks.enabled and "masks" not in skip and masks is None:
         masks = _compute_masks(gm, recipe, data, loss_fn)
+    plain = None
+    if any(spec.schedule_plain is not None for spec in recipe.ghosts.values()):
+        from .graph import is_plain
+
+        plain = is_plain(gm)  # before the ghosts: their branches are paths around layers
     ctx = Context(gm=gm, recipe=recipe, data=data, loss_fn=loss_fn, masks=masks)
 
     passes = []
@@ -98,6 +106,8 @@ def transform(
     if passes:
         gm = run_passes(gm, passes).graph_module
     gm.meta[RECIPE_KEY] = recipe
+    if plain is not None:
+        gm.meta[PLAIN_KEY] = plain
     return gm
 
 

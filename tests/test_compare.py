@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import fxsparse
 from fxsparse.cli import main
 from fxsparse.tools.compare import (CompareConfig, CompareError, RunSpec, ScheduleVariant, aggregate, bar_check,
                               read_results, report, run_grid)
@@ -29,6 +30,11 @@ def test_grid_order_and_keys():
     assert "random-s0.9-lrsi-sched_late-seed0" not in keys
     o = c.recipe_overrides(RunSpec("ghost_skips", 0, "snip", 0.98, "late"))
     assert o["masks.distribution"] == "global" and o["ghost_skips.schedule.anneal_until"] == 0.5
+    # a variant is the schedule on every network: it replaces a recipe's schedule_plain too
+    o = c.recipe_overrides(RunSpec("tost", 0, "snip", 0.98, "late"))
+    assert o["ghost_neurons.schedule_plain.hold_until"] == 0.2 and o["ghost_neurons.schedule.hold_until"] == 0.2
+    recipe = fxsparse.load_recipe("tost", {k: v for k, v in o.items() if ".schedule" in k})
+    assert all(spec.schedule_for(True) == spec.schedule_for(False) for spec in recipe.ghosts.values())
     assert CompareConfig(out="unused", preset="cpu").epochs == 3  # preset fills what is left out
 
 

@@ -457,6 +457,60 @@ def test_distill_recipe_errors_name_the_key():
     assert r.distill.at == 0.5 and not fxsparse.load_recipe("tost").distill.enabled
 
 
+# --------------------------------------------------------------------------- schedule_plain
+class TinyResidual(Tiny):
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(x + self.conv2(x))  # a path around conv2
+        return self.fc(x.mean((2, 3)))
+
+
+PLAIN = {f"{GROUP}.schedule_plain.{k}": v for k, v in
+         {"hold_until": 0.5, "anneal_until": 0.75, "shape": "linear", "remove_at": 0.75}.items()}
+
+
+@pytest.mark.parametrize("cls, plain", [(Tiny, True), (TinyResidual, False)], ids=["plain", "residual"])
+def test_schedule_plain_is_chosen_from_the_traced_graph(toy_ghost, cls, plain):
+    from fxsparse.inspect import inspect_graph
+    from fxsparse.transform import PLAIN_KEY
+
+    torch.manual_seed(0)
+    model = cls()
+    recipe = _toy_recipe(**PLAIN)
+    gm = fxsparse.transform(model, recipe, masks=_masks(model), example_inputs=torch.randn(4, 3, 8, 8))
+    assert gm.meta[PLAIN_KEY] is plain  # read before the ghost branch, itself a path around the layers
+    sched = RecipeScheduler(gm, total_steps=20)
+    expected = recipe.ghosts[GROUP].schedule_plain if plain else recipe.ghosts[GROUP].schedule
+    assert sched.plain is plain and sched.schedules[GROUP] == expected
+    assert sched.removal_step(GROUP) == (15 if plain else 6)
+    summary = inspect_graph(gm).summary["schedules"][GROUP]
+    assert summary.startswith("1 until 50%, linear to 0 by 75%" if plain else "1 until 10%, cosine to 0 by 30%")
+    assert ("schedule_plain" in summary) is plain
+    for _ in range(14):
+        sched.step()
+    assert (GROUP in sched.removed) is not plain and (sched.gates.get(GROUP, 0) > 0) is plain
+    # a resumed run takes the same schedule: restore transforms the original model again
+    resumed = restore(cls(), copy.deepcopy(sched.checkpoint()), example_inputs=torch.randn(4, 3, 8, 8))
+    assert resumed.schedules == sched.schedules and resumed.removed == sched.removed
+    # without a schedule_plain nothing is read from the graph, and every network follows schedule
+    gm = fxsparse.transform(cls(), _toy_recipe(), masks=_masks(model), example_inputs=torch.randn(4, 3, 8, 8))
+    assert PLAIN_KEY not in gm.meta and RecipeScheduler(gm, total_steps=20).removal_step(GROUP) == 6
+
+
+def test_schedule_plain_is_validated_as_a_schedule():
+    with pytest.raises(RecipeError, match="ghost_neurons.schedule_plain.remove_at = 0.5"):
+        fxsparse.load_recipe("tost", {"ghost_neurons.schedule_plain.hold_until": 0.2,
+                                      "ghost_neurons.schedule_plain.anneal_until": 0.6,
+                                      "ghost_neurons.schedule_plain.remove_at": 0.5})
+    with pytest.raises(RecipeError, match="rescale.schedule_plain .*not a ghost"):
+        fxsparse.load_recipe("tost", {"rescale.schedule_plain.hold_until": 0.2})
+    r = fxsparse.load_recipe("tost", {"distill.enabled": True, "distill.at": 0.5})
+    with pytest.raises(RecipeError, match="ghost_neurons.schedule.hold_until = 0"):
+        fxsparse.load_recipe("tost", {"distill.enabled": True, "ghost_neurons.schedule_plain.hold_until": 0.6,
+                                      "ghost_neurons.schedule_plain.anneal_until": 0.8})
+    assert r.distill.at == 0.5
+
+
 # --------------------------------------------------------------------------- real passes
 REAL = all(importlib.util.find_spec(f"fxsparse.passes.{GHOST_GROUPS[g][0].split(':')[0]}") for g in GHOST_GROUPS)
 

@@ -106,9 +106,10 @@ class ScheduleVariant:
 
     def overrides(self, groups: Iterable[str]) -> dict[str, Any]:
         out = {}
-        for g in groups:
-            out.update({f"{g}.schedule.hold_until": self.hold, f"{g}.schedule.anneal_until": self.anneal,
-                        f"{g}.schedule.remove_at": self.remove, f"{g}.schedule.shape": self.shape})
+        for g in groups:  # schedule_plain too: the variant is the schedule on every network
+            for table in ("schedule", "schedule_plain"):
+                out.update({f"{g}.{table}.hold_until": self.hold, f"{g}.{table}.anneal_until": self.anneal,
+                            f"{g}.{table}.remove_at": self.remove, f"{g}.{table}.shape": self.shape})
         return out
 
     def describe(self) -> str:
