@@ -32,11 +32,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
