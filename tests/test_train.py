@@ -209,6 +209,28 @@ def test_distillation_from_the_network_with_its_ghosts(tmp_path, monkeypatch):
     assert summary["test_accuracy"] > 0.5
 
 
+class TinyPlain(torch.nn.Module):
+    """A plain network (no path around any layer) for the trainer."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_a_plain_network_follows_schedule_plain_and_says_so(tmp_path):
+    t = Trainer(TrainConfig("test_train:TinyPlain", out=str(tmp_path), data="digits", progress=False, quiet=True,
+                            overrides={**DIGITS, "training.epochs": 1}))
+    summary = t.run()  # 20 steps: tost's schedule_plain removes the ghost neurons at 80%, step 16
+    assert ("ghost_neurons", 16) in [(e["group"], e["step"]) for e in summary["removals"]]
+    assert any("plain network" in n and "ghost_neurons.schedule_plain" in n for n in summary["notes"]), summary["notes"]
+
+
 def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):
     _, out = e2e
     args = ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--out", str(out)]
