@@ -249,8 +249,8 @@ def _ghost_schedules(gm: GraphModule) -> dict[str, Any]:
     from .scheduler import ghost_schedules_plain
 
     present, plain = _gates(gm), ghost_schedules_plain(gm, recipe)
-    schedules = {g: spec.schedule_for(plain).describe() + (" (schedule_plain: a plain network)"
-                                                           if plain and spec.schedule_plain is not None else "")
+    schedules = {g: spec.schedule_for(plain).describe()
+                 + (" (schedule_plain: a plain network)" if plain and spec.schedule_plain is not None else "")
                  for g, spec in recipe.ghosts.items() if g in present}
     distill = recipe.distill.describe(recipe, plain) if recipe.distill.enabled else None
     return {"schedules": schedules, "distill": distill}

@@ -32,6 +32,7 @@ from .registry import BadOption, check_options, pass_names, pass_option_names
 
 __all__ = [
     "Recipe", "PassSpec", "Schedule", "LabelSmoothing", "Distill", "Training", "load_recipe", "from_dict",
+    "schedule_overrides",
     "GHOST_SHAPES", "MASK_METHODS", "MASK_DISTRIBUTIONS",
 ]
 
@@ -136,15 +137,15 @@ class Distill:
     temperature: float = 4.0
     at: float | str = "ghost_neurons"
 
+    def fraction(self, recipe: "Recipe", plain: bool = False) -> float:
+        """When the teacher is copied, as a fraction of training (``plain``: on a plain network,
+        where a ghost with a ``schedule_plain`` follows that one)."""
+        return self.at if not isinstance(self.at, str) else recipe.ghosts[self.at].schedule_for(plain).hold_until
+
     def describe(self, recipe: "Recipe", plain: bool = False) -> str:
-        """``"from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"`` (``plain``: on
-        a plain network, where a ghost with a ``schedule_plain`` follows that one)."""
-        if isinstance(self.at, str):
-            hold = recipe.ghosts[self.at].schedule_for(plain).hold_until
-            when = f"{hold:.0%} of training (when {self.at}' anneal begins)"
-        else:
-            when = f"{self.at:.0%} of training"
-        return f"from {when}, alpha {self.alpha:g}, T {self.temperature:g}"
+        """``"from 60% of training (when ghost_neurons' anneal begins), alpha 0.9, T 4"``."""
+        why = f" (when {self.at}' anneal begins)" if isinstance(self.at, str) else ""
+        return f"from {self.fraction(recipe, plain):.0%} of training{why}, alpha {self.alpha:g}, T {self.temperature:g}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,12 @@ class Recipe:
         """The enabled ghost groups and their specs (each has a schedule)."""
         return {n: s for n, s in self.passes.items() if s.enabled and s.schedule is not None}
 
+    @property
+    def reads_plain(self) -> bool:
+        """Whether an enabled ghost has a ``schedule_plain``: then the schedules depend on whether
+        the traced graph is a plain network (``fxsparse.graph.is_plain``)."""
+        return any(spec.schedule_plain is not None for spec in self.ghosts.values())
+
     def enabled_passes(self) -> list[PassSpec]:
         """Every enabled pass, masks first, in the order ``transform`` runs them."""
         return ([self.masks] if self.masks.enabled else []) + [s for s in self.passes.values() if s.enabled]
@@ -202,6 +209,13 @@ class Recipe:
     def replace(self, overrides: Mapping[str, Any]) -> "Recipe":
         """A new recipe with dotted-key overrides, validated: ``{"ghost_skips.schedule.anneal_until": 0.4}``."""
         return from_dict(_apply_overrides(self.to_dict(), overrides), source=self.source, name=self.name)
+
+
+def schedule_overrides(group: str, **keys: Any) -> dict[str, Any]:
+    """Dotted-key overrides setting a ghost's schedule on every network: ``keys`` (``hold_until``,
+    ``anneal_until``, ``shape``, ``remove_at``) in both ``<group>.schedule`` and
+    ``<group>.schedule_plain`` (a plain network follows the second when the recipe has one)."""
+    return {f"{group}.{table}.{k}": v for table in ("schedule", "schedule_plain") for k, v in keys.items()}
 
 
 # --------------------------------------------------------------------------- loading

@@ -174,10 +174,11 @@ class RecipeScheduler:
         present = set(_ghosts.present(graph_module))
         self.plain = ghost_schedules_plain(graph_module, self.recipe)
         self.schedules = {g: spec.schedule_for(self.plain) for g, spec in self.recipe.ghosts.items() if g in present}
-        for g, spec in self.recipe.ghosts.items():
-            if g in present and spec.schedule_plain is not None:
-                log.info("%s follows its %s on this %s network: %s", g, "schedule_plain" if self.plain else "schedule",
-                         "plain" if self.plain else "non-plain", self.schedules[g].describe())
+        # the groups that follow their schedule_plain here (a plain network)
+        self.following_plain = [g for g, spec in self.recipe.ghosts.items()
+                                if self.plain and g in present and spec.schedule_plain is not None]
+        for g in self.following_plain:
+            log.info("%s follows its schedule_plain on this plain network: %s", g, self.schedules[g].describe())
         for g in set(self.recipe.ghosts) - present:
             log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
@@ -237,8 +238,7 @@ class RecipeScheduler:
         spec = self.recipe.distill
         if not spec.enabled:
             return None
-        at = spec.at if not isinstance(spec.at, str) else self.recipe.ghosts[spec.at].schedule_for(self.plain).hold_until
-        return max(1, math.ceil(at * self.total_steps - 1e-6))
+        return max(1, math.ceil(spec.fraction(self.recipe, self.plain) * self.total_steps - 1e-6))
 
     def _snapshot_teacher(self) -> None:
         # the copy keeps its own gate buffers: the scheduler moves only self.gm's, so the teacher
@@ -392,7 +392,7 @@ class RecipeScheduler:
 def ghost_schedules_plain(gm: GraphModule, recipe: Recipe) -> bool:
     """Whether ``gm``'s ghosts follow their ``schedule_plain`` (the recipe has one and ``transform``
     found the traced graph plain: ``gm.meta[PLAIN_KEY]``)."""
-    if not any(spec.schedule_plain is not None for spec in recipe.ghosts.values()):
+    if not recipe.reads_plain:
         return False
     if PLAIN_KEY not in gm.meta:
         log.warning("recipe %r gives a schedule_plain, but this module does not say whether its traced graph was "

@@ -80,7 +80,7 @@ def transform(
     if recipe.masks.enabled and "masks" not in skip and masks is None:
         masks = _compute_masks(gm, recipe, data, loss_fn)
     plain = None
-    if any(spec.schedule_plain is not None for spec in recipe.ghosts.values()):
+    if recipe.reads_plain:
         from .graph import is_plain
 
         plain = is_plain(gm)  # before the ghosts: their branches are paths around layers

@@ -30,6 +30,7 @@ import fxsparse
 from fxsparse import distributed as fxdist
 from fxsparse.data import ImageDataset, TensorLoader
 from fxsparse.ghosts import present
+from fxsparse.recipe import schedule_overrides
 from fxsparse.scheduler import RecipeScheduler, restore
 
 from conftest import torchrun_ranks
@@ -84,23 +85,19 @@ def train_loader(crop_padding: int = 0) -> TensorLoader:
     return TensorLoader(dataset(), GLOBAL_BATCH, shuffle=True, drop_last=True, crop_padding=crop_padding, seed=3)
 
 
-def _schedule(group: str, fractions: dict) -> dict:
-    # PlainNet is a plain network, where a ghost follows its schedule_plain when the recipe gives
-    # one (tost's ghost neurons do): set both, so that every network follows these fractions
-    return {f"{group}.{table}.{k}": v for table in ("schedule", "schedule_plain") for k, v in fractions.items()}
-
-
 def recipe_a():
+    # PlainNet is a plain network, where tost's ghost neurons follow their schedule_plain:
+    # schedule_overrides sets both tables, so that every network follows these fractions
     over = {"rescale.enabled": False, "ghost_skips.enabled": False, "masks.sparsity": 0.5}
-    over.update(_schedule("ghost_neurons", SHORT))
-    over.update(_schedule("ghost_channels", LONGER))
+    over.update(schedule_overrides("ghost_neurons", **SHORT))
+    over.update(schedule_overrides("ghost_channels", **LONGER))
     return fxsparse.load_recipe("tost", overrides=over)
 
 
 def recipe_b():
     over = {"rescale.enabled": True, "rescale.iters": 3, "masks.sparsity": 0.5}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
-        over.update(_schedule(group, LONGER))
+        over.update(schedule_overrides(group, **LONGER))
     return fxsparse.load_recipe("tost", overrides=over)
 
 

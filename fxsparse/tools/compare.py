@@ -104,11 +104,12 @@ class ScheduleVariant:
         return cls(name.strip(), hold, anneal, remove, parts[3] if len(parts) == 4 else "cosine")
 
     def overrides(self, groups: Iterable[str]) -> dict[str, Any]:
+        from ..recipe import schedule_overrides
+
         out = {}
         for g in groups:  # schedule_plain too: the variant is the schedule on every network
-            for table in ("schedule", "schedule_plain"):
-                out.update({f"{g}.{table}.hold_until": self.hold, f"{g}.{table}.anneal_until": self.anneal,
-                            f"{g}.{table}.remove_at": self.remove, f"{g}.{table}.shape": self.shape})
+            out.update(schedule_overrides(g, hold_until=self.hold, anneal_until=self.anneal, remove_at=self.remove,
+                                          shape=self.shape))
         return out
 
     def describe(self) -> str:

@@ -293,10 +293,9 @@ class Trainer:
         passes = ", ".join(h["pass"] for h in gm.meta.get("fxsparse.passes", []))
         self._say(f"transformed {c.model} with recipe {self.recipe.name} ({passes}) in {self.setup_time:.1f} s")
         self.sched = RecipeScheduler(gm, total_steps=self.total_steps)
-        for group, spec in self.recipe.ghosts.items():  # said aloud: --set {group}.schedule.* does not reach it
-            if self.sched.plain and spec.schedule_plain is not None and group in self.sched.schedules:
-                self._note(f"{c.model} is a plain network (no path around any layer): {group} follows "
-                           f"{group}.schedule_plain, {self.sched.schedules[group].describe()}")
+        for group in self.sched.following_plain:  # said aloud: --set {group}.schedule.* does not reach it
+            self._note(f"{c.model} is a plain network (no path around any layer): {group} follows "
+                       f"{group}.schedule_plain, {self.sched.schedules[group].describe()}")
         self._prepare(gm)
         self.sched.build_optimizer()
         self.sched.build_lr_scheduler()
