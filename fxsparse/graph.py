@@ -25,7 +25,7 @@ __all__ = [
     "activation_sites", "channel_chains", "is_channelwise", "same_structure", "structure_diff",
     "node_signatures", "owner_module", "leaf_call_target", "LayerCall", "layer_call", "PreActivation",
     "activation_reach", "is_residual_add", "articulation_nodes", "stem_layer", "SITE_KINDS",
-    "parse_where", "site_filter", "describe_where", "disconnected_channels",
+    "parse_where", "where_kinds", "site_filter", "describe_where", "disconnected_channels",
 ]
 
 
@@ -705,19 +705,29 @@ def is_plain(gm: GraphModule) -> bool:
 
 # ``where = "..."`` of a ghost pass: which layers get the ghost, decided from the traced graph (and,
 # for "disconnected", from the masks MaskPass applied to it). "all", or one kind of layer, or a
-# union of kinds joined by "+" ("bypassed+stem").
+# union of terms joined by "+" ("bypassed+stem"), where a term is one kind or kinds joined by "&"
+# that a layer must all be ("stem+plain&disconnected": the stem, and plain layers the mask cuts).
 SITE_KINDS = ("plain", "bypassed", "stem", "disconnected")
 
 
-def parse_where(where: str) -> tuple[str, ...]:
-    """The kinds of layer a ``where`` value names (``()`` for ``"all"``); ValueError if malformed."""
+def parse_where(where: str) -> tuple[tuple[str, ...], ...]:
+    """The terms of a ``where`` value, a union of intersections of kinds (``()`` for ``"all"``):
+    ``"stem+plain&disconnected"`` -> ``(("stem",), ("plain", "disconnected"))``. ValueError if
+    malformed: an unknown or empty kind, a kind twice in a term, or a term twice."""
     if where == "all":
         return ()
-    parts = tuple(where.split("+")) if isinstance(where, str) else ()
-    if not parts or any(p not in SITE_KINDS for p in parts) or len(set(parts)) != len(parts):
-        raise ValueError(f"where must be 'all', one of {SITE_KINDS}, or several of them joined by '+' "
-                         f"(e.g. 'bypassed+stem'); got {where!r}")
-    return parts
+    terms = tuple(tuple(t.split("&")) for t in where.split("+")) if isinstance(where, str) else ()
+    if (not terms or any(k not in SITE_KINDS for t in terms for k in t)
+            or any(len(set(t)) != len(t) for t in terms) or len({frozenset(t) for t in terms}) != len(terms)):
+        raise ValueError(f"where must be 'all', one of {SITE_KINDS}, or several of them joined by '+' (either) "
+                         f"and '&' (both) (e.g. 'bypassed+stem', 'stem+plain&disconnected'); got {where!r}")
+    return terms
+
+
+def where_kinds(where: str) -> set[str]:
+    """Every kind a ``where`` value names (``parse_where``): ``"disconnected" in where_kinds(w)``
+    says whether the masks are read."""
+    return {k for term in parse_where(where) for k in term}
 
 
 def stem_layer(gm: GraphModule, plain: set[Node] | None = None) -> Node | None:
@@ -747,14 +757,14 @@ def site_filter(
     ``"bypassed"``, layers inside a residual block or another multi-path structure; ``"stem"``,
     the first layer every path goes through (``stem_layer``); ``"disconnected"``, layers whose mask
     (``masks``: {weight name: bool tensor}, required for this kind) cuts an output channel off
-    (``disconnected_channels``); ``"a+b"``, layers of either kind."""
-    kinds = parse_where(where)
-    if not kinds:
+    (``disconnected_channels``); ``"a+b"``, layers of either kind; ``"a&b"``, layers of both."""
+    terms = parse_where(where)
+    if not terms:
         return lambda node: True
-    if "disconnected" in kinds and masks is None:
+    if "disconnected" in where_kinds(where) and masks is None:
         raise ValueError(f"where={where!r}: 'disconnected' reads the layers' masks, and none were given")
     plain = articulation_nodes(gm)
-    stem = stem_layer(gm, plain) if "stem" in kinds else None
+    stem = stem_layer(gm, plain) if "stem" in where_kinds(where) else None
 
     def disconnected(node: Node) -> bool:
         call = layer_call(gm, node)
@@ -763,8 +773,7 @@ def site_filter(
 
     tests = {"plain": lambda n: n in plain, "bypassed": lambda n: n not in plain, "stem": lambda n: n is stem,
              "disconnected": disconnected}
-    chosen = [tests[k] for k in kinds]
-    return lambda node: any(t(node) for t in chosen)
+    return lambda node: any(all(tests[k](node) for k in term) for term in terms)
 
 
 def describe_where(where: str) -> str:
@@ -773,7 +782,8 @@ def describe_where(where: str) -> str:
             "bypassed": "no other path goes around this layer",
             "stem": "this layer is not the stem",
             "disconnected": "no mask cuts an output channel of this layer off"}
-    return " and ".join(said[k] for k in parse_where(where))
+    # refused by every term: by at least one kind of each
+    return " and ".join(" or ".join(said[k] for k in term) for term in parse_where(where))
 
 
 @dataclass(frozen=True, eq=False)

@@ -63,7 +63,7 @@ from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
-    site_filter,
+    site_filter, where_kinds,
 )
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
@@ -386,8 +386,9 @@ class GhostSkipPass(FxSparsePass):
             (MaskPass's, read when the pass runs) leaves an output channel with no kept weight,
             so that the branch is the only path that channel has (none, on a graph without
             masks: nothing is cut off there); kinds joined by ``+`` take
-            their union (``"bypassed+stem"``). Refused sites are counted as ``skipped`` with the
-            reason.
+            their union (``"bypassed+stem"``), kinds joined by ``&`` their intersection, which
+            binds first (``"stem+plain&disconnected"``: the stem, and the plain layers whose mask
+            cuts a channel off). Refused sites are counted as ``skipped`` with the reason.
 
     Stats: ``edges`` (merge points added), ``conv_edges``, ``mlp_edges``, ``unfolded``
     (BatchNormAct2d leaves split), ``skipped`` (candidates refused; reasons in ``self.skipped``
@@ -467,7 +468,7 @@ class GhostSkipPass(FxSparsePass):
     def _plan(self, gm: GraphModule) -> list[_Site]:
         sites, taken = [], set()
         # the masks are listed only when `where` reads them
-        masks = self._masks(gm) if "disconnected" in parse_where(self.where) else None
+        masks = self._masks(gm) if "disconnected" in where_kinds(self.where) else None
         wanted = site_filter(gm, self.where, masks=masks)
         for node in list(gm.graph.nodes):
             with self.at(node):

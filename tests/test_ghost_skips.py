@@ -281,6 +281,48 @@ def test_where_disconnected_without_masks_cuts_nothing_off():
     assert p.stats["conv_edges"] == 1 and p.stats["skipped"] == 18
 
 
+def test_where_intersection_keeps_the_plain_cut_convs_only():
+    """``&`` binds first: ``stem+plain&disconnected`` is the stem and the plain convs the mask cuts.
+    On VGG-16 every conv is plain, so it equals ``stem+disconnected``; on ResNet-20 only the stem
+    is plain, so the cut convs inside residual blocks get no branch; still exact."""
+    import fxsparse.nets  # noqa: F401
+
+    def cut_masks(model):
+        masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if p.dim() == 4}
+        for name in sorted(masks)[1:6:2]:  # three non-stem convs lose one output channel each
+            masks[name][:1] = False
+        return masks
+
+    x = torch.randn(2, 3, 32, 32)
+    counts = {}
+    for net in ("vgg16", "resnet20"):
+        torch.manual_seed(0)
+        model = getattr(fxsparse.nets, net)(width=0.25).eval()
+        masks = cut_masks(model)
+        for where in ("stem+disconnected", "stem+plain&disconnected"):
+            gm = fxsparse.trace(model, x)
+            MaskPass(masks)(gm)
+            ref = copy.deepcopy(gm)
+            p = GhostSkipPass(where=where)
+            p(gm)
+            counts[net, where] = p.stats["conv_edges"]
+            gates.set_identity(gm)
+            assert compare(ref, gm, x, exact=True) == []
+        if net == "resnet20":
+            assert all(why == "where='stem+plain&disconnected': this layer is not the stem and another path "
+                       "goes around this layer or no mask cuts an output channel of this layer off"
+                       for why in p.skipped.values())
+    assert counts["vgg16", "stem+disconnected"] == counts["vgg16", "stem+plain&disconnected"] == 4
+    assert counts["resnet20", "stem+disconnected"] == 4 and counts["resnet20", "stem+plain&disconnected"] == 1
+
+
+@pytest.mark.parametrize("where", ["plain&plain", "stem&", "&stem", "plain&disconnected+disconnected&plain",
+                                   "all&stem", "residual&stem"])
+def test_where_refuses_malformed_intersections(where):
+    with pytest.raises(PassError, match="'&' \\(both\\)"):
+        GhostSkipPass(where=where)
+
+
 @pytest.mark.parametrize("where", ["residual", "stem+stem", "all+stem", "", "bypassed+"])
 def test_where_refuses_unknown_kinds(where):
     with pytest.raises(PassError, match="where must be 'all', one of"):
