@@ -12,7 +12,9 @@ against the pass's constructor (``fxsparse.registry.check_options``) in every ta
 not.
 
 Inheritance: ``extends = "tost"`` (a shipped name or a path relative to the extending file)
-loads the parent's tables and deep-merges the child's keys over them before validation.
+loads the parent's tables and deep-merges the child's keys over them before validation. A child
+(or an override) that sets a ghost's ``schedule`` without its ``schedule_plain`` drops the
+inherited ``schedule_plain``: the schedule it gives then holds on every network.
 """
 from __future__ import annotations
 
@@ -276,7 +278,21 @@ def _read_merged(name_or_path, chain: tuple[str, ...], relative_to: Path | None 
         raise RecipeError(f"{source}: extends = {parent!r} must be a string: a shipped recipe name or a path")
     base, _ = _read_merged(parent, (*chain, source), relative_to=path.parent)
     base.pop("name", None)  # a child is never called by its parent's name
-    return _deep_merge(base, raw), source
+    restated = {t for t, v in raw.items() if isinstance(v, Mapping) and "schedule" in v and "schedule_plain" not in v}
+    return _drop_stale_plain(_deep_merge(base, raw), restated, f"{source} sets"), source
+
+
+def _drop_stale_plain(raw: dict, restated: set[str], who: str) -> dict:
+    """A ``schedule_plain`` qualifies the ``schedule`` it was written beside. A later layer (a child
+    recipe, or dotted overrides) that sets a ghost's ``schedule`` and not its ``schedule_plain``
+    means that schedule on every network, so the inherited ``schedule_plain`` is dropped (said in the
+    log); to keep one, the layer sets it too (``schedule_overrides`` sets both)."""
+    for table in sorted(restated):
+        if isinstance(raw.get(table), dict) and raw[table].pop("schedule_plain", None) is not None:
+            logging.getLogger(__name__).info(
+                "%s [%s.schedule] without [%s.schedule_plain]: the inherited schedule_plain no longer applies, "
+                "so every network follows the schedule", who, table, table)
+    return raw
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:
@@ -291,6 +307,9 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
 
 def _apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
     raw = copy.deepcopy(raw)
+    said = {tuple(parts[:2]) for parts in (k.split(".") for k in overrides) if len(parts) > 1}
+    restated = {t for t, table in said if table == "schedule" and (t, "schedule_plain") not in said}
+    _drop_stale_plain(raw, restated, "the overrides set")
     for dotted, value in overrides.items():
         *tables, key = dotted.split(".")
         node = raw

@@ -9,7 +9,7 @@ import torch
 
 import fxsparse
 from fxsparse.errors import RecipeError
-from fxsparse.recipe import Recipe, Schedule, from_dict, load_recipe
+from fxsparse.recipe import Recipe, Schedule, from_dict, load_recipe, schedule_overrides
 from fxsparse.recipes import available
 from fxsparse.transform import pass_names, register_pass, unregister_pass
 
@@ -85,6 +85,42 @@ def test_extends_overrides_and_relative_paths(tmp_path):
     assert r.name == "child" and r.masks.options["sparsity"] == 0.8 and r.masks.options["method"] == "random"
     assert r.ghosts["ghost_skips"].schedule == Schedule(0.0, 0.5, "linear", 0.6)
     assert r.ghosts["ghost_neurons"].schedule.anneal_until == 0.15  # untouched tables stay
+
+
+def test_a_restated_schedule_drops_the_inherited_schedule_plain(tmp_path, caplog):
+    """A layer that sets a ghost's ``schedule`` and not its ``schedule_plain`` means that schedule on
+    every network: ``--set ghost_neurons.schedule.*`` on tost, or a child's ``[ghost_neurons.schedule]``,
+    reaches a plain network too (said in the log); a layer that sets both keeps both, and other
+    ghosts' tables are untouched."""
+    tost = load_recipe("tost").ghosts["ghost_neurons"]
+    assert tost.schedule_plain == Schedule(0.6, 0.8, "linear", 0.8)
+    with caplog.at_level("INFO", logger="fxsparse.recipe"):
+        r = load_recipe("tost", {"ghost_neurons.schedule.anneal_until": 0.3, "ghost_neurons.schedule.remove_at": 0.3})
+    g = r.ghosts["ghost_neurons"]
+    assert g.schedule == Schedule(0.0, 0.3, "linear", 0.3) and g.schedule_plain is None
+    assert g.schedule_for(plain=True) == g.schedule and not r.reads_plain
+    assert "the overrides set [ghost_neurons.schedule] without [ghost_neurons.schedule_plain]" in caplog.text
+    # both tables in one layer: both kept (schedule_overrides writes both)
+    both = load_recipe("tost", schedule_overrides("ghost_neurons", hold_until=0.0, anneal_until=0.3, remove_at=0.3))
+    assert both.ghosts["ghost_neurons"].schedule_plain == Schedule(0.0, 0.3, "linear", 0.3)
+    plain_only = load_recipe("tost", {"ghost_neurons.schedule_plain.hold_until": 0.5})
+    assert plain_only.ghosts["ghost_neurons"].schedule_plain == Schedule(0.5, 0.8, "linear", 0.8)
+    other = load_recipe("tost", {"ghost_skips.schedule.anneal_until": 0.3, "ghost_skips.schedule.remove_at": 0.3})
+    assert other.ghosts["ghost_neurons"].schedule_plain == tost.schedule_plain
+    # a child recipe, the same way; its own child that says nothing of schedules inherits the result
+    (tmp_path / "child.toml").write_text('extends = "tost"\n[ghost_neurons.schedule]\nanneal_until = 0.3\nremove_at = 0.3\n')
+    (tmp_path / "keeps.toml").write_text(textwrap.dedent("""
+        extends = "tost"
+        [ghost_neurons.schedule]
+        anneal_until = 0.3
+        remove_at = 0.3
+        [ghost_neurons.schedule_plain]
+        hold_until = 0.5
+    """))
+    (tmp_path / "grandchild.toml").write_text('extends = "child.toml"\n[masks]\nsparsity = 0.9\n')
+    assert load_recipe(tmp_path / "child.toml").ghosts["ghost_neurons"].schedule_plain is None
+    assert load_recipe(tmp_path / "grandchild.toml").ghosts["ghost_neurons"].schedule_plain is None
+    assert load_recipe(tmp_path / "keeps.toml").ghosts["ghost_neurons"].schedule_plain == Schedule(0.5, 0.8, "linear", 0.8)
 
 
 def test_overrides_and_round_trip():

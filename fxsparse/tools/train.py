@@ -293,9 +293,10 @@ class Trainer:
         passes = ", ".join(h["pass"] for h in gm.meta.get("fxsparse.passes", []))
         self._say(f"transformed {c.model} with recipe {self.recipe.name} ({passes}) in {self.setup_time:.1f} s")
         self.sched = RecipeScheduler(gm, total_steps=self.total_steps)
-        for group in self.sched.following_plain:  # said aloud: --set {group}.schedule.* does not reach it
+        for group in self.sched.following_plain:  # said aloud: the recipe's other schedule is not this one
             self._note(f"{c.model} is a plain network (no path around any layer): {group} follows "
-                       f"{group}.schedule_plain, {self.sched.schedules[group].describe()}")
+                       f"{group}.schedule_plain, {self.sched.schedules[group].describe()} "
+                       f"(--set {group}.schedule.* alone replaces it)")
         self._prepare(gm)
         self.sched.build_optimizer()
         self.sched.build_lr_scheduler()
