@@ -240,15 +240,18 @@ class RecipeScheduler:
             return None
         return max(1, math.ceil(spec.fraction(self.recipe, self.plain) * self.total_steps - 1e-6))
 
-    def _snapshot_teacher(self) -> None:
+    def _snapshot_teacher(self, resumed_at: int | None = None) -> None:
         # the copy keeps its own gate buffers: the scheduler moves only self.gm's, so the teacher
         # stays the network as it is now (its ghosts on) while the student's ghosts leave
         teacher = copy.deepcopy(self.gm)
         teacher.requires_grad_(False)
         teacher.train()  # batch statistics: a sparse network's running ones lag (precise BN, docs/results.md)
         self.teacher, self._teacher_removed = teacher, list(self.removed)
-        log.info("step %d (%.1f%%): distilling from here on from a frozen copy of the network (gates %s)",
-                 self._step, 100 * self.fraction, _gates.get(teacher) or "none")
+        if resumed_at is None:
+            log.info("step %d (%.1f%%): distilling from here on from a frozen copy of the network (gates %s)",
+                     self._step, 100 * self.fraction, _gates.get(teacher) or "none")
+        else:  # restore rebuilds the copy before it sets the step: say the checkpoint's step
+            log.info("resumed at step %d: distilling from the checkpoint's frozen copy of the network", resumed_at)
 
     def teacher_logits(self, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         """The teacher's output for this batch, without gradient; ``None`` when there is no teacher
@@ -368,7 +371,7 @@ class RecipeScheduler:
             for group in teacher["removed"]:  # the teacher's graph: the removals before its copy
                 if group not in self.removed:
                     self._remove(group)
-            self._snapshot_teacher()
+            self._snapshot_teacher(resumed_at=int(state["step"]))
             self.teacher.load_state_dict(teacher["weights"])
         for group in state["removed"]:
             if group not in self.removed:

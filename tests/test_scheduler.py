@@ -413,7 +413,7 @@ def _train_distilled(sched, batches):
 
 
 @pytest.mark.parametrize("stop", [1, 3, 7], ids=["before-teacher", "teacher-and-ghost", "after-removal"])
-def test_resume_with_a_teacher_gives_identical_continuation(toy_ghost, stop):
+def test_resume_with_a_teacher_gives_identical_continuation(toy_ghost, stop, caplog):
     total = 12
     batches = _batches(total)
     recipe = _toy_recipe(**DISTILL)
@@ -427,8 +427,12 @@ def test_resume_with_a_teacher_gives_identical_continuation(toy_ghost, stop):
     _train_distilled(sched, batches[stop:])
 
     torch.manual_seed(123)
-    resumed = restore(Tiny(), ckpt, example_inputs=torch.randn(4, 3, 8, 8))
+    with caplog.at_level("INFO", logger="fxsparse.scheduler"):
+        resumed = restore(Tiny(), ckpt, example_inputs=torch.randn(4, 3, 8, 8))
     assert (resumed.teacher is not None) == (stop >= 2)
+    # the log names the checkpoint's step, not the step 0 the rebuilt scheduler starts from
+    assert (f"resumed at step {stop}: distilling" in caplog.text) == (stop >= 2)
+    assert "distilling from here on" not in caplog.text
     if resumed.teacher is not None:  # the teacher's graph has the ghost, whatever the student lost since
         assert fxsparse.ghosts.present(resumed.teacher) == [GROUP]
     _train_distilled(resumed, batches[stop:])
