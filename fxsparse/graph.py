@@ -761,10 +761,11 @@ def site_filter(
     terms = parse_where(where)
     if not terms:
         return lambda node: True
-    if "disconnected" in where_kinds(where) and masks is None:
+    kinds = where_kinds(where)
+    if "disconnected" in kinds and masks is None:
         raise ValueError(f"where={where!r}: 'disconnected' reads the layers' masks, and none were given")
     plain = articulation_nodes(gm)
-    stem = stem_layer(gm, plain) if "stem" in where_kinds(where) else None
+    stem = stem_layer(gm, plain) if "stem" in kinds else None
 
     def disconnected(node: Node) -> bool:
         call = layer_call(gm, node)

@@ -278,15 +278,17 @@ def _read_merged(name_or_path, chain: tuple[str, ...], relative_to: Path | None 
         raise RecipeError(f"{source}: extends = {parent!r} must be a string: a shipped recipe name or a path")
     base, _ = _read_merged(parent, (*chain, source), relative_to=path.parent)
     base.pop("name", None)  # a child is never called by its parent's name
-    restated = {t for t, v in raw.items() if isinstance(v, Mapping) and "schedule" in v and "schedule_plain" not in v}
-    return _drop_stale_plain(_deep_merge(base, raw), restated, f"{source} sets"), source
+    said = {(t, k) for t, v in raw.items() if isinstance(v, Mapping) for k in v}
+    return _drop_stale_plain(_deep_merge(base, raw), said, f"{source} sets"), source
 
 
-def _drop_stale_plain(raw: dict, restated: set[str], who: str) -> dict:
+def _drop_stale_plain(raw: dict, said: set[tuple[str, str]], who: str) -> dict:
     """A ``schedule_plain`` qualifies the ``schedule`` it was written beside. A later layer (a child
     recipe, or dotted overrides) that sets a ghost's ``schedule`` and not its ``schedule_plain``
     means that schedule on every network, so the inherited ``schedule_plain`` is dropped (said in the
-    log); to keep one, the layer sets it too (``schedule_overrides`` sets both)."""
+    log); to keep one, the layer sets it too (``schedule_overrides`` sets both). ``said``: the
+    (table, key) pairs the layer sets."""
+    restated = {t for t, key in said if key == "schedule" and (t, "schedule_plain") not in said}
     for table in sorted(restated):
         if isinstance(raw.get(table), dict) and raw[table].pop("schedule_plain", None) is not None:
             logging.getLogger(__name__).info(
@@ -308,8 +310,7 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
 def _apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
     raw = copy.deepcopy(raw)
     said = {tuple(parts[:2]) for parts in (k.split(".") for k in overrides) if len(parts) > 1}
-    restated = {t for t, table in said if table == "schedule" and (t, "schedule_plain") not in said}
-    _drop_stale_plain(raw, restated, "the overrides set")
+    _drop_stale_plain(raw, said, "the overrides set")
     for dotted, value in overrides.items():
         *tables, key = dotted.split(".")
         node = raw
