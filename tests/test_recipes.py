@@ -26,7 +26,7 @@ def test_shipped_recipes_all_load():
         assert r.masks.enabled and r.masks.options["sparsity"] == 0.95
 
 
-def test_tost_enables_everything_but_lrsi_with_spec_defaults():
+def test_tost_enables_the_ghosts_with_spec_defaults():
     # LRsI is off by default (chosen on validation, docs/results.md "C6 and C7"); its options are ToST's
     r = fxsparse.load_recipe("tost")
     assert [p.name for p in r.enabled_passes()] == ["masks", "ghost_neurons", "ghost_skips", "ghost_channels"]
@@ -38,9 +38,11 @@ def test_tost_enables_everything_but_lrsi_with_spec_defaults():
                                            "grad_clip": 1.0, "normalize_grad": True}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
         assert r.ghosts[group].schedule == Schedule(hold_until=0.0, anneal_until=0.15, shape="linear", remove_at=0.15)
+    # label smoothing is off by default too (docs/results.md "N"); its options are ToST's
     ls = r.label_smoothing
-    assert (ls.enabled, ls.eps, ls.form, ls.schedule.shape) == (True, 0.1, "tost", "constant")
-    assert ls.eps_at(0.0) == ls.eps_at(0.99) == 0.1
+    assert (ls.enabled, ls.eps, ls.form, ls.schedule.shape) == (False, 0.1, "tost", "constant")
+    ls = fxsparse.load_recipe("tost", overrides={"label_smoothing.enabled": True}).label_smoothing
+    assert ls.enabled and ls.eps_at(0.0) == ls.eps_at(0.99) == 0.1
     t = r.training
     assert (t.optimizer, t.momentum, t.weight_decay, t.lr, t.epochs, t.batch_size) == ("sgd", 0.9, 2e-4, 0.1, 182, 128)
     assert t.lr_schedule == "step" and t.lr_gamma == 0.1

@@ -280,7 +280,7 @@ def test_label_smoothing_tost_form_matches_direct_formula(eps):
 
 def test_scheduler_loss_follows_recipe(toy_ghost):
     logits, targets = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 5, (8,))
-    _, gm = _transformed(_toy_recipe(**{"label_smoothing.schedule.shape": "linear",
+    _, gm = _transformed(_toy_recipe(**{"label_smoothing.enabled": True, "label_smoothing.schedule.shape": "linear",
                                         "label_smoothing.schedule.hold_until": 0.0,
                                         "label_smoothing.schedule.anneal_until": 1.0}))
     sched = RecipeScheduler(gm, total_steps=10)
@@ -370,7 +370,8 @@ def test_distillation_loss_is_the_tempered_kl():
 def test_teacher_is_a_frozen_copy_taken_when_the_anneal_begins(toy_ghost):
     total = 12  # hold_until 0.1: the anneal begins at step 2; removal at 0.3: step 4
     batches = _batches(total)
-    _, gm = _transformed(_toy_recipe(**DISTILL))
+    # label smoothing on: the distilled loss mixes the smoothed cross-entropy
+    _, gm = _transformed(_toy_recipe(**DISTILL, **{"label_smoothing.enabled": True}))
     sched = RecipeScheduler(gm, total_steps=total)
     sched.build_optimizer()
     sched.build_lr_scheduler()

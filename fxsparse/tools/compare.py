@@ -294,7 +294,8 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
     run_dir = out / "runs" / spec.key
     recipe = "baseline" if spec.recipe == DENSE else spec.recipe
     overrides = config.recipe_overrides(spec)
-    ghost_schedules = {g: asdict(p.schedule) for g, p in load_recipe(recipe, overrides=overrides).ghosts.items()}
+    loaded = load_recipe(recipe, overrides=overrides)
+    ghost_schedules = {g: asdict(p.schedule) for g, p in loaded.ghosts.items()}
     tc = TrainConfig(model=config.model, out=str(run_dir), data=data_arg, data_root=config.data_root, recipe=recipe,
                      overrides=overrides, seed=spec.seed, device=config.device,
                      threads=config.threads, resume=True, calib_batches=config.calib_batches,
@@ -316,6 +317,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "weights_kept": summary["weights_kept"], "steps": summary["steps"], "epochs": summary["epochs"],
         "data": summary["data"], "images": summary["images"], "removals": summary["removals"],
         "ghost_schedules": ghost_schedules,
+        "label_smoothing": loaded.label_smoothing.eps if loaded.label_smoothing.enabled else 0.0,
         "mask_sha256": mask_hash(run_dir / "masks.safetensors"),
         "time_s": {**summary["time_s"], "wall": wall},
         "epoch_curve": epochs,
@@ -758,8 +760,10 @@ def plot_curves(results, path: Path) -> Path:
             ys = [statistics.fmean(r["loss_curve"][k][1] for r in runs) for k in range(n)]
             w = max(1, n // 25)
             smooth = [statistics.fmean(ys[max(0, k - w + 1):k + 1]) for k in range(n)]
-            # label smoothing raises tost's loss floor: compare shapes, not levels
-            ax.plot(xs, smooth, color=f"C{i}", lw=2, label=rec + (" (smoothed labels)" if runs[0]["recipe"] == "tost" else ""))
+            # label smoothing raises the loss floor: compare shapes, not levels (records written
+            # before 2026-11-30 lack the field; tost smoothed its labels then)
+            smoothed = runs[0].get("label_smoothing", runs[0]["recipe"] == "tost")
+            ax.plot(xs, smooth, color=f"C{i}", lw=2, label=rec + (" (smoothed labels)" if smoothed else ""))
             for e in runs[0]["removals"]:
                 ax.axvline(e["step"], color=f"C{i}", ls=":", lw=1)
             ax.set(title=f"{method} {top:g}: training loss (dotted: ghosts removed)", xlabel="step")

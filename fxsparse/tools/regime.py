@@ -246,8 +246,10 @@ def plot_map(table: Sequence[Cell], path: str | Path, title: str = "") -> Path:
     # the colour range follows the complete cells: one single-seed outlier must not wash out the rest
     judged = [abs(c.mean) for c in table if c.verdict != "?"] or [abs(c.mean) for c in table if not math.isnan(c.mean)]
     lim = max(1.0, max(judged, default=1.0))
+    # the panels share their rows, labelled once on the left, so that a second panel's labels
+    # cannot run into the first panel
     fig, axes = plt.subplots(1, len(variants), figsize=(2.2 + 2.1 * len(sparsities) * len(variants),
-                                                         1.2 + 0.5 * len(row_keys)), squeeze=False)
+                                                         1.2 + 0.5 * len(row_keys)), squeeze=False, sharey=True)
     for ax, variant in zip(axes[0], variants):
         grid = [[math.nan] * len(sparsities) for _ in row_keys]
         for c in table:
@@ -258,10 +260,10 @@ def plot_map(table: Sequence[Cell], path: str | Path, title: str = "") -> Path:
                         fontweight="bold" if c.verdict in ("win", "loss") else "normal")
         im = ax.imshow(grid, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")  # beyond the range: end colours
         ax.set_xticks(range(len(sparsities)), [f"{s:g}" for s in sparsities])
-        ax.set_yticks(range(len(row_keys)), [f"{a.split('(')[0]}, {e} ep, {m}" for a, e, m in row_keys], fontsize=7)
         ax.set_xlabel("sparsity")
         ax.set_title(f"{variant} − baseline", fontsize=8)
-    fig.subplots_adjust(left=0.2, right=0.86)
+    axes[0][0].set_yticks(range(len(row_keys)), [f"{a.split('(')[0]}, {e} ep, {m}" for a, e, m in row_keys], fontsize=7)
+    fig.subplots_adjust(left=0.2, right=0.86, wspace=0.08)
     fig.colorbar(im, cax=fig.add_axes((0.88, 0.15, 0.015, 0.7)), label="points (paired mean)")
     if title:
         fig.suptitle(title, fontsize=9)
