@@ -83,6 +83,7 @@ def test_tiny_grid_resumes_and_reports(tmp_path):
     tost = next(r for r in results if r["recipe"] == "tost")
     assert {e["group"] for e in tost["removals"]} == {"ghost_neurons", "ghost_skips", "ghost_channels"}
     assert len({r["mask_sha256"] for r in results}) == 1  # same mask for both recipes
+    assert [r["label_smoothing"] for r in results] == [0.0, 0.0]  # the eps each trained with: off in both
 
     # a rerun trains nothing; a lost line is trained again, and only that one
     lines = (out / "results.jsonl").read_text().splitlines()
