@@ -317,7 +317,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "weights_kept": summary["weights_kept"], "steps": summary["steps"], "epochs": summary["epochs"],
         "data": summary["data"], "images": summary["images"], "removals": summary["removals"],
         "ghost_schedules": ghost_schedules,
-        "label_smoothing": loaded.label_smoothing.eps if loaded.label_smoothing.enabled else 0.0,
+        "label_smoothing": loaded.label_smoothing.eps_at(0.0),  # the eps training starts with (0: off)
         "mask_sha256": mask_hash(run_dir / "masks.safetensors"),
         "time_s": {**summary["time_s"], "wall": wall},
         "epoch_curve": epochs,
