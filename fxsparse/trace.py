@@ -627,7 +627,8 @@ def _fake_state_shape_prop_class() -> type:
         time on a ResNet-50). Here each parameter and buffer is made fake where it is read (the
         mode memoizes the conversion), and a module runs through ``functional_call`` on them: the
         same fake kernels on the same fake values, and the real module's state is never written
-        (train-mode BatchNorm updates the fake running statistics).
+        (train-mode BatchNorm updates the fake running statistics). Normalization and activation
+        leaves are not run at all (:func:`_known_output`).
         """
 
         def __init__(self, gm: torch.fx.GraphModule, fake_mode: Any) -> None:
@@ -660,6 +661,11 @@ def _fake_state_shape_prop_class() -> type:
 
         def call_module(self, target, args, kwargs):
             module = self.fetch_attr(target)
+            x = args[0] if len(args) == 1 and not kwargs else None
+            if isinstance(x, torch.Tensor):  # ShapeProp runs each node under the fake mode
+                out = _known_output(module, x)
+                if out is not None:
+                    return out
             state = {name: self._fake(t) for name, t in (
                 *module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))}
             return functional_call(module, state, tuple(args), dict(kwargs))
@@ -672,22 +678,13 @@ def _meta_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
 
     class MetaShapeProp(ShapeProp):
-        """ShapeProp that does not run normalization and activation leaves on meta tensors.
-
-        Their meta kernels are Python decompositions (about 1.5 ms per BatchNorm, half of shape
-        propagation on a CNN) for an output whose shape, dtype and layout are known up front.
-        """
+        """ShapeProp that does not run normalization and activation leaves (:func:`_known_output`)."""
 
         def call_module(self, target, args, kwargs):
             x = args[0] if len(args) == 1 and not kwargs else None
             if isinstance(x, torch.Tensor) and x.is_meta:
-                module = self.fetch_attr(target)
-                layout = _output_layout(module, x)
-                if layout is not None:
-                    out = torch.empty_like(x) if layout == "like" else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
-                        # an op's output, not a leaf: later in-place ops on it must stay legal
-                        out = out.requires_grad_().clone()
+                out = _known_output(self.fetch_attr(target), x)
+                if out is not None:
                     return out
             return super().call_module(target, args, kwargs)
 
@@ -714,6 +711,22 @@ def _elementwise_module_types() -> frozenset[type]:
     except Exception:  # timm missing or reorganized: those layers simply run
         pass
     return frozenset(types)
+
+
+def _known_output(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """An empty tensor with the shape, dtype, layout and ``requires_grad`` of ``m(x)`` when these
+    are known without running ``m`` (:func:`_output_layout`), else None. Made on ``x``'s device,
+    under whatever fake mode is active. Normalization and activation kernels on fake or meta
+    tensors are Python decompositions (about 1.5 ms per BatchNorm, half of shape propagation on a
+    CNN) for an output known up front."""
+    layout = _output_layout(m, x)
+    if layout is None:
+        return None
+    out = torch.empty_like(x) if layout == "like" else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in m.parameters())):
+        # an op's output, not a leaf: later in-place ops on it must stay legal
+        out = out.requires_grad_().clone()
+    return out
 
 
 def _output_layout(m: nn.Module, x: torch.Tensor) -> str | None:
