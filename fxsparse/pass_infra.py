@@ -303,9 +303,55 @@ def _reported(p: Callable, check: bool) -> Callable:
     return run
 
 
-# True while run_passes runs: torch's PassManager recompiles the module after every pass, so a
-# pass does not recompile it too (code generation is a tenth of a ResNet-50's transform)
+# True while run_passes runs: torch's PassManager recompiles the module after every pass (which
+# only marks it stale there: _code_generated_once), so a pass does not recompile it too
 _MANAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("fxsparse_managed_passes", default=False)
+
+
+@contextlib.contextmanager
+def _code_generated_once(gm: GraphModule) -> Iterator[None]:
+    """Within the block, ``gm.recompile()`` only marks ``gm``'s Python code stale; the code is
+    generated once, when the block ends or when something runs ``gm`` before that (LRsI does).
+
+    torch's PassManager recompiles after every pass, and code generation is a tenth of a
+    ResNet-50's transform each time; no pass reads the code, only the graph. (torch's own
+    ``_LazyGraphModule`` defers the same way, but as a class of its own: the user's module keeps
+    its class here.)
+    """
+    own = vars(gm)
+    if not isinstance(gm, GraphModule) or "recompile" in own or "forward" in own:
+        yield
+        return
+    stale = False
+
+    def mark_stale() -> None:
+        nonlocal stale
+        stale = True
+        own["forward"] = forward_after_recompile  # nn.Module.__call__ reads self.forward
+
+    def generate() -> None:
+        nonlocal stale
+        own.pop("forward", None)
+        if stale:
+            stale = False
+            del own["recompile"]  # the real one, through the FSDP-safe helper
+            try:
+                recompile(gm)
+            finally:
+                own["recompile"] = mark_stale
+
+    def forward_after_recompile(*args: Any, **kwargs: Any) -> Any:
+        generate()
+        return gm.forward(*args, **kwargs)
+
+    own["recompile"] = mark_stale
+    try:
+        yield
+    finally:
+        own.pop("recompile", None)
+        own.pop("forward", None)
+        if stale:
+            recompile(gm)
 
 
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:
@@ -321,7 +367,8 @@ def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = Tru
         pm.add_checks(check_graph)
     managed = _MANAGED.set(True)
     try:
-        return pm(gm)
+        with _code_generated_once(gm):
+            return pm(gm)
     except FxSparseError:
         raise  # the check before the first pass
     except Exception as e:

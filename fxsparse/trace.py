@@ -620,7 +620,7 @@ def _fake_state_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.func import functional_call
 
-    class FakeStateShapeProp(ShapeProp):
+    class FakeStateShapeProp(_SkipsKnownLeaves, ShapeProp):
         """ShapeProp on fake tensors without a fake copy of the whole module.
 
         torch's ShapeProp deep-copies the GraphModule onto fake tensors first (half of a trace's
@@ -660,12 +660,10 @@ def _fake_state_shape_prop_class() -> type:
             return self._fake(value) if isinstance(value, torch.Tensor) else value
 
         def call_module(self, target, args, kwargs):
+            out = self._known_output(target, args, kwargs)  # ShapeProp runs each node under the fake mode
+            if out is not None:
+                return out
             module = self.fetch_attr(target)
-            x = args[0] if len(args) == 1 and not kwargs else None
-            if isinstance(x, torch.Tensor):  # ShapeProp runs each node under the fake mode
-                out = _known_output(module, x)
-                if out is not None:
-                    return out
             state = {name: self._fake(t) for name, t in (
                 *module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))}
             return functional_call(module, state, tuple(args), dict(kwargs))
@@ -677,16 +675,12 @@ def _fake_state_shape_prop_class() -> type:
 def _meta_shape_prop_class() -> type:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    class MetaShapeProp(ShapeProp):
-        """ShapeProp that does not run normalization and activation leaves (:func:`_known_output`)."""
+    class MetaShapeProp(_SkipsKnownLeaves, ShapeProp):
+        """ShapeProp that does not run normalization and activation leaves."""
 
         def call_module(self, target, args, kwargs):
-            x = args[0] if len(args) == 1 and not kwargs else None
-            if isinstance(x, torch.Tensor) and x.is_meta:
-                out = _known_output(self.fetch_attr(target), x)
-                if out is not None:
-                    return out
-            return super().call_module(target, args, kwargs)
+            out = self._known_output(target, args, kwargs) if _is_meta(args) else None
+            return out if out is not None else super().call_module(target, args, kwargs)
 
     return MetaShapeProp
 
@@ -713,18 +707,52 @@ def _elementwise_module_types() -> frozenset[type]:
     return frozenset(types)
 
 
-def _known_output(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """An empty tensor with the shape, dtype, layout and ``requires_grad`` of ``m(x)`` when these
-    are known without running ``m`` (:func:`_output_layout`), else None. Made on ``x``'s device,
-    under whatever fake mode is active. Normalization and activation kernels on fake or meta
-    tensors are Python decompositions (about 1.5 ms per BatchNorm, half of shape propagation on a
-    CNN) for an output known up front."""
+class _SkipsKnownLeaves:
+    """For ShapeProp on fake or meta tensors: normalization and activation leaves are not run.
+
+    Their kernels on fake or meta tensors are Python decompositions (about 1.5 ms per BatchNorm,
+    half of shape propagation on a CNN) for an output whose shape, dtype and layout are known up
+    front (:func:`_output_layout`).
+    """
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self._node = n
+        return super().run_node(n)
+
+    def _known_output(self, target: str, args: Any, kwargs: Any) -> torch.Tensor | None:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not isinstance(x, torch.Tensor):
+            return None
+        # x may stand for the output unless a user of the output changes its shape in place
+        # (x.unsqueeze_(0)), which x's other users would then see
+        alias = not any(_in_place(u) for u in self._node.users)
+        return _known_output(self.fetch_attr(target), x, alias=alias)
+
+
+def _is_meta(args: Any) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_meta
+
+
+def _in_place(node: torch.fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") \
+        and not name.endswith("__")
+
+
+def _known_output(m: nn.Module, x: torch.Tensor, *, alias: bool = False) -> torch.Tensor | None:
+    """A tensor with the shape, dtype, layout and ``requires_grad`` of ``m(x)`` when these are known
+    without running ``m`` (:func:`_output_layout`), else None: ``x`` itself where ``alias`` allows
+    and it has them all (a fake or meta tensor holds no values to differ; a new tensor costs a fake
+    dispatch, half a millisecond), else a new empty one on ``x``'s device, under whatever fake mode
+    is active."""
     layout = _output_layout(m, x)
     if layout is None:
         return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in m.parameters()))
+    if alias and layout == "like" and grad == x.requires_grad and not (x.is_leaf and x.requires_grad):
+        return x
     out = torch.empty_like(x) if layout == "like" else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in m.parameters())):
-        # an op's output, not a leaf: later in-place ops on it must stay legal
+    if grad:  # an op's output, not a leaf: later in-place ops on it must stay legal
         out = out.requires_grad_().clone()
     return out
 

@@ -160,14 +160,55 @@ class _Renames(FxSparsePass):
         return PassResult(gm, True)
 
 
-def test_under_run_passes_each_pass_is_recompiled_once(monkeypatch):
+def test_under_run_passes_the_code_is_generated_once(monkeypatch):
     gm = _gm()
     calls = []
     original = torch.fx.GraphModule.recompile
     monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: calls.append(1) or original(self))
-    run_passes(gm, [_Renames(), _Renames()])
-    assert len(calls) == 2  # PassManager's, after each pass: not a second one from the pass itself
-    assert "_0x" in gm.code  # and the code is the rewritten graph's
+    run_passes(gm, [_Renames(), _Renames(), _Renames()])
+    # PassManager recompiles after each pass, which only marks the code stale; no pass recompiles
+    # itself either: the code is generated once, at the end
+    assert len(calls) == 1
+    assert "_0x" in gm.code  # the rewritten graph's code
+    assert "recompile" not in vars(gm) and "forward" not in vars(gm)
     calls.clear()
     _Renames()(gm)  # called directly, a pass recompiles what it changed itself
     assert len(calls) == 1 and gm.code.count("_0x") >= 1
+
+
+class _Doubles(FxSparsePass):
+    """Doubles the output: a change of what the module computes."""
+
+    group = "doubling"
+
+    def call(self, gm):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            doubled = gm.graph.call_function(torch.mul, (out.args[0], 2.0))
+        out.args = (doubled,)
+        self.stats["doubled"] += 1
+        return PassResult(gm, True)
+
+
+class _Runs(FxSparsePass):
+    """Runs the module in the middle of the pipeline, as LRsI does."""
+
+    group = "running"
+
+    def __init__(self, x):
+        super().__init__()
+        self.x, self.seen = x, []
+
+    def call(self, gm):
+        self.seen.append(gm(self.x))
+        return PassResult(gm, False)
+
+
+def test_a_pass_that_runs_the_module_runs_the_graph_as_rewritten_so_far():
+    gm, x = _gm(), torch.randn(2, 3, 8, 8)
+    before = gm(x)
+    runs = _Runs(x)
+    run_passes(gm, [_Doubles(), runs, _Doubles()])
+    assert torch.equal(runs.seen[0], before * 2)  # the first pass's change, not the stale code
+    assert torch.equal(gm(x), before * 4)  # and the module after the pipeline: both changes
+    assert "recompile" not in vars(gm) and "forward" not in vars(gm)

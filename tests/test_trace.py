@@ -267,3 +267,34 @@ def test_shapes_are_torchs_shapeprop_without_a_fake_copy_of_the_module(spec, siz
     assert ours == {n.name: (n.meta.get("tensor_meta"), n.meta.get("type")) for n in gm.graph.nodes}
     fxsparse.trace(model, x)  # train-mode BatchNorm ran on fake running statistics, not on these
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+class _ReshapedInPlaceAfterNorm(nn.Module):
+    """A norm's output changed in shape in place while its input is still used: shape propagation
+    may not stand the input in for the skipped norm's output here."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.act(self.bn(h))
+        y.unsqueeze_(0)
+        return y.sum() + h
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_skipped_norms_and_activations_keep_torchs_shapes_under_in_place_reshapes(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    model, x = _ReshapedInPlaceAfterNorm(), torch.randn(2, 3, 8, 8)
+    gm = fxsparse.trace(model.to(device), x.to(device))
+    ours = {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
+    assert tuple(ours["add"].shape) == (2, 4, 6, 6)
+    assert tuple(ours["unsqueeze_"].shape) == (1, 2, 4, 6, 6)
+    if device == "cpu":
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(x))
+        assert ours == {n.name: n.meta.get("tensor_meta") for n in gm.graph.nodes}
