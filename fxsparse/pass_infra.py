@@ -345,13 +345,19 @@ def _code_generated_once(gm: GraphModule) -> Iterator[None]:
         return gm.forward(*args, **kwargs)
 
     own["recompile"] = mark_stale
+    passed = False
     try:
         yield
+        passed = True
     finally:
         own.pop("recompile", None)
         own.pop("forward", None)
         if stale:
-            recompile(gm)
+            try:
+                recompile(gm)
+            except Exception:
+                if passed:  # after a failed pass, its own error is the one to report
+                    raise
 
 
 def run_passes(gm: GraphModule, passes: Sequence[PassBase], *, check: bool = True) -> PassResult:

@@ -66,6 +66,8 @@ def test_a_plain_error_in_a_pass_becomes_a_pass_error():
     assert "`failing.enabled = false`" in text and "skip=['failing']" in text  # what to do
     assert "An error occurred when running" not in text
     assert isinstance(err.cause, RuntimeError) and err.__cause__ is err.cause  # chained
+    assert "recompile" not in vars(gm) and "forward" not in vars(gm)  # the module is left usable
+    gm(torch.randn(2, 3, 8, 8))
 
 
 def test_called_directly_the_pass_raises_the_same_error():
