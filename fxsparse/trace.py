@@ -723,9 +723,11 @@ class _SkipsKnownLeaves:
         x = args[0] if len(args) == 1 and not kwargs else None
         if not isinstance(x, torch.Tensor):
             return None
-        # x may stand for the output unless a user of the output changes its shape in place
-        # (x.unsqueeze_(0)), which x's other users would then see
-        alias = not any(_in_place(u) for u in self._node.users)
+        # x may stand for the output unless a user of either changes its shape in place
+        # (y.unsqueeze_(0)): the other's users would see that
+        source = self._node.args[0] if self._node.args else None
+        users = [*self._node.users, *(source.users if isinstance(source, torch.fx.Node) else ())]
+        alias = not any(_in_place(u) for u in users)
         return _known_output(self.fetch_attr(target), x, alias=alias)
 
 
