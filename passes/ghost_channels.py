@@ -42,6 +42,7 @@ from fxsparse import gates
 from fxsparse.dropout import DROPOUT_FUNCTIONS, is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
+from fxsparse.masks.ranking import random_subset
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
 )
@@ -377,9 +378,7 @@ def _random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) -
     """A bool mask keeping exactly round(density * numel) entries (at least one), at random."""
     numel = math.prod(shape)
     keep = max(1, round(density * numel))
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[torch.randperm(numel, generator=gen)[:keep]] = True
-    return mask.view(shape)
+    return random_subset(numel, keep, gen).view(shape)
 
 
 def _init_(w: torch.Tensor, fan_in: int, init: str, gen: torch.Generator, zero: bool = False) -> None:

@@ -61,6 +61,7 @@ from fxsparse import gates
 from fxsparse.dropout import is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
+from fxsparse.masks.ranking import random_subset
 from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
     site_filter, where_kinds,
@@ -736,9 +737,7 @@ class GhostSkipPass(FxSparsePass):
         density = float(main.float().mean()) if main is not None else 1.0
         keep = max(1, round(density * weight.numel()))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(site.name.encode()))
-        mask = torch.zeros(weight.numel(), dtype=torch.bool)
-        mask[torch.randperm(weight.numel(), generator=gen)[:keep]] = True
-        return mask.view(weight.shape).to(weight.device)
+        return random_subset(weight.numel(), keep, gen).view(weight.shape).to(weight.device)
 
     def _merge(self, gm, site: _Site, branch: Node, value: Node, activations: list[Node], gate_target: str, gate_meta) -> Node:
         """``value + gate * branch``, read by ``activations`` (and ghost-neuron nodes) instead of ``value``."""

@@ -334,6 +334,61 @@ def test_magnitude_and_random():
     assert not all(torch.equal(a[n], c[n]) for n in WEIGHTS)
 
 
+@pytest.mark.parametrize("n,k", [(5, 2), (5, 4), (6, 3)])  # 5 of 4: the complement is drawn
+def test_random_subset_is_exact_and_uniform(n, k):
+    """Every k-subset of n is drawn about equally often (a biased draw, such as the first k or a
+    fixed pattern, fails), every draw keeps exactly k, and only the given generator is drawn from."""
+    from fxsparse.masks.ranking import random_subset
+
+    gen = torch.Generator().manual_seed(0)
+    state = torch.random.get_rng_state()
+    draws = 6000
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(draws):
+        m = random_subset(n, k, gen)
+        assert m.dtype == torch.bool and m.shape == (n,) and int(m.sum()) == k
+        key = tuple(m.nonzero().squeeze(1).tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert torch.equal(torch.random.get_rng_state(), state)
+    subsets = math.comb(n, k)
+    assert len(counts) == subsets
+    expected = draws / subsets
+    assert max(abs(c - expected) for c in counts.values()) < 5 * math.sqrt(expected), counts
+
+
+def test_random_subset_edges_and_large_layers():
+    from fxsparse.masks.ranking import random_subset
+
+    gen = torch.Generator().manual_seed(1)
+    assert not random_subset(7, 0, gen).any() and random_subset(7, 7, gen).all() and random_subset(7, 9, gen).all()
+    n = 1_179_648  # a 512x256x3x3 conv, at the densities random ERK gives it
+    for k in (1, 59, n // 20, n // 2, n // 2 + 1, n - 1):
+        m = random_subset(n, k, gen)
+        assert int(m.sum()) == k
+    spread = random_subset(n, n // 20, gen).view(512, -1).sum(1).float()  # kept per output channel
+    assert abs(spread.mean() - (n // 20) / 512) < 1e-3 and spread.std() < 3 * math.sqrt(n / 20 / 512)
+
+
+def test_random_per_layer_masks_are_drawn_within_the_budget():
+    """Per-layer random masks (ERK, ER, uniform) are uniform subsets of each layer's count, drawn
+    without scoring every weight; global random masks still rank random scores."""
+    from fxsparse.masks.compute import _shapes
+    from fxsparse.masks.ranking import make_budget
+
+    model = Stack()
+    for distribution in ("erk", "er", "uniform"):
+        masks = compute(model, "random", 0.9, distribution, seed=3)
+        gm = fxsparse.trace(model)
+        budget = make_budget(_shapes(gm, list(masks)), 0.9, distribution)
+        assert {n: int(m.sum()) for n, m in masks.items()} == budget.per_layer
+        again = compute(model, "random", 0.9, distribution, seed=3)
+        assert all(torch.equal(masks[n], again[n]) for n in masks)
+    glob = compute(model, "random", 0.9, "global", seed=3)
+    assert sum(int(m.sum()) for m in glob.values()) == round(0.1 * sum(m.numel() for m in glob.values()))
+    with pytest.raises(MaskError, match="per-layer"):
+        make_budget({"w": (10, 10)}, 0.5, "global").draw({"w": torch.Size([10, 10])}, {"w": torch.device("cpu")})
+
+
 # --------------------------------------------------------------------------- distributions
 class Stack(nn.Module):
     """Layers of very different shapes, one so small that ERK must make it dense."""

@@ -20,7 +20,7 @@ import torch
 from ..errors import MaskError
 from .distribution import apportion, layer_densities
 
-__all__ = ["Budget", "top_k", "top_k_rows", "kth_largest", "make_budget"]
+__all__ = ["Budget", "top_k", "top_k_rows", "kth_largest", "random_subset", "make_budget"]
 
 
 def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,6 +99,29 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     if size < n:  # the band is ranked the same way (a large one can hold a block of ties)
         return kth_largest(band, size - (rank - below) + 1)
     return band.kthvalue(rank - below).values
+
+
+def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask of ``n`` entries with exactly ``k`` set, every ``k``-subset equally likely.
+
+    What ``top_k`` of ``n`` uniform scores gives, for the random numbers of about
+    ``min(k, n - k)`` indices instead of ``n`` scores and no ranking: a random mask at 95% sparsity
+    draws a twentieth of the numbers. Indices are drawn with replacement and the shortfall left by
+    repeats is drawn again until the set is full; the process treats every index alike, so the
+    final set is a uniform ``k``-subset. Past half the entries the complement is drawn instead.
+    """
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool)
+    complement = k > n // 2
+    want = n - k if complement else k
+    chosen = torch.zeros(n, dtype=torch.bool)
+    have = 0
+    while have < want:  # each round adds at most what is missing, so the count is never passed
+        chosen[torch.randint(n, (want - have,), generator=generator)] = True
+        have = int(torch.count_nonzero(chosen))
+    return chosen.logical_not_() if complement else chosen
 
 
 def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -188,6 +211,15 @@ class Budget:
         else:
             keep = {n: top_k(ranked(n), self.per_layer[n]) for n in self.numels}
         return {n: keep[n].view(shapes[n]) for n in self.numels}
+
+    def draw(self, shapes: dict[str, torch.Size], devices: dict[str, torch.device], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Uniformly random bool masks within this per-layer budget (``random_subset`` per layer, in
+        layer order, from one generator seeded with ``seed``): the random method's masks."""
+        if self.per_layer is None:
+            raise MaskError("Budget.draw needs per-layer counts; a global random budget ranks random scores (select).")
+        gen = torch.Generator().manual_seed(seed)
+        return {n: random_subset(self.numels[n], self.per_layer[n], gen).view(shapes[n]).to(devices[n])
+                for n in self.numels}
 
     def _raise_to_floors(self, keep: dict[str, torch.Tensor], ranked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Give every layer at least its floor, taking the weights from the lowest-ranked kept ones
