@@ -245,7 +245,7 @@ def _ghost_schedules(gm: GraphModule) -> dict[str, Any]:
     ``distill``: the recipe's ``[distill]``, described (None when off or no recipe)."""
     recipe = gm.meta.get("fxsparse.recipe")
     if recipe is None or not hasattr(recipe, "ghosts"):
-        return {"schedules": {}, "distill": None}
+        return {"schedules": {}, "distill": None, "ghosts_off": {}}
     from .scheduler import ghost_schedules_plain
 
     present, plain = _gates(gm), ghost_schedules_plain(gm, recipe)
@@ -253,7 +253,9 @@ def _ghost_schedules(gm: GraphModule) -> dict[str, Any]:
                  + (" (schedule_plain: a plain network)" if plain and spec.schedule_plain is not None else "")
                  for g, spec in recipe.ghosts.items() if g in present}
     distill = recipe.distill.describe(recipe, plain) if recipe.distill.enabled else None
-    return {"schedules": schedules, "distill": distill}
+    from .transform import GHOSTS_OFF_KEY
+
+    return {"schedules": schedules, "distill": distill, "ghosts_off": dict(gm.meta.get(GHOSTS_OFF_KEY, {}))}
 
 
 def _dynamic(gm: GraphModule) -> dict[str, Any] | None:
@@ -430,6 +432,8 @@ def summary_lines(report: Report) -> list[str]:
     if s.get("schedules"):
         lines.append("schedules (gate, as fractions of training): "
                      + "; ".join(f"{g} {text}" for g, text in s["schedules"].items()))
+    for group, why in (s.get("ghosts_off") or {}).items():
+        lines.append(f"{group}: not added here: {why}")
     if s.get("distill"):
         lines.append(f"distill: {s['distill']}")
     if s.get("dynamic"):

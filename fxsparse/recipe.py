@@ -48,7 +48,7 @@ MASK_METHODS = ("random", "magnitude", "taylor", "snip", "grasp", "synflow", "im
 MASK_DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 _TOP = ("name", "description", "extends", "masks", "label_smoothing", "distill", "training")
-_PASS_RESERVED = ("enabled", "schedule", "schedule_plain")
+_PASS_RESERVED = ("enabled", "schedule", "schedule_plain", "plain_mask_methods")
 _MASK_KEYS = ("enabled", "method", "sparsity", "distribution", "path")
 _EPS = 1e-12
 
@@ -100,10 +100,21 @@ class PassSpec:
     # ghost groups only: the schedule used instead on a plain network (no path goes around any
     # layer of the traced graph: fxsparse.graph.is_plain), when the recipe gives one
     schedule_plain: Schedule | None = None
+    # ghost groups only: on a plain network the ghost runs only with a mask of one of these methods
+    # (the recipe's [masks] method); None: with any mask
+    plain_mask_methods: tuple[str, ...] | None = None
 
     def schedule_for(self, plain: bool) -> Schedule | None:
         """The schedule this ghost follows on a network that is (``plain``) or is not plain."""
         return self.schedule_plain if plain and self.schedule_plain is not None else self.schedule
+
+    def off_because(self, plain: bool, mask_method: str | None) -> str | None:
+        """Why this ghost does not run on this network (None: it runs): on a plain network, a mask
+        method outside ``plain_mask_methods``. ``mask_method`` None (no mask) is never ruled out."""
+        if not plain or self.plain_mask_methods is None or mask_method is None or mask_method in self.plain_mask_methods:
+            return None
+        return (f"a plain network with a {mask_method!r} mask ({self.name}.plain_mask_methods = "
+                f"{list(self.plain_mask_methods)})")
 
 
 @dataclass(frozen=True)
@@ -196,9 +207,15 @@ class Recipe:
 
     @property
     def reads_plain(self) -> bool:
-        """Whether an enabled ghost has a ``schedule_plain``: then the schedules depend on whether
-        the traced graph is a plain network (``fxsparse.graph.is_plain``)."""
-        return any(spec.schedule_plain is not None for spec in self.ghosts.values())
+        """Whether an enabled ghost has a ``schedule_plain`` or ``plain_mask_methods``: then what the
+        ghosts do depends on whether the traced graph is a plain network (``fxsparse.graph.is_plain``)."""
+        return any(spec.schedule_plain is not None or spec.plain_mask_methods is not None
+                   for spec in self.ghosts.values())
+
+    @property
+    def mask_method(self) -> str | None:
+        """The ``[masks]`` method (None when masks are off): what ``plain_mask_methods`` reads."""
+        return self.masks.options.get("method") if self.masks.enabled else None
 
     def enabled_passes(self) -> list[PassSpec]:
         """Every enabled pass, masks first, in the order ``transform`` runs them."""
@@ -446,7 +463,18 @@ def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
             c.fail("schedule_plain", c.table["schedule_plain"], f"nothing: [{name}] is not a ghost and has no schedule")
         schedule_plain = _schedule(source, f"{name}.schedule_plain", c.table["schedule_plain"], ghost=True,
                                    early_removal=options.get("fold") is True)
-    return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule, schedule_plain=schedule_plain)
+    plain_mask_methods = None
+    if "plain_mask_methods" in c.table:
+        value = c.table["plain_mask_methods"]
+        methods = _mask_vocabulary(_masks_module())[0]
+        if not ghost:
+            c.fail("plain_mask_methods", value, f"nothing: [{name}] is not a ghost")
+        if value != "any":  # "any": with every mask, as without the key (what undoes an inherited list)
+            if not isinstance(value, list) or not value or any(v not in methods for v in value):
+                c.fail("plain_mask_methods", value, f'"any", or a non-empty list of mask methods: {", ".join(methods)}')
+            plain_mask_methods = tuple(value)
+    return PassSpec(name=name, enabled=enabled, options=options, schedule=schedule, schedule_plain=schedule_plain,
+                    plain_mask_methods=plain_mask_methods)
 
 
 def _mask_spec(source: str, table: Any) -> PassSpec:

@@ -31,6 +31,9 @@ RECIPE_KEY = "fxsparse.recipe"  # gm.meta[RECIPE_KEY] is the Recipe the module w
 # gm.meta[PLAIN_KEY]: whether the traced graph, before any ghost, is a plain network (no path around
 # any layer: fxsparse.graph.is_plain); set when a ghost of the recipe has a schedule_plain
 PLAIN_KEY = "fxsparse.plain"
+# gm.meta[GHOSTS_OFF_KEY]: {ghost group: why it was not added here} for enabled ghosts the recipe
+# rules out on this network (plain_mask_methods), so inspection can say so
+GHOSTS_OFF_KEY = "fxsparse.ghosts_off"
 
 
 # --------------------------------------------------------------------------- transform
@@ -86,7 +89,7 @@ def transform(
         plain = is_plain(gm)  # before the ghosts: their branches are paths around layers
     ctx = Context(gm=gm, recipe=recipe, data=data, loss_fn=loss_fn, masks=masks)
 
-    passes = []
+    passes, off = [], {}
     for name in pass_names():
         if name in skip:
             continue
@@ -96,6 +99,11 @@ def transform(
             continue
         spec = recipe.passes.get(name)
         if spec is None or not spec.enabled:
+            continue
+        why = spec.off_because(bool(plain), recipe.mask_method)
+        if why is not None:
+            log.info("recipe %r: no %s on %s", recipe.name, name, why)
+            off[name] = why
             continue
         try:
             passes.append(build_pass(name, dict(spec.options), ctx))
@@ -108,6 +116,8 @@ def transform(
     gm.meta[RECIPE_KEY] = recipe
     if plain is not None:
         gm.meta[PLAIN_KEY] = plain
+    if off:
+        gm.meta[GHOSTS_OFF_KEY] = off
     return gm
 
 

@@ -603,3 +603,34 @@ def test_removal_refuses_untagged_ghost_nodes():
     loaded = torch.load(buf, weights_only=False)
     with pytest.raises(PassError, match="do not survive pickling"):
         remove_ghost_neurons(loaded)
+
+
+@pytest.mark.parametrize("net, method, neurons", [
+    ("vgg11", "snip", False), ("vgg11", "random", True), ("resnet20", "snip", True),
+], ids=["plain-snip", "plain-random", "residual-snip"])
+def test_tost_reads_the_graph_and_the_mask_method_for_ghost_neurons(net, method, neurons):
+    """tost's ``ghost_neurons.plain_mask_methods = ["random"]``: no ghost neurons on a plain network
+    (no path around any layer) whose mask is not random; everywhere else they are added. Where left
+    out, the network is exactly tost with ``ghost_neurons.enabled = false``, and inspection says why."""
+    from fxsparse import nets
+    from fxsparse.inspect import inspect_graph, summary_lines
+    from fxsparse.transform import GHOSTS_OFF_KEY
+
+    torch.manual_seed(0)
+    model = getattr(nets, net)(width=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+    overrides = {"masks.method": method}
+    gm = fxsparse.transform(model, fxsparse.load_recipe("tost", overrides), data=data, example_inputs=x, skip=("rescale",))
+    blends = [n for n in gm.graph.nodes if n.meta.get("fxsparse", {}).get("group") == GROUP]
+    assert bool(blends) is neurons and (GROUP in fxsparse.gates.get(gm)) is neurons
+    assert (GROUP in gm.meta.get(GHOSTS_OFF_KEY, {})) is not neurons
+    if neurons:
+        return
+    off = fxsparse.transform(model, fxsparse.load_recipe("tost", {**overrides, "ghost_neurons.enabled": False}),
+                             data=data, example_inputs=x, skip=("rescale",))
+    assert gm.code == off.code
+    assert all(torch.equal(a, b) for a, b in zip(gm.state_dict().values(), off.state_dict().values()))
+    assert torch.equal(gm.eval()(x), off.eval()(x))
+    lines = summary_lines(inspect_graph(gm))
+    assert "ghost_neurons: not added here: a plain network with a 'snip' mask (ghost_neurons.plain_mask_methods = ['random'])" in lines

@@ -100,7 +100,9 @@ def test_a_restated_schedule_drops_the_inherited_schedule_plain(tmp_path, caplog
         r = load_recipe("tost", {"ghost_neurons.schedule.anneal_until": 0.3, "ghost_neurons.schedule.remove_at": 0.3})
     g = r.ghosts["ghost_neurons"]
     assert g.schedule == Schedule(0.0, 0.3, "linear", 0.3) and g.schedule_plain is None
-    assert g.schedule_for(plain=True) == g.schedule and not r.reads_plain
+    assert g.schedule_for(plain=True) == g.schedule
+    assert r.reads_plain  # still: plain_mask_methods reads the graph
+    assert not r.replace({"ghost_neurons.plain_mask_methods": "any"}).reads_plain
     assert "the overrides set [ghost_neurons.schedule] without [ghost_neurons.schedule_plain]" in caplog.text
     # both tables in one layer: both kept (schedule_overrides writes both)
     both = load_recipe("tost", schedule_overrides("ghost_neurons", hold_until=0.0, anneal_until=0.3, remove_at=0.3))
@@ -337,3 +339,22 @@ def test_ghost_weights_and_branch_masks_follow_the_mask_seed():
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert any(k.startswith("fxsparse.ghost_skips.") and k.endswith(".mask") for k in changed)
     assert any(k.startswith("fxsparse.ghost_channels.") for k in changed)
+
+
+def test_plain_mask_methods_is_validated():
+    tost = load_recipe("tost")
+    assert tost.ghosts["ghost_neurons"].plain_mask_methods == ("random",)
+    assert tost.mask_method == "random" and load_recipe("tost", {"masks.enabled": False}).mask_method is None
+    spec = tost.ghosts["ghost_neurons"]
+    assert spec.off_because(plain=True, mask_method="snip").startswith("a plain network with a 'snip' mask")
+    assert spec.off_because(plain=True, mask_method="random") is None
+    assert spec.off_because(plain=False, mask_method="snip") is None
+    assert spec.off_because(plain=True, mask_method=None) is None  # no mask: nothing to rule out
+    assert load_recipe("tost", {"ghost_neurons.plain_mask_methods": "any"}).ghosts["ghost_neurons"].plain_mask_methods is None
+    two = load_recipe("tost", {"ghost_neurons.plain_mask_methods": ["random", "magnitude"]})
+    assert two.ghosts["ghost_neurons"].plain_mask_methods == ("random", "magnitude")
+    for bad in (["rand"], [], "random", [1]):
+        with pytest.raises(RecipeError, match=r"ghost_neurons\.plain_mask_methods = .* is not allowed; allowed: \"any\", or a non-empty list"):
+            load_recipe("tost", {"ghost_neurons.plain_mask_methods": bad})
+    with pytest.raises(RecipeError, match=r"rescale\.plain_mask_methods = .*nothing: \[rescale\] is not a ghost"):
+        load_recipe("tost", {"rescale.plain_mask_methods": ["random"]})
