@@ -29,7 +29,8 @@ __all__ = ["transform", "register_pass", "unregister_pass", "pass_names", "pass_
 
 RECIPE_KEY = "fxsparse.recipe"  # gm.meta[RECIPE_KEY] is the Recipe the module was built with
 # gm.meta[PLAIN_KEY]: whether the traced graph, before any ghost, is a plain network (no path around
-# any layer: fxsparse.graph.is_plain); set when a ghost of the recipe has a schedule_plain
+# any layer: fxsparse.graph.is_plain); set when a ghost of the recipe has a schedule_plain or
+# plain_mask_methods
 PLAIN_KEY = "fxsparse.plain"
 # gm.meta[GHOSTS_OFF_KEY]: {ghost group: why it was not added here} for enabled ghosts the recipe
 # rules out on this network (plain_mask_methods), so inspection can say so

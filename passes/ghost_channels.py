@@ -42,10 +42,10 @@ from fxsparse import gates
 from fxsparse.dropout import DROPOUT_FUNCTIONS, is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
-from fxsparse.masks.ranking import random_subset
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
 )
+from fxsparse.masks.ranking import random_subset
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )

@@ -61,11 +61,11 @@ from fxsparse import gates
 from fxsparse.dropout import is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
-from fxsparse.masks.ranking import random_subset
 from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
     site_filter, where_kinds,
 )
+from fxsparse.masks.ranking import random_subset
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )
