@@ -934,3 +934,30 @@ def test_synflow_in_float64_keeps_casts_inside_the_model_in_float64():
             assert torch.isfinite(linearized.work(linearized.input)).all()
     with pytest.raises(SynFlowOverflow), _linearized(model, names, (32,), torch.float32) as linearized:
         linearized.scores(None)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.b.weight = self.a.weight  # one weight, two layers
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(torch.relu(self.b(torch.relu(self.a(h)))))
+
+
+@pytest.mark.parametrize("method,distribution", [("random", "erk"), ("random", "global"), ("magnitude", None),
+                                                 ("snip", None), ("synflow", None)])
+def test_a_tied_weight_gets_one_mask(method, distribution):
+    """A weight two layers share is scored and counted once and both names get its one mask: the
+    exported model holds one tensor for both, so two masks would train a network it cannot hold."""
+    torch.manual_seed(0)
+    model = _Tied()
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,)))]
+    masks = compute(model, method, 0.8, distribution, data=data, seed=1)
+    assert list(masks) == ["conv.weight", "a.weight", "b.weight", "fc.weight"]
+    assert torch.equal(masks["a.weight"], masks["b.weight"]) and masks["a.weight"] is not masks["b.weight"]
+    distinct = [masks[n] for n in ("conv.weight", "a.weight", "fc.weight")]
+    total = sum(m.numel() for m in distinct)
+    assert sum(int(m.sum()) for m in distinct) == total - round(0.8 * total)  # exact, over distinct weights

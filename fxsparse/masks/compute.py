@@ -86,14 +86,15 @@ def compute(
     """
     method, distribution = _check_request(method, sparsity, distribution, min_per_layer, method_opts)
     gm = traced(model_or_gm)
-    names = _layer_names(gm, layers)
+    selected = _layer_names(gm, layers)
+    names, tied = _untie(gm, selected)
     if method == "file":
         masks = _from_file(gm, sparsity, **method_opts)
         _finish(masks, method, None, sparsity)
         return masks
     runner = model_or_gm  # the user's own module (or GraphModule) runs the forward passes
     if method == "nm":
-        return _nm_masks(runner, gm, names, data, loss_fn, seed, **method_opts)
+        return _retie(_nm_masks(runner, gm, names, data, loss_fn, seed, **method_opts), selected, tied)
     budget = make_budget(_shapes(gm, names), sparsity, distribution, min_per_layer)
     if method == "synflow":
         opts = dict(method_opts)
@@ -108,6 +109,7 @@ def compute(
     else:
         raw = score(runner, method, data, loss_fn, layers=names, seed=seed, **method_opts)
         masks = budget.select(raw, consume=True)  # raw is ours: one copy of the scores at a time
+    masks = _retie(masks, selected, tied)
     _finish(masks, method, distribution, sparsity)
     return masks
 
@@ -243,6 +245,27 @@ def _layer_names(gm: GraphModule, layers: Sequence[Layer | str] | None) -> list[
     if not names:
         raise MaskError("no conv/linear weights selected: there is nothing to mask.")
     return names
+
+
+def _untie(gm: GraphModule, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The names of distinct weights, and ``{alias: first name}`` for a weight that two layers share
+    (tied): it is scored and counted once, and every name of it gets that one mask, since the
+    exported model holds one tensor for both (two masks would make the graph compute something the
+    export cannot)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for n in names:
+        tied_to = first.setdefault(id(gm.get_parameter(n)), n)
+        if tied_to != n:
+            tied[n] = tied_to
+    return [n for n in names if n not in tied], tied
+
+
+def _retie(masks: dict[str, torch.Tensor], names: list[str], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``masks`` for every selected name, in their order: an alias gets a copy of its weight's mask."""
+    if not tied:
+        return masks
+    return {n: masks[tied[n]].clone() if n in tied else masks[n] for n in names}
 
 
 def _shapes(gm: GraphModule, names: list[str]) -> dict[str, tuple[int, ...]]:

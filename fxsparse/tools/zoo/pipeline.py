@@ -196,8 +196,10 @@ class _PipelineRun:
                                        seed=self.o.seed, **opts)
         if not masks:
             raise PipelineCheckFailed("no mask computed")
-        total = sum(m.numel() for m in masks.values())
-        kept = sum(int(m.sum()) for m in masks.values())
+        # a weight two layers share (tied) has one mask under each name: counted once
+        distinct = {id(self.gm.get_parameter(n)): m for n, m in masks.items()}.values()
+        total = sum(m.numel() for m in distinct)
+        kept = sum(int(m.sum()) for m in distinct)
         expected = total - int(self.o.sparsity * total)
         if abs(kept - expected) > max(1, 0.001 * total):  # compute promises the exact count
             raise PipelineCheckFailed(f"{kept} of {total} weights kept, expected about {expected}")
