@@ -231,6 +231,14 @@ def test_a_plain_network_follows_schedule_plain_and_says_so(tmp_path):
     assert any("plain network" in n and "ghost_neurons.schedule_plain" in n for n in summary["notes"]), summary["notes"]
 
 
+def test_a_plain_network_with_a_scored_mask_gets_no_ghost_neurons_and_says_so(tmp_path):
+    t = Trainer(TrainConfig("test_train:TinyPlain", out=str(tmp_path), data="digits", progress=False, quiet=True,
+                            overrides={**DIGITS, "training.epochs": 1, "masks.method": "snip"}))
+    summary = t.run()
+    assert "ghost_neurons" not in {e["group"] for e in summary["removals"]}
+    assert "no ghost_neurons on test_train:TinyPlain: a plain network with a 'snip' mask" in " ".join(summary["notes"])
+
+
 def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):
     _, out = e2e
     args = ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--out", str(out)]

@@ -52,6 +52,7 @@ from torch import nn
 from .. import distributed as fxdist
 from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
 from ..errors import FxSparseError
+from ..transform import GHOSTS_OFF_KEY
 from .metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,8 @@ class Trainer:
             self._note(f"{c.model} is a plain network (no path around any layer): {group} follows "
                        f"{group}.schedule_plain, {self.sched.schedules[group].describe()} "
                        f"(--set {group}.schedule.* alone replaces it)")
+        for group, why in gm.meta.get(GHOSTS_OFF_KEY, {}).items():  # an enabled ghost the recipe left out here
+            self._note(f"no {group} on {c.model}: {why}")
         self._prepare(gm)
         self.sched.build_optimizer()
         self.sched.build_lr_scheduler()
