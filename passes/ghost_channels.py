@@ -45,7 +45,7 @@ from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
 )
-from fxsparse.masks.ranking import random_subset
+from fxsparse.masks.ranking import random_mask
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )
@@ -374,13 +374,6 @@ def _density(gm: GraphModule, param: str) -> float:
     return int(torch.count_nonzero(mask)) / mask.numel()  # count_nonzero: 5x a bool sum's speed
 
 
-def _random_mask(shape: tuple[int, ...], density: float, gen: torch.Generator) -> torch.Tensor:
-    """A bool mask keeping exactly round(density * numel) entries (at least one), at random."""
-    numel = math.prod(shape)
-    keep = max(1, round(density * numel))
-    return random_subset(numel, keep, gen).view(shape)
-
-
 def _init_(w: torch.Tensor, fan_in: int, init: str, gen: torch.Generator, zero: bool = False) -> None:
     with torch.no_grad():
         if zero:
@@ -500,7 +493,7 @@ class GhostChannelPass(FxSparsePass):
         _init_(weight, per_group * kernel, self.init, gen)
         branch.weight = nn.Parameter(weight.to(pw.device))
         if self.masked:
-            branch.register_buffer("weight_mask", _random_mask(weight.shape, _density(gm, P.weight), gen).to(pw.device))
+            branch.register_buffer("weight_mask", random_mask(weight.shape, _density(gm, P.weight), gen).to(pw.device))
         if self._has_bias(gm, P):
             bias = torch.zeros(k, dtype=pw.dtype)
             if self.init == "default":
@@ -518,7 +511,7 @@ class GhostChannelPass(FxSparsePass):
         branch.slice_weight = nn.Parameter(slice_weight.to(cw.device))
         if self.masked:
             branch.register_buffer(
-                "slice_mask", _random_mask(slice_weight.shape, _density(gm, C.weight), gen).to(cw.device))
+                "slice_mask", random_mask(slice_weight.shape, _density(gm, C.weight), gen).to(cw.device))
 
         if not self.dropout:
             site.ops = [op for op in site.ops if not _is_dropout(gm, op)]

@@ -65,7 +65,7 @@ from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
     site_filter, where_kinds,
 )
-from fxsparse.masks.ranking import random_subset
+from fxsparse.masks.ranking import random_mask
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )
@@ -735,9 +735,8 @@ class GhostSkipPass(FxSparsePass):
 
         main = get_mask(gm, site.call.layer.weight)
         density = float(main.float().mean()) if main is not None else 1.0
-        keep = max(1, round(density * weight.numel()))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(site.name.encode()))
-        return random_subset(weight.numel(), keep, gen).view(weight.shape).to(weight.device)
+        return random_mask(tuple(weight.shape), density, gen).to(weight.device)
 
     def _merge(self, gm, site: _Site, branch: Node, value: Node, activations: list[Node], gate_target: str, gate_meta) -> Node:
         """``value + gate * branch``, read by ``activations`` (and ghost-neuron nodes) instead of ``value``."""

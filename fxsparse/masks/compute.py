@@ -104,8 +104,7 @@ def compute(
         masks = imp_masks(runner, names, budget, **method_opts)
     elif method == "random" and budget.per_layer is not None:
         # per-layer counts of random scores: a uniform subset of each count, drawn without scores
-        weights = {n: gm.get_parameter(n) for n in names}
-        masks = budget.draw({n: w.shape for n, w in weights.items()}, {n: w.device for n, w in weights.items()}, seed)
+        masks = budget.draw({n: gm.get_parameter(n) for n in names}, seed)
     else:
         raw = score(runner, method, data, loss_fn, layers=names, seed=seed, **method_opts)
         masks = budget.select(raw, consume=True)  # raw is ours: one copy of the scores at a time

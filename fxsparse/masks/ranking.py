@@ -20,7 +20,7 @@ import torch
 from ..errors import MaskError
 from .distribution import apportion, layer_densities
 
-__all__ = ["Budget", "top_k", "top_k_rows", "kth_largest", "random_subset", "make_budget"]
+__all__ = ["Budget", "top_k", "top_k_rows", "kth_largest", "random_subset", "random_mask", "make_budget"]
 
 
 def top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,6 +124,13 @@ def random_subset(n: int, k: int, generator: torch.Generator | None = None) -> t
     return chosen.logical_not_() if complement else chosen
 
 
+def random_mask(shape: tuple[int, ...], density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bool mask of ``shape`` keeping exactly ``round(density * numel)`` entries (at least one), at
+    random: the masks of the ghost branches, at the density of the layer they stand beside."""
+    numel = math.prod(shape)
+    return random_subset(numel, max(1, round(density * numel)), generator).view(shape)
+
+
 def top_k_rows(values: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of each row of a 2-D tensor, ties going to the lower
     index (the rule of :func:`top_k`, row by row)."""
@@ -212,13 +219,14 @@ class Budget:
             keep = {n: top_k(ranked(n), self.per_layer[n]) for n in self.numels}
         return {n: keep[n].view(shapes[n]) for n in self.numels}
 
-    def draw(self, shapes: dict[str, torch.Size], devices: dict[str, torch.device], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Uniformly random bool masks within this per-layer budget (``random_subset`` per layer, in
-        layer order, from one generator seeded with ``seed``): the random method's masks."""
+    def draw(self, like: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Uniformly random bool masks within this per-layer budget, shaped like and on the device of
+        ``like``'s tensors (``random_subset`` per layer, in layer order, from one generator seeded
+        with ``seed``): the random method's masks."""
         if self.per_layer is None:
             raise MaskError("Budget.draw needs per-layer counts; a global random budget ranks random scores (select).")
         gen = torch.Generator().manual_seed(seed)
-        return {n: random_subset(self.numels[n], self.per_layer[n], gen).view(shapes[n]).to(devices[n])
+        return {n: random_subset(self.numels[n], self.per_layer[n], gen).view(like[n].shape).to(like[n].device)
                 for n in self.numels}
 
     def _raise_to_floors(self, keep: dict[str, torch.Tensor], ranked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
