@@ -26,6 +26,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from . import graph as fxgraph
+from .masks import MaskReport, tied_weights
 from .pass_infra import CONTAINER, HISTORY_KEY, container
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,10 @@ def summary(gm: GraphModule) -> dict[str, Any]:
     }
     if masks:
         masked_params = [params[p] for p in masks if p in params]
+        counted = MaskReport.from_masks(masks, tied=tied_weights(gm, masks))  # a tied weight once
         out["masks"] = {
             "tensors": len(masks),
-            "density": sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values())),
+            "density": counted.kept / max(1, counted.total),
             "weights_masked": sum(_numel(p) for p in masked_params),
         }
     return out

@@ -168,6 +168,54 @@ def test_per_layer_counts_constant_and_masks_move(method):
     assert all(r["dropped"] == r["grown"] for u in sched.mask_updates for r in u["layers"].values())
 
 
+class TiedNet(Net):
+    """Net with one more linear layer that shares its weight with another (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        x = F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3))
+        return self.fc(F.relu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_a_tied_weight_moves_as_one_mask_and_exports_as_trained(method):
+    """Both layers of a tied weight hold one mask through every update (the export holds one
+    tensor); RigL grows it by the sum of both layers' dense gradients; it counts once."""
+    torch.manual_seed(0)
+    gm = fxsparse.transform(TiedNet(), recipe(method), example_inputs=torch.zeros(2, 1, 8, 8))
+    sched = RecipeScheduler(gm, total_steps=STEPS)
+    sched.build_optimizer()
+    masks = masked_parameters(gm)
+    assert {"a.weight", "b.weight"} <= set(masks) and gm.get_parameter("a.weight") is gm.get_parameter("b.weight")
+    distinct = sum(m.numel() for n, m in masks.items() if n != "b.weight")
+    moved = 0
+    for i, (x, y) in enumerate(batches()):
+        due = method == "rigl" and sched.dynamic.schedule.is_update(i + 1, STEPS)
+        train_step(sched, gm, x, y)
+        if due:
+            before = masks["a.weight"].clone()
+            weight = gm.get_parameter("a.weight").detach().clone()
+            summed = (probes(gm)["a.weight"].grad + probes(gm)["b.weight"].grad).abs()
+        sched.step()
+        assert torch.equal(masks["a.weight"], masks["b.weight"]), f"step {i + 1}: the tied masks came apart"
+        if due:
+            f = sched.mask_updates[-1]["drop_fraction"]
+            assert torch.equal(masks["a.weight"], drop_and_grow(weight, before, summed, f))
+    for u in sched.mask_updates:
+        assert u["total"] == distinct and u["layers"]["b.weight"]["tied_to"] == "a.weight"
+        moved += u["layers"]["a.weight"]["dropped"]
+    assert moved > 0 and len(sched.mask_updates) >= 3
+    fxsparse.masks.dynamic.finish(gm)
+    model = TiedNet()
+    model.load_state_dict(fxsparse.export(gm))
+    x = batches(1, seed=5)[0][0]
+    torch.testing.assert_close(model(x), gm(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method, optimizer", [("rigl", "sgd"), ("set", "adamw"), ("gmp", "sgd")])
 def test_update_zeroes_changed_weights_and_their_optimizer_state_and_nothing_else(method, optimizer):
     gm, sched = build(method, **{"training.optimizer": optimizer, "training.lr": 0.01 if optimizer == "adamw" else 0.05})

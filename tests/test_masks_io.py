@@ -183,3 +183,20 @@ def test_round_trip_on_a_zoo_model_with_leaf_layers(tmp_path):
     loaded = load(path, model, required=select_layers(model))
     assert all(torch.equal(loaded[n], masks[n]) for n in masks)
     assert read_metadata(path)["achieved_sparsity"] == pytest.approx(0.9, abs=1e-6)
+
+
+def test_validate_refuses_two_masks_for_one_tied_weight():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Tied()
+    one = torch.rand(8, 8) > 0.5
+    validate({"a.weight": one, "b.weight": one.clone()}, model)  # one mask, under both names: fine
+    with pytest.raises(MaskError, match=r"tied: 'a.weight' and 'b.weight' are one weight .* two different masks"):
+        validate({"a.weight": one, "b.weight": ~one}, model)

@@ -961,3 +961,29 @@ def test_a_tied_weight_gets_one_mask(method, distribution):
     distinct = [masks[n] for n in ("conv.weight", "a.weight", "fc.weight")]
     total = sum(m.numel() for m in distinct)
     assert sum(int(m.sum()) for m in distinct) == total - round(0.8 * total)  # exact, over distinct weights
+
+
+def test_a_tied_weight_may_be_named_twice_and_is_counted_once(tmp_path):
+    """Naming both layers of a tied weight in ``layers`` is allowed (it was refused as unknown), and
+    the report, the file header and ``method="file"``'s sparsity check count the weight once."""
+    torch.manual_seed(0)
+    model = _Tied()
+    names = ["conv.weight", "a.weight", "b.weight", "fc.weight"]
+    masks = compute(model, "random", 0.8, "erk", layers=names, seed=1)
+    default = compute(model, "random", 0.8, "erk", seed=1)
+    assert list(masks) == names and all(torch.equal(masks[n], m) for n, m in default.items())
+    tied = fxsparse.masks.tied_weights(model, masks)
+    assert tied == {"b.weight": "a.weight"}
+    report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=0.8, tied=tied)
+    distinct = sum(model.get_parameter(n).numel() for n in ("conv.weight", "a.weight", "fc.weight"))
+    assert report.total == distinct and report.total - report.kept == round(0.8 * distinct)
+    assert [l.tied_to for l in report.layers] == [None, None, "a.weight", None]
+    assert "1 tied to another, counted once" in report.summary() and "(counted there)" in str(report)
+    assert "tied_to" not in report.to_dict()["layers"][0] and report.to_dict()["layers"][2]["tied_to"] == "a.weight"
+    assert fxsparse.masks.MaskReport.from_masks(masks).total == distinct + 64  # not told: the 8x8 weight twice
+    path = tmp_path / "tied.safetensors"
+    fxsparse.masks.save(masks, path, tied=tied, method="random")
+    meta = fxsparse.masks.read_metadata(path)
+    assert (meta["total"], meta["kept"], meta["tied"]) == (report.total, report.kept, tied)
+    again = compute(model, "file", 0.8, path=path)  # the sparsity check counts the shared weight once
+    assert all(torch.equal(again[n], masks[n]) for n in names)

@@ -19,10 +19,10 @@ from .distribution import DISTRIBUTIONS
 from .io import load, read_metadata, save, validate
 from .nm import is_nm, parse_pattern
 from .report import LayerCollapseWarning, LayerStats, MaskReport
-from .selection import select_layers
+from .selection import select_layers, tied_weights
 
 __all__ = [
-    "compute", "score", "select_layers", "save", "load", "read_metadata", "validate",
+    "compute", "score", "select_layers", "tied_weights", "save", "load", "read_metadata", "validate",
     "MaskReport", "LayerStats", "LayerCollapseWarning", "METHODS", "DISTRIBUTIONS",
     "is_nm", "parse_pattern", "check_request", "method_options", "compute_keywords",
 ]

@@ -17,7 +17,7 @@ from .distribution import DISTRIBUTIONS, logical_shape
 from .imp import imp_masks
 from .ranking import make_budget
 from .report import MaskReport
-from .selection import select_layers, traced
+from .selection import select_layers, tied_weights, traced
 
 __all__ = ["compute", "score", "check_request", "method_options", "compute_keywords", "METHODS", "ONE_SHOT"]
 
@@ -90,7 +90,7 @@ def compute(
     names, tied = _untie(gm, selected)
     if method == "file":
         masks = _from_file(gm, sparsity, **method_opts)
-        _finish(masks, method, None, sparsity)
+        _finish(masks, method, None, sparsity, tied_weights(gm, masks))
         return masks
     runner = model_or_gm  # the user's own module (or GraphModule) runs the forward passes
     if method == "nm":
@@ -109,7 +109,7 @@ def compute(
         raw = score(runner, method, data, loss_fn, layers=names, seed=seed, **method_opts)
         masks = budget.select(raw, consume=True)  # raw is ours: one copy of the scores at a time
     masks = _retie(masks, selected, tied)
-    _finish(masks, method, distribution, sparsity)
+    _finish(masks, method, distribution, sparsity, tied)
     return masks
 
 
@@ -237,7 +237,7 @@ def _layer_names(gm: GraphModule, layers: Sequence[Layer | str] | None) -> list[
         names = [l.weight for l in select_layers(gm)]
     else:
         names = [l.weight if isinstance(l, Layer) else l for l in layers]
-        params = dict(gm.named_parameters())
+        params = dict(gm.named_parameters(remove_duplicate=False))  # a tied weight's every name
         unknown = [n for n in names if n not in params]
         if unknown:
             raise MaskError(f"layers names parameters the model does not have: {unknown[:10]}.")
@@ -247,16 +247,9 @@ def _layer_names(gm: GraphModule, layers: Sequence[Layer | str] | None) -> list[
 
 
 def _untie(gm: GraphModule, names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The names of distinct weights, and ``{alias: first name}`` for a weight that two layers share
-    (tied): it is scored and counted once, and every name of it gets that one mask, since the
-    exported model holds one tensor for both (two masks would make the graph compute something the
-    export cannot)."""
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for n in names:
-        tied_to = first.setdefault(id(gm.get_parameter(n)), n)
-        if tied_to != n:
-            tied[n] = tied_to
+    """The names of distinct weights, and ``{alias: first name}`` of the tied ones
+    (``selection.tied_weights``): a tied weight is scored and counted once."""
+    tied = tied_weights(gm, names)
     return [n for n in names if n not in tied], tied
 
 
@@ -295,7 +288,7 @@ def _input_shape(given, data, gm: GraphModule | None, model: nn.Module) -> tuple
 def _from_file(gm: GraphModule, sparsity: float | None, *, path) -> dict[str, torch.Tensor]:
     masks = io.load(path, gm)
     if sparsity is not None:
-        report = MaskReport.from_masks(masks)
+        report = MaskReport.from_masks(masks, tied=tied_weights(gm, masks))
         exact = report.total - report.kept == round(sparsity * report.total)  # what compute() keeps
         if not exact and abs(report.achieved_sparsity - sparsity) > 1e-3:
             raise MaskError(
@@ -304,7 +297,9 @@ def _from_file(gm: GraphModule, sparsity: float | None, *, path) -> dict[str, to
     return masks
 
 
-def _finish(masks: dict[str, torch.Tensor], method: str, distribution: str | None, sparsity: float | None) -> None:
-    report = MaskReport.from_masks(masks, requested_sparsity=sparsity, method=method, distribution=distribution)
+def _finish(masks: dict[str, torch.Tensor], method: str, distribution: str | None, sparsity: float | None,
+            tied: dict[str, str]) -> None:
+    report = MaskReport.from_masks(masks, requested_sparsity=sparsity, method=method, distribution=distribution,
+                                   tied=tied)
     log.info("%s", report.summary())
     report.warn_collapse(stacklevel=4)

@@ -23,6 +23,9 @@ The methods, per masked layer (the ``[masks]`` table made the starting mask):
   from ``start`` to ``end``. Per layer: the layer ends with exactly the count the ``[masks]`` mask
   gave it (so ``[masks]`` chooses the layer-wise distribution: uniform as in Zhu & Gupta, ERK, ...).
 
+A weight two layers share (tied) is decided once, under its first name, and every name gets that
+mask (RigL's score is the sum of both layers' dense gradients): the export holds one tensor.
+
 RigL and SET keep every layer's count of active weights exactly (the layer-wise distribution, e.g.
 ERK, is preserved); ties are broken towards the lower flat index, as everywhere in fxsparse.masks.
 Under DDP, the probe gradients are averaged over the ranks, rank 0 decides the new masks and
@@ -40,6 +43,7 @@ from torch import nn
 
 from ..errors import MaskError
 from .ranking import rankable, top_k
+from .selection import tied_weights
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +392,7 @@ class DynamicMasks:
             if fxdist.is_main() else None
         new = fxdist.broadcast_masks(new) if fxdist.is_distributed() else new  # rank 0 decides for all
         state = optimizer.state
+        tied = tied_weights(self.gm, masks)  # an alias moves with its weight and counts once
         layers, dropped_all, grown_all = {}, 0, 0
         for name, mask in masks.items():
             fresh = new[name].to(mask.device)
@@ -401,8 +406,12 @@ class DynamicMasks:
             mask.copy_(fresh)
             d, g = int(dropped.sum()), int(grown.sum())
             layers[name] = {"kept": int(fresh.sum()), "dropped": d, "grown": g}
-            dropped_all, grown_all = dropped_all + d, grown_all + g
-        kept, total = sum(r["kept"] for r in layers.values()), sum(m.numel() for m in masks.values())
+            if name in tied:
+                layers[name]["tied_to"] = tied[name]
+            else:
+                dropped_all, grown_all = dropped_all + d, grown_all + g
+        counted = [n for n in masks if n not in tied]
+        kept, total = sum(layers[n]["kept"] for n in counted), sum(masks[n].numel() for n in counted)
         record: dict[str, Any] = {"step": step, "fraction": step / self.total_steps, "method": self.schedule.method}
         if self.schedule.method == "gmp":
             record["sparsity"] = 1.0 - kept / total
@@ -417,18 +426,31 @@ class DynamicMasks:
     def _decide(self, step: int, masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
                 grads: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         s, T = self.schedule, self.total_steps
+        # a weight two layers share (tied) is decided once, under its first name, and its aliases get
+        # that mask: the model holds one tensor for both (two masks would be two networks)
+        tied = tied_weights(self.gm, masks)
+        out = {}
         if s.method == "gmp":
             p = s.progress(step, T)
             final = {n: int(t) for n, t in targets(self.gm).items()}
-            return {n: prune_to(params[n], m, gmp_kept(m.numel(), final[n], s.initial_sparsity, p, s))
-                    for n, m in masks.items()}
-        fraction = s.drop_fraction_at(step, T)
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)  # SET: the same draw on resume, any rank
-        out = {}
-        for n, m in masks.items():
-            if s.method == "rigl":
-                score = grads[n].abs()
-            else:
-                score = torch.rand(m.numel(), generator=gen).to(m.device)
-            out[n] = drop_and_grow(params[n], m, score, fraction)
-        return out
+            for n, m in masks.items():
+                if n not in tied:
+                    out[n] = prune_to(params[n], m, gmp_kept(m.numel(), final[n], s.initial_sparsity, p, s))
+        else:
+            fraction = s.drop_fraction_at(step, T)
+            gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)  # SET: the same draw on resume, any rank
+            if s.method == "rigl":  # a tied weight's dense gradient: the sum over the layers that use it
+                grads = dict(grads)
+                for alias, first in tied.items():
+                    grads[first] = grads[first] + grads[alias]
+            for n, m in masks.items():
+                if n in tied:
+                    continue
+                if s.method == "rigl":
+                    score = grads[n].abs()
+                else:
+                    score = torch.rand(m.numel(), generator=gen).to(m.device)
+                out[n] = drop_and_grow(params[n], m, score, fraction)
+        for alias, first in tied.items():
+            out[alias] = out[first].clone()
+        return {n: out[n] for n in masks}

@@ -3,7 +3,8 @@
 File format: safetensors, one ``bool`` tensor per masked parameter, keyed by the parameter's
 qualified name (``layer1.0.conv1.weight``). The header's string metadata holds JSON values:
 ``format`` (``"fxsparse-masks"``), ``fxsparse_version``, ``achieved_sparsity``, ``layer_density``
-({name: density}), ``kept``, ``total``, and whatever the caller passes (``method``,
+({name: density}), ``kept``, ``total`` (a weight two layers share counted once: ``tied`` maps
+each such alias to its first name), and whatever the caller passes (``method``,
 ``requested_sparsity``, ``model`` ...).
 
 ``load`` also reads a ``torch.save``d dict (with ``weights_only=True``: no code runs), including
@@ -23,17 +24,20 @@ from ..errors import MaskError
 from ..graph import Layer
 from . import nm
 from .report import MaskReport
-from .selection import select_layers, traced
+from .selection import select_layers, tied_weights, traced
 
 __all__ = ["save", "load", "read_metadata", "validate"]
 
 FORMAT = "fxsparse-masks"
-_RESERVED = ("format", "fxsparse_version", "achieved_sparsity", "layer_density", "kept", "total")
+_RESERVED = ("format", "fxsparse_version", "achieved_sparsity", "layer_density", "kept", "total", "tied")
 
 
-def save(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, **metadata: Any) -> None:
+def save(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, *, tied: Mapping[str, str] | None = None,
+         **metadata: Any) -> None:
     """Write ``masks`` to a safetensors file, with ``metadata`` (JSON-serializable values) and
-    the figures of :class:`MaskReport` in its header."""
+    the figures of :class:`MaskReport` in its header. ``tied`` (``{alias: first name}``,
+    ``fxsparse.masks.tied_weights(model, masks)``) counts a weight two layers share once in
+    ``kept`` and ``total``."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -42,7 +46,7 @@ def save(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, **metadata:
     clash = sorted(set(metadata) & set(_RESERVED))
     if clash:
         raise MaskError(f"metadata keys {clash} are written by fxsparse itself; rename them.")
-    report = MaskReport.from_masks(masks)
+    report = MaskReport.from_masks(masks, tied=tied)
     header = {
         **metadata,
         "format": FORMAT,
@@ -51,6 +55,7 @@ def save(masks: Mapping[str, torch.Tensor], path: str | os.PathLike, **metadata:
         "kept": report.kept,
         "total": report.total,
         "layer_density": report.density,
+        **({"tied": dict(tied)} if tied else {}),
     }
     try:
         encoded = {k: json.dumps(v) for k, v in header.items()}
@@ -141,6 +146,11 @@ def validate(
     for name in _names(required):
         if name not in masks:
             problems.append(f"missing: no mask for {name!r}")
+    for alias, first in tied_weights(gm, [n for n in masks if n in params]).items():
+        a, b = masks[alias], masks[first]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and not torch.equal(a, b):
+            problems.append(f"tied: {first!r} and {alias!r} are one weight (shared by two layers) with two different "
+                            f"masks; the model holds one tensor for both, so give them the same mask")
     if pattern is not None and not problems:  # the pattern is read off shapes that fit
         n, m = nm.parse_pattern(pattern)
         problems += nm.violations(masks, gm, n, m)

@@ -21,6 +21,7 @@ class LayerStats:
     shape: tuple[int, ...]
     kept: int
     numel: int
+    tied_to: str | None = None  # the first name of a weight this layer shares with another (counted there)
 
     @property
     def density(self) -> float:
@@ -47,18 +48,28 @@ class MaskReport:
         method: str | None = None,
         distribution: str | None = None,
         pattern: str | None = None,
+        tied: Mapping[str, str] | None = None,
         **extra: Any,
     ) -> MaskReport:
-        layers = [LayerStats(n, tuple(m.shape), int(m.count_nonzero()), m.numel()) for n, m in masks.items()]
+        """``tied``: ``{alias: first name}`` of weights two layers share
+        (``fxsparse.masks.tied_weights(model, masks)``); an alias is listed but counted once, under
+        its first name, as the model holds one tensor for both."""
+        tied = tied or {}
+        layers = [LayerStats(n, tuple(m.shape), int(m.count_nonzero()), m.numel(), tied.get(n)) for n, m in masks.items()]
         return cls(layers, requested_sparsity, method, distribution, dict(extra), pattern)
 
     @property
+    def counted(self) -> list[LayerStats]:
+        """The layers whose weights count in the totals: all but the aliases of tied weights."""
+        return [l for l in self.layers if l.tied_to is None]
+
+    @property
     def total(self) -> int:
-        return sum(l.numel for l in self.layers)
+        return sum(l.numel for l in self.counted)
 
     @property
     def kept(self) -> int:
-        return sum(l.kept for l in self.layers)
+        return sum(l.kept for l in self.counted)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -104,7 +115,8 @@ class MaskReport:
             "total": self.total,
             "collapsed": self.collapsed,
             **({"pattern": self.pattern, "left_dense": self.dense} if self.pattern else {}),
-            "layers": [{**asdict(l), "density": l.density} for l in self.layers],
+            "layers": [{**{k: v for k, v in asdict(l).items() if k != "tied_to" or v is not None}, "density": l.density}
+                       for l in self.layers],
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -116,13 +128,15 @@ class MaskReport:
         what = " ".join(x for x in (self.method, self.pattern, self.distribution and f"({self.distribution})") if x)
         req = "" if self.requested_sparsity is None else f"requested {self.requested_sparsity:.2%}, "
         collapsed = f"; {len(self.collapsed)} collapsed" if self.collapsed else ""
+        aliases = len(self.layers) - len(self.counted)
+        tied = f"; {aliases} tied to another, counted once" if aliases else ""
         dense = ""
         if self.pattern and self.dense:
             names = ", ".join(self.dense[:4]) + (" ..." if len(self.dense) > 4 else "")
             dense = f"; {len(self.dense)} left dense: {names}"
         return (
             f"{what + ': ' if what else ''}{req}achieved sparsity {self.achieved_sparsity:.2%} "
-            f"({self.kept:,} of {self.total:,} weights kept in {len(self.layers)} layers{collapsed}{dense})"
+            f"({self.kept:,} of {self.total:,} weights kept in {len(self.layers)} layers{tied}{collapsed}{dense})"
         )
 
     def __str__(self) -> str:
@@ -132,6 +146,8 @@ class MaskReport:
             mark = "  <- collapsed" if l.kept == 0 else ""
             if self.pattern and l.kept == l.numel:
                 mark = f"  <- left dense (not {self.pattern})"
+            if l.tied_to is not None:
+                mark += f"  <- the weight of {l.tied_to} (counted there)"
             lines.append(
                 f"{l.name:<{width}}  {str(l.shape):<20} {l.kept:>12,} {l.numel:>12,} {l.density:>8.2%}{mark}"
             )

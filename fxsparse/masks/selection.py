@@ -24,7 +24,7 @@ from torch.fx import GraphModule
 from ..errors import MaskError
 from ..graph import Layer, parameterized_layers
 
-__all__ = ["select_layers", "traced", "KINDS"]
+__all__ = ["select_layers", "traced", "tied_weights", "KINDS"]
 
 KINDS = ("conv", "linear")
 
@@ -93,3 +93,20 @@ def _patterns(spec: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
         except re.error as e:
             raise MaskError(f"{what} pattern {item!r} is not a valid regular expression: {e}.") from None
     return out
+
+
+def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{alias: first name}`` for each of ``names`` that holds the same parameter as an earlier one.
+
+    A weight two layers share (tied) is one tensor in the model, so it can have one mask only: the
+    exported model could not hold two. Masks are scored, counted and moved once per weight, under
+    its first name; every alias carries a copy of that mask.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for n in names:
+        owner = first.setdefault(id(params[n]), n) if n in params else n
+        if owner != n:
+            tied[n] = owner
+    return tied

@@ -744,12 +744,13 @@ class Trainer:
         masks = masked_parameters(gm)
         mask_opts = self.recipe.masks.options
         report = None
+        tied = fxsparse.masks.tied_weights(gm, masks)  # a weight two layers share counts once
         if masks:
             report = fxsparse.masks.MaskReport.from_masks(masks, requested_sparsity=mask_opts.get("sparsity"),
-                                                          pattern=mask_opts.get("pattern"))
+                                                          pattern=mask_opts.get("pattern"), tied=tied)
         if masks and main:
             tmp = self.out / ".masks.safetensors.tmp"
-            fxsparse.masks.save(masks, tmp, method=mask_opts.get("method"), requested_sparsity=mask_opts.get("sparsity"),
+            fxsparse.masks.save(masks, tmp, tied=tied, method=mask_opts.get("method"), requested_sparsity=mask_opts.get("sparsity"),
                                 distribution=mask_opts.get("distribution"), model=c.model, recipe=self.recipe.name,
                                 seed=c.seed, **({"pattern": mask_opts["pattern"]} if "pattern" in mask_opts else {}))
             os.replace(tmp, self.out / "masks.safetensors")

@@ -197,9 +197,8 @@ class _PipelineRun:
         if not masks:
             raise PipelineCheckFailed("no mask computed")
         # a weight two layers share (tied) has one mask under each name: counted once
-        distinct = {id(self.gm.get_parameter(n)): m for n, m in masks.items()}.values()
-        total = sum(m.numel() for m in distinct)
-        kept = sum(int(m.sum()) for m in distinct)
+        report = fxsparse.masks.MaskReport.from_masks(masks, tied=fxsparse.masks.tied_weights(self.gm, masks))
+        total, kept = report.total, report.kept
         expected = total - int(self.o.sparsity * total)
         if abs(kept - expected) > max(1, 0.001 * total):  # compute promises the exact count
             raise PipelineCheckFailed(f"{kept} of {total} weights kept, expected about {expected}")
