@@ -239,6 +239,25 @@ def test_a_plain_network_with_a_scored_mask_gets_no_ghost_neurons_and_says_so(tm
     assert "no ghost_neurons on test_train:TinyPlain: a plain network with a 'snip' mask" in " ".join(summary["notes"])
 
 
+@pytest.mark.parametrize("lr, epochs, noted", [(1e-9, 5, True), (0.5, 15, False)])
+def test_ghosts_that_leave_before_the_loss_moves_get_a_note(tmp_path, lr, epochs, noted):
+    """A ghost phase that ends before the network has learned anything is said aloud (the cells
+    where `tost` loses on the map); one where the loss has fallen is not."""
+    t = Trainer(TrainConfig("test_train:TinyPlain", out=str(tmp_path), data="digits", progress=False, quiet=True,
+                            overrides={**DIGITS, "training.epochs": epochs, "training.lr": lr, "masks.sparsity": 0.5}))
+    summary = t.run()
+    steps = [r for r in t.metrics.records if r.get("type") == "step"]
+    removal = min(e["step"] for e in summary["removals"])
+    losses = [r["loss"] for r in steps if r["step"] <= removal]
+    assert len(losses) >= 10
+    start, now = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert (now > 0.98 * start) is noted  # what the note reads
+    said = [n for n in summary["notes"] if "before the network learned anything" in n]
+    assert bool(said) is noted
+    if noted:
+        assert len(said) == 1 and f"ghosts left at step {removal} of {t.total_steps}" in said[0]
+
+
 def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):
     _, out = e2e
     args = ["train", "fxsparse.nets:resnet8", *DIGITS_ARGS, "--out", str(out)]

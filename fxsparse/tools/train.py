@@ -63,6 +63,11 @@ __all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS", "r
 # longer than a short run's whole training. On CPU the trainer caps them unless they are set.
 CPU_LRSI_ITERS = 30
 _IMP_EPOCH_BASE = 1_000_000  # data-order epochs used by IMP rounds, apart from training's
+# ghosts that leave before the training loss has fallen by _FLAT_DROP (first vs last _FLAT_STEPS
+# steps) get a note: on the map's fresh seeds (docs/results.md, V) the MobileNetV2 short runs that `tost`
+# loses sat at 0.99-1.00 of their start there, every other run at 0.49-0.97 but networks a mask cut apart
+_FLAT_STEPS, _FLAT_DROP = 5, 0.02
+_NOTHING_LEARNED = "the ghost phase ended before the network learned anything"
 _RECAL_EPOCH_BASE = 2_000_000  # data-order epochs of BatchNorm re-estimation after a removal (+ step)
 _SHORT = {"ghost_neurons": "neu", "ghost_skips": "skip", "ghost_channels": "chan"}
 
@@ -491,6 +496,7 @@ class Trainer:
                 for event in sched.events[n_events:]:
                     self.metrics.write({"type": "event", **event})
                     self._say(f"step {event['step']}: removed {event['group']} ({event['parameters']:,} parameters)")
+                    self._note_if_nothing_learned(event["step"])
                 n_events = len(sched.events)
                 for record in self.removal_records:
                     self.metrics.write(record)
@@ -560,6 +566,21 @@ class Trainer:
             if any(g not in sched.removed and sched.step_count >= sched.removal_step(g) for g in sched.schedules):
                 self._removal_before = after  # another group goes in this same step: it starts from here
         self.removal_records.append(record)
+
+    def _note_if_nothing_learned(self, step: int) -> None:
+        """A note when ghosts leave while the training loss is still where it started: the ghost
+        phase then ended before the network learned anything, and on the map that is where `tost`
+        loses (docs/results.md, V: MobileNetV2 at 138 steps, whose loss stays at ln 10 for 30-45
+        steps; its start comes 12-26 steps after the baseline's)."""
+        losses = [r["loss"] for r in self.metrics.records if r.get("type") == "step" and r["step"] <= step]
+        if len(losses) < 2 * _FLAT_STEPS or any(_NOTHING_LEARNED in n for n in self.notes):  # once a run
+            return
+        start, now = (sum(part) / _FLAT_STEPS for part in (losses[:_FLAT_STEPS], losses[-_FLAT_STEPS:]))
+        if now > (1 - _FLAT_DROP) * start:
+            self._note(f"ghosts left at step {step} of {self.total_steps} with the training loss where it started "
+                       f"({start:.3f} over the first {_FLAT_STEPS} steps, {now:.3f} over the last {_FLAT_STEPS}): "
+                       f"{_NOTHING_LEARNED}. At such a budget `tost` "
+                       f"can cost accuracy (docs/results.md, V); a longer run, or the baseline recipe, suits it.")
 
     def _removal_eval(self) -> tuple[float, float] | None:
         if not self.config.val:
