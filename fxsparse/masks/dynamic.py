@@ -388,12 +388,14 @@ class DynamicMasks:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in found.values()]
             fxdist.all_reduce_tensors(grads, op="mean")  # the global batch's gradient on every rank
             scores = dict(zip(probes(self.gm), grads))
-        new = self._decide(step, masks, params, scores if self.schedule.method == "rigl" else None) \
+        # a weight two layers share (tied) is decided once, under its first name, and its aliases get
+        # that mask: the model holds one tensor for both (two masks would be two networks)
+        tied = tied_weights(self.gm, masks)
+        new = self._decide(step, masks, params, scores if self.schedule.method == "rigl" else None, tied) \
             if fxdist.is_main() else None
         new = fxdist.broadcast_masks(new) if fxdist.is_distributed() else new  # rank 0 decides for all
         state = optimizer.state
-        tied = tied_weights(self.gm, masks)  # an alias moves with its weight and counts once
-        layers, dropped_all, grown_all = {}, 0, 0
+        layers = {}
         for name, mask in masks.items():
             fresh = new[name].to(mask.device)
             dropped, grown = mask & ~fresh, fresh & ~mask
@@ -404,14 +406,12 @@ class DynamicMasks:
                 if isinstance(value, torch.Tensor) and value.shape == p.shape:
                     value.masked_fill_(changed, 0)
             mask.copy_(fresh)
-            d, g = int(dropped.sum()), int(grown.sum())
-            layers[name] = {"kept": int(fresh.sum()), "dropped": d, "grown": g}
+            layers[name] = {"kept": int(fresh.sum()), "dropped": int(dropped.sum()), "grown": int(grown.sum())}
             if name in tied:
                 layers[name]["tied_to"] = tied[name]
-            else:
-                dropped_all, grown_all = dropped_all + d, grown_all + g
-        counted = [n for n in masks if n not in tied]
+        counted = [n for n in masks if n not in tied]  # an alias moved with its weight: counted there
         kept, total = sum(layers[n]["kept"] for n in counted), sum(masks[n].numel() for n in counted)
+        dropped_all, grown_all = (sum(layers[n][k] for n in counted) for k in ("dropped", "grown"))
         record: dict[str, Any] = {"step": step, "fraction": step / self.total_steps, "method": self.schedule.method}
         if self.schedule.method == "gmp":
             record["sparsity"] = 1.0 - kept / total
@@ -424,11 +424,9 @@ class DynamicMasks:
         return record
 
     def _decide(self, step: int, masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-                grads: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                grads: dict[str, torch.Tensor] | None, tied: dict[str, str]) -> dict[str, torch.Tensor]:
+        """The new masks: one decision per weight, copied to the aliases ``tied`` names."""
         s, T = self.schedule, self.total_steps
-        # a weight two layers share (tied) is decided once, under its first name, and its aliases get
-        # that mask: the model holds one tensor for both (two masks would be two networks)
-        tied = tied_weights(self.gm, masks)
         out = {}
         if s.method == "gmp":
             p = s.progress(step, T)
