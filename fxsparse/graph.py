@@ -672,14 +672,19 @@ def articulation_nodes(gm: GraphModule) -> set[Node]:
     a residual add, any network's stem). A layer outside it is bypassed by another path (the
     convs inside a ResNet block, a DenseNet layer). Computed as the dominators of the output in
     the data-flow graph rooted at the inputs (``networkx.immediate_dominators``); parameters,
-    buffers and constants (``get_attr``) are not inputs.
+    buffers and constants (``get_attr``) are not inputs, and a ghost skip or ghost channel branch
+    (fxsparse's passes tag its merge node) is not a path: the answer is the original graph's.
     """
     g = nx.DiGraph()
     source = object()  # one root above every placeholder
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             g.add_edge(source, node)
-        for inp in node.all_input_nodes:
+        tag = node.meta.get("fxsparse") or {}
+        # a ghost branch (skip or channel) is no path around a layer: its merge reads the main
+        # value first (``main + gate * branch``), and only that edge counts
+        inputs = node.args[:1] if tag.get("role") == "merge" else node.all_input_nodes
+        for inp in inputs:
             g.add_edge(inp, node)
     out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
     if out is None or out not in g or source not in g:
@@ -707,7 +712,7 @@ def is_plain(gm: GraphModule) -> bool:
 # for "disconnected", from the masks MaskPass applied to it). "all", or one kind of layer, or a
 # union of terms joined by "+" ("bypassed+stem"), where a term is one kind or kinds joined by "&"
 # that a layer must all be ("stem+plain&disconnected": the stem, and plain layers the mask cuts).
-SITE_KINDS = ("plain", "bypassed", "stem", "disconnected")
+SITE_KINDS = ("plain", "bypassed", "stem", "disconnected", "grouped", "ungrouped")
 
 
 def parse_where(where: str) -> tuple[tuple[str, ...], ...]:
@@ -757,7 +762,9 @@ def site_filter(
     ``"bypassed"``, layers inside a residual block or another multi-path structure; ``"stem"``,
     the first layer every path goes through (``stem_layer``); ``"disconnected"``, layers whose mask
     (``masks``: {weight name: bool tensor}, required for this kind) cuts an output channel off
-    (``disconnected_channels``); ``"a+b"``, layers of either kind; ``"a&b"``, layers of both."""
+    (``disconnected_channels``); ``"grouped"``, grouped and depthwise convs (``groups > 1``);
+    ``"ungrouped"``, every other layer (linears too); ``"a+b"``, layers of either kind; ``"a&b"``,
+    layers of both."""
     terms = parse_where(where)
     if not terms:
         return lambda node: True
@@ -772,8 +779,12 @@ def site_filter(
         mask = masks.get(call.layer.weight) if call is not None else None
         return mask is not None and disconnected_channels(call, mask) > 0
 
+    def groups(node: Node) -> int:
+        call = layer_call(gm, node)
+        return call.groups if call is not None else 1
+
     tests = {"plain": lambda n: n in plain, "bypassed": lambda n: n not in plain, "stem": lambda n: n is stem,
-             "disconnected": disconnected}
+             "disconnected": disconnected, "grouped": lambda n: groups(n) > 1, "ungrouped": lambda n: groups(n) == 1}
     return lambda node: any(all(tests[k](node) for k in term) for term in terms)
 
 
@@ -782,7 +793,9 @@ def describe_where(where: str) -> str:
     said = {"plain": "another path goes around this layer",
             "bypassed": "no other path goes around this layer",
             "stem": "this layer is not the stem",
-            "disconnected": "no mask cuts an output channel of this layer off"}
+            "disconnected": "no mask cuts an output channel of this layer off",
+            "grouped": "this layer is not a grouped or depthwise conv",
+            "ungrouped": "this layer is a grouped or depthwise conv (groups > 1)"}
     # refused by every term: by at least one kind of each
     return " and ".join(" or ".join(said[k] for k in term) for term in parse_where(where))
 

@@ -43,9 +43,11 @@ from fxsparse.dropout import DROPOUT_FUNCTIONS, is_dropout_module
 from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
-    CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, is_channelwise, layer_of, parameterized_layers,
+    CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, describe_where, is_channelwise, layer_of, parameterized_layers,
+    parse_where, site_filter, where_kinds,
 )
 from fxsparse.masks.ranking import random_mask
+from fxsparse.passes.mask import masked_parameters
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )
@@ -402,6 +404,13 @@ class GhostChannelPass(FxSparsePass):
             the global RNG, which shifts the draws of random ops that run after it; ``False``
             leaves them out so train-mode outputs at gate 0 stay bit-identical in every model.
         seed: seeds the ghost weights and masks (each site draws from its own generator).
+        where: which producers get ghost channels, read from the traced graph with the grammar of
+            ``GhostSkipPass``'s ``where`` (``fxsparse.graph.site_filter``): ``"all"``, or kinds
+            such as ``"ungrouped"`` (every producer but grouped and depthwise convs),
+            ``"grouped"``, ``"plain"``, ``"bypassed"``, ``"stem"``, ``"disconnected"`` (MaskPass's
+            masks, read when the pass runs), joined by ``+`` (either) and ``&`` (both). Ghost skip
+            branches already in the graph are no path around a layer here. Refused producers are
+            counted as ``skipped`` with the reason.
 
     Sites: conv/linear producers whose output reaches exactly one conv/linear consumer, as its
     input, through channel-wise ops only (``fxsparse.graph.is_channelwise``; what
@@ -418,7 +427,7 @@ class GhostChannelPass(FxSparsePass):
     group = GROUP
 
     def __init__(self, ratio: float = 0.25, *, masked: bool = True, initial_gate: float = 1.0,
-                 init: str = "kaiming", dropout: bool = True, seed: int = 0):
+                 init: str = "kaiming", dropout: bool = True, seed: int = 0, where: str = "all"):
         super().__init__()
         if not ratio > 0:
             raise PassError(f"GhostChannelPass: ratio must be > 0 (ghost channels per producer channel); got {ratio}")
@@ -427,7 +436,11 @@ class GhostChannelPass(FxSparsePass):
         if init not in INITS:
             raise PassError(f"GhostChannelPass: init must be one of {INITS}; got {init!r}")
         self.ratio, self.masked, self.initial_gate = float(ratio), masked, float(initial_gate)
-        self.init, self.dropout, self.seed = init, dropout, seed
+        try:
+            parse_where(where)
+        except ValueError as bad:
+            raise PassError(f"GhostChannelPass: {bad}") from None
+        self.init, self.dropout, self.seed, self.where = init, dropout, seed, where
         self.sites: list[dict[str, Any]] = []  # what the last call added
         self._names: set[str] = set()
 
@@ -536,11 +549,18 @@ class GhostChannelPass(FxSparsePass):
         self._shared = _shared_modules(gm)
         reasons: Counter[str] = Counter()
         planned = []
+        # the masks are read only when `where` names them
+        masks = masked_parameters(gm) if "disconnected" in where_kinds(self.where) else None
+        wanted = site_filter(gm, self.where, masks=masks)
         for layer in parameterized_layers(gm):
             if layer.inside_leaf or layer.weight.startswith(CONTAINER + "."):
                 continue  # layers inside leaves have no graph node of their own; never ghost a ghost
             found = _walk(gm, layer)
             if found is None:
+                continue
+            if not wanted(layer.node):
+                self.skipped[layer.name] = f"where={self.where!r}: {describe_where(self.where)}"
+                reasons["where"] += 1
                 continue
             try:
                 planned.append(self._plan(gm, layer, *found))
