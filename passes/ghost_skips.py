@@ -386,7 +386,8 @@ class GhostSkipPass(FxSparsePass):
             reaches (``fxsparse.graph.stem_layer``); ``"disconnected"``, only layers whose mask
             (MaskPass's, read when the pass runs) leaves an output channel with no kept weight,
             so that the branch is the only path that channel has (none, on a graph without
-            masks: nothing is cut off there); kinds joined by ``+`` take
+            masks: nothing is cut off there); ``"grouped"``, only grouped and depthwise convs
+            (``groups > 1``), ``"ungrouped"``, only the others; kinds joined by ``+`` take
             their union (``"bypassed+stem"``), kinds joined by ``&`` their intersection, which
             binds first (``"stem+plain&disconnected"``: the stem, and the plain layers whose mask
             cuts a channel off). Refused sites are counted as ``skipped`` with the reason.

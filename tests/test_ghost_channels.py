@@ -358,6 +358,81 @@ def test_errors_and_registry_removal():
     assert not RemoveGhostChannelsPass()(gm).modified  # nothing left to remove
 
 
+# --------------------------------------------------------------------------- where
+def _producer_groups(gm, name):
+    from fxsparse.graph import layer_call, parameterized_layers
+
+    layer = next(l for l in parameterized_layers(gm) if l.name == name)
+    return layer_call(gm, layer.node).groups
+
+
+@pytest.mark.parametrize("build, sites, ungrouped", [
+    # MobileNetV2: 17 depthwise producers feed a block's projection; the last projection feeds
+    # the 1280-channel conv. VGG-16 and ResNet-20 have no grouped conv: "ungrouped" is "all"
+    (lambda: fxsparse.nets.mobilenetv2(width=0.25, stem_stride=2), 18, 1),
+    (lambda: fxsparse.nets.vgg16(width=0.25), 8, 8),
+    (lambda: fxsparse.nets.resnet20(width=0.5), 9, 9),
+], ids=["mobilenetv2", "vgg16", "resnet20"])
+def test_where_grouped_and_ungrouped_split_the_producers(build, sites, ungrouped):
+    import fxsparse.nets  # noqa: F401
+
+    x = torch.randn(2, 3, 32, 32)
+    found = {}
+    for where in ("all", "ungrouped", "grouped"):
+        before, gm, p = _ghosted(build(), x, where=where)
+        found[where] = {s["producer"] for s in p.sites}
+        if where != "all":
+            # refused before any other check (an expand conv feeding a depthwise one is refused
+            # here under "grouped", not as a grouped consumer): each for its groups, with the reason
+            wanted = (lambda g: g == 1) if where == "ungrouped" else (lambda g: g > 1)
+            refused = {n for n, why in p.skipped.items() if why.startswith(f"where={where!r}")}
+            assert found["all"] - found[where] <= refused
+            assert not any(wanted(_producer_groups(gm, n)) for n in refused)
+            assert all(wanted(_producer_groups(gm, n)) for n in found[where])
+            assert p.stats["skipped"] == len(p.skipped)
+        if p.stats["sites"]:
+            _set_gate(gm, 0.0)
+            assert compare(before, gm, x, exact=True) == []  # exact at gate 0
+            remove_ghost_channels(gm)
+        assert same_structure(before, gm)
+    assert len(found["all"]) == sites and len(found["ungrouped"]) == ungrouped
+    assert found["ungrouped"] | found["grouped"] == found["all"] and not found["ungrouped"] & found["grouped"]
+
+
+def test_where_reads_the_graph_as_it_was_before_the_ghost_skips():
+    """A ghost skip branch is no path around a layer: after GhostSkipPass, VGG-16's convs are
+    still plain (every site under where="plain") and none is bypassed."""
+    import fxsparse.nets  # noqa: F401
+    from fxsparse.graph import articulation_nodes, is_plain, parameterized_layers
+    from fxsparse.passes.ghost_skips import GhostSkipPass
+
+    x = torch.randn(2, 3, 32, 32)
+    counts = {}
+    for where in ("all", "plain", "bypassed"):
+        torch.manual_seed(0)
+        gm = fxsparse.trace(fxsparse.nets.vgg16(width=0.25), x)
+        MaskPass(random_masks(gm, 0.5))(gm)
+        skips = GhostSkipPass()
+        skips(gm)
+        assert skips.stats["conv_edges"] == 13  # every conv has a branch around it now
+        assert is_plain(gm) and {l.node for l in parameterized_layers(gm)} <= articulation_nodes(gm)
+        p = GhostChannelPass(where=where)
+        p(gm)
+        counts[where] = p.stats["sites"]
+    assert counts == {"all": 8, "plain": 8, "bypassed": 0}
+
+
+def test_where_is_checked_by_the_pass_and_the_recipe():
+    from fxsparse.errors import RecipeError
+    from fxsparse.recipe import load_recipe
+
+    with pytest.raises(PassError, match="GhostChannelPass: where must be 'all', one of"):
+        GhostChannelPass(where="depthwise")
+    assert load_recipe("tost", overrides={"ghost_channels.where": "ungrouped"}) is not None
+    with pytest.raises(RecipeError, match="ghost_channels.where"):
+        load_recipe("tost", overrides={"ghost_channels.where": "depthwise"})
+
+
 # --------------------------------------------------------------------------- torch.compile
 def test_compile_gate_moves_without_recompiling():
     from torch._dynamo.testing import CompileCounter
