@@ -106,6 +106,47 @@ def test_tiny_grid_resumes_and_reports(tmp_path):
                  say=lambda s: None)
 
 
+def test_a_recipe_file_is_an_arm_paired_with_the_baseline(tmp_path):
+    """A TOML recipe in --recipes runs under its name, in the same study, paired with the baseline
+    of each seed; the run holds what the file says (here no ghost channels), not the parent's."""
+    arm = tmp_path / "experiments" / "w1.toml"
+    arm.parent.mkdir()
+    arm.write_text('extends = "tost"\nname = "tost_no_channels"\n[ghost_channels]\nenabled = false\n')
+    out = tmp_path / "study"
+    config = CompareConfig(out=str(out), recipes=("baseline", str(arm)), dense=False, **TINY)
+    assert config.recipes == ("baseline", "tost_no_channels")
+    results = {r["recipe"]: r for r in run_grid(config, say=lambda s: None)}
+    assert set(results) == {"baseline", "tost_no_channels"}
+    r = results["tost_no_channels"]
+    assert r["key"] == "random-s0.9-tost_no_channels-seed0" and r["recipe_file"] == str(arm)
+    assert {e["group"] for e in r["removals"]} == {"ghost_neurons", "ghost_skips"}  # the file's recipe ran
+    assert r["mask_sha256"] == results["baseline"]["mask_sha256"]
+    summary = report(out)
+    assert summary["mask_mismatch"] == []
+    row = next(row for row in summary["rows"] if row["recipe"] == "tost_no_channels")
+    assert row["delta_n"] == 1 and row["delta_test_mean"] is not None  # paired with the baseline of its seed
+    assert json.loads((out / "compare.json").read_text())["grids"][-1]["recipe_files"] == {"tost_no_channels": str(arm)}
+    # editing the file makes its earlier runs another protocol
+    arm.write_text(arm.read_text().replace("enabled = false", "ratio = 0.1"))
+    with pytest.raises(CompareError, match="another protocol"):
+        run_grid(CompareConfig(out=str(out), recipes=("baseline", str(arm)), dense=False, **TINY), say=lambda s: None)
+
+
+def test_recipe_files_need_names_that_can_label_runs(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('extends = "tost"\nname = "tost"\n')
+    b.write_text('extends = "tost"\nname = "my arm"\n')
+    with pytest.raises(CompareError, match="name 'tost' twice"):
+        CompareConfig(out="x", recipes=("tost", str(a)))
+    with pytest.raises(CompareError, match="cannot name its runs"):
+        CompareConfig(out="x", recipes=("baseline", str(b)))
+    c = tmp_path / "sub"
+    c.mkdir()
+    (c / "a.toml").write_text('extends = "tost"\nname = "tost"\n')
+    with pytest.raises(CompareError, match="two recipe files are called 'tost'"):
+        CompareConfig(out="x", recipes=(str(a), str(c / "a.toml")))
+
+
 def test_cli_report_only(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["compare", "--out", str(out), "--data", "mnist5k", "--per-class", "8", "3", "4", "--epochs", "1",

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--sparsities", nargs="+", type=float, default=[0.90, 0.95, 0.98], metavar="S",
                    help="default: 0.90 0.95 0.98")
     g.add_argument("--recipes", nargs="+", default=list(RECIPES), metavar="R",
-                   help=f"default: {' '.join(RECIPES)}")
+                   help=f"shipped recipe names or TOML files (a file runs under its recipe's name, paired with the "
+                   f"baseline like the others); default: {' '.join(RECIPES)}")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="N", help="default: 0 1 2")
     g.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense reference runs")
     g.add_argument("--schedule", action="append", default=[], metavar="NAME=HOLD,ANNEAL,REMOVE[,SHAPE]",

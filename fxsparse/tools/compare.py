@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -141,6 +142,10 @@ class CompareConfig:
     ``per_class``: ``(train, val, test)`` images kept per class (a fixed, class-balanced subset,
     saved once under ``out/``); ``None`` uses the whole dataset. ``overrides`` are recipe keys
     applied to every run. ``schedules``: ghost-schedule variants, run besides each recipe's own.
+    ``recipes`` are shipped names or TOML files; a file is an arm of the study under its recipe's
+    ``name`` (its file name when it has none), paired with the baseline like a shipped recipe:
+    ``recipes=("baseline", "tost", "experiments/tost_ungrouped.toml")``. After construction
+    ``recipes`` holds those labels and ``recipe_files`` maps each file's label to its path.
     """
 
     out: str = "runs/compare"
@@ -165,6 +170,7 @@ class CompareConfig:
     workers: int = 1
     keep_runs: bool = False
     progress: bool | None = None
+    recipe_files: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -172,12 +178,42 @@ class CompareConfig:
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        self.methods, self.recipes = tuple(self.methods), tuple(self.recipes)
+        self.methods = tuple(self.methods)
+        self.recipes = self._label_recipes(tuple(self.recipes))
         self.sparsities, self.seeds = tuple(float(s) for s in self.sparsities), tuple(int(s) for s in self.seeds)
         self.schedules = tuple(s if isinstance(s, ScheduleVariant) else ScheduleVariant(**s) for s in self.schedules)
         if self.per_class is not None:  # () = the whole dataset
             self.per_class = tuple(int(n) for n in self.per_class) or None
         self._check()
+
+    def _label_recipes(self, given: tuple[str, ...]) -> tuple[str, ...]:
+        """Shipped names stay as they are; a recipe file is labelled by its recipe's name (a run's
+        directory and every table use the label, so it must be a plain word)."""
+        from ..recipe import load_recipe
+
+        labels = []
+        for r in given:
+            if r in self.recipe_files or not _is_file_recipe(r):  # a label already (a resumed config)
+                labels.append(r)
+                continue
+            label = load_recipe(r).name
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", label) or label == DENSE:
+                raise CompareError(f"recipe file {r!r} is called {label!r}, which cannot name its runs: give it a "
+                                   f"name = \"...\" of letters, digits, '_', '.', '+' or '-' (not {DENSE!r})")
+            if label in self.recipe_files and self.recipe_files[label] != str(r):
+                raise CompareError(f"two recipe files are called {label!r} ({self.recipe_files[label]}, {r}): give "
+                                   f"each its own name = \"...\"")
+            self.recipe_files[label] = str(r)
+            labels.append(label)
+        clash = sorted({l for l in labels if labels.count(l) > 1})
+        if clash:
+            raise CompareError(f"the study's recipes name {', '.join(map(repr, clash))} twice (a recipe file's name = \"...\" may equal a "
+                               f"shipped recipe's): give each arm its own name")
+        return tuple(labels)
+
+    def source(self, recipe: str) -> str:
+        """What ``load_recipe`` takes for the study's recipe ``recipe`` (a label): its file, or the name."""
+        return self.recipe_files.get(recipe, recipe)
 
     def _check(self) -> None:
         from ..recipe import load_recipe
@@ -189,7 +225,7 @@ class CompareConfig:
         if not all(0.0 < s < 1.0 for s in self.sparsities):
             raise CompareError(f"sparsities must be in (0, 1); got {list(self.sparsities)}")
         for r in self.recipes:
-            load_recipe(r)  # a clear RecipeError for an unknown name, now rather than mid-grid
+            load_recipe(self.source(r))  # a clear RecipeError for an unknown name, now rather than mid-grid
         names = [s.name for s in self.schedules]
         if len(set(names)) != len(names) or DEFAULT_SCHEDULE in names:
             raise CompareError(f"schedule variant names must be distinct and not {DEFAULT_SCHEDULE!r} (the recipe's "
@@ -204,8 +240,8 @@ class CompareConfig:
         from ..recipe import load_recipe
 
         # the recipes' content too: editing a shipped schedule makes earlier runs of it stale
-        recipes = {r: hashlib.sha256(json.dumps(load_recipe(r).to_dict(), sort_keys=True, default=str).encode())
-                   .hexdigest()[:12] for r in sorted(set(self.recipes) | {"baseline"})}
+        recipes = {r: hashlib.sha256(json.dumps(load_recipe(self.source(r)).to_dict(), sort_keys=True, default=str)
+                                     .encode()).hexdigest()[:12] for r in sorted(set(self.recipes) | {"baseline"})}
         return {"model": self.model, "data": self.resolved_data(), "data_root": self.data_root,
                 "per_class": list(self.per_class) if self.per_class else None, "epochs": self.epochs,
                 "batch_size": self.batch_size, "lrsi_iters": self.lrsi_iters, "calib_batches": self.calib_batches,
@@ -225,7 +261,7 @@ class CompareConfig:
         seed-major within each, so an interrupted grid holds whole seeds."""
         from ..recipe import load_recipe
 
-        with_ghosts = {r: bool(load_recipe(r).ghosts) for r in self.recipes}
+        with_ghosts = {r: bool(load_recipe(self.source(r)).ghosts) for r in self.recipes}
         variants = [DEFAULT_SCHEDULE] + [s.name for s in self.schedules]
         specs: list[RunSpec] = []
         for tier in (True, False):
@@ -253,7 +289,7 @@ class CompareConfig:
         o.update(self.overrides)
         if spec.schedule != DEFAULT_SCHEDULE:
             variant = next(s for s in self.schedules if s.name == spec.schedule)
-            o.update(variant.overrides(load_recipe(spec.recipe).ghosts))
+            o.update(variant.overrides(load_recipe(self.source(spec.recipe)).ghosts))
         return o
 
 
@@ -292,7 +328,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
     from .train import TrainConfig, Trainer
 
     run_dir = out / "runs" / spec.key
-    recipe = "baseline" if spec.recipe == DENSE else spec.recipe
+    recipe = "baseline" if spec.recipe == DENSE else config.source(spec.recipe)
     overrides = config.recipe_overrides(spec)
     loaded = load_recipe(recipe, overrides=overrides)
     ghost_schedules = {g: asdict(p.schedule) for g, p in loaded.ghosts.items()}
@@ -311,6 +347,7 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
     stride = max(1, math.ceil(len(steps) / 300))  # enough points for a curve, a small line
     result = {
         "key": spec.key, **asdict(spec),
+        **({"recipe_file": recipe} if spec.recipe in config.recipe_files else {}),
         "distribution": None if spec.recipe == DENSE else DISTRIBUTION[spec.method],
         "test_acc": summary["test_accuracy"], "val_acc": summary["val_accuracy"],
         "test_loss": summary["test_loss"], "achieved_sparsity": summary["sparsity"],
@@ -330,6 +367,11 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return result
+
+
+def _is_file_recipe(text: str) -> bool:
+    """A TOML file rather than a shipped recipe's name (``fxsparse.recipe.load_recipe``'s rule)."""
+    return text.endswith(".toml") or os.sep in text or "/" in text
 
 
 def recipe_has_lrsi(name: str) -> bool:
@@ -404,6 +446,7 @@ def _check_protocol(config: CompareConfig, out: Path) -> None:
             raise CompareError(f"{out} holds a study run with another protocol ({what}). Rerun with the same "
                                f"settings to continue it, or choose another --out.")
     grid = {"methods": config.methods, "sparsities": config.sparsities, "recipes": config.recipes,
+            **({"recipe_files": config.recipe_files} if config.recipe_files else {}),
             "seeds": config.seeds, "dense": config.dense, "schedules": [asdict(s) for s in config.schedules],
             "preset": config.preset, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     grids = json.loads(path.read_text()).get("grids", []) if path.exists() else []
@@ -541,7 +584,7 @@ def same_masks(results: Iterable[dict[str, Any]]) -> list[str]:
     Recipes whose masks move ([dynamic]: rigl, set, gmp) end with masks of their own: not compared."""
     cells: dict[tuple, set] = {}
     for r in results:
-        if r["recipe"] != DENSE and r.get("mask_sha256") and not _masks_move(r["recipe"]):
+        if r["recipe"] != DENSE and r.get("mask_sha256") and not _masks_move(r.get("recipe_file", r["recipe"])):
             cells.setdefault((r["method"], r["sparsity"], r["seed"]), set()).add(r["mask_sha256"])
     return [f"{m} {s:g} seed {seed}" for (m, s, seed), h in sorted(cells.items()) if len(h) > 1]
 

@@ -132,7 +132,7 @@ def cells(results: Sequence[dict[str, Any]], which: str = "test") -> list[Cell]:
         if b is None:
             continue
         # a recipe whose masks move (rigl, set, gmp) ends with masks of its own: nothing to compare
-        if b.get("mask_sha256") != r.get("mask_sha256") and not _masks_move(r["recipe"]):
+        if b.get("mask_sha256") != r.get("mask_sha256") and not _masks_move(r.get("recipe_file", r["recipe"])):
             raise CompareError(f"{r['study']}: {r['key']} trained with another mask than its baseline in "
                                f"{b['study']}: the pairing is broken (different protocol or data?)")
         groups.setdefault((r["variant"], r["arch"], r["epochs"], r["method"], r["sparsity"]), []).append(
