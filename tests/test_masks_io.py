@@ -171,6 +171,8 @@ def test_compute_file_method(tmp_path, net, masks):
     compute(net, "file", 0.7, path=path)  # the requested sparsity matches the file's
     with pytest.raises(MaskError, match="not the requested"):
         compute(net, "file", 0.5, path=path)
+    with pytest.raises(MaskError, match="method='file' reads the masks from a file: pass path="):
+        compute(net, "file", 0.7)  # not a TypeError from deep inside
 
 
 def test_round_trip_on_a_zoo_model_with_leaf_layers(tmp_path):

@@ -89,8 +89,13 @@ def compute(
     selected = _layer_names(gm, layers)
     names, tied = _untie(gm, selected)
     if method == "file":
-        masks = _from_file(gm, sparsity, **method_opts)
-        _finish(masks, method, None, sparsity, tied_weights(gm, masks))
+        if "path" not in method_opts:
+            raise MaskError("method='file' reads the masks from a file: pass path=... (a file fxsparse.masks.save "
+                            "or `fxsparse train` wrote; in a recipe, [masks] path = \"...\")")
+        masks = io.load(method_opts["path"], gm)
+        file_tied = tied_weights(gm, masks)  # the file's own names: it may hold both of a tied weight
+        _check_file_sparsity(masks, method_opts["path"], sparsity, file_tied)
+        _finish(masks, method, None, sparsity, file_tied)
         return masks
     runner = model_or_gm  # the user's own module (or GraphModule) runs the forward passes
     if method == "nm":
@@ -285,16 +290,14 @@ def _input_shape(given, data, gm: GraphModule | None, model: nn.Module) -> tuple
     return tuple(default_example_inputs(model)[0].shape[1:])
 
 
-def _from_file(gm: GraphModule, sparsity: float | None, *, path) -> dict[str, torch.Tensor]:
-    masks = io.load(path, gm)
+def _check_file_sparsity(masks: dict[str, torch.Tensor], path, sparsity: float | None, tied: dict[str, str]) -> None:
     if sparsity is not None:
-        report = MaskReport.from_masks(masks, tied=tied_weights(gm, masks))
+        report = MaskReport.from_masks(masks, tied=tied)
         exact = report.total - report.kept == round(sparsity * report.total)  # what compute() keeps
         if not exact and abs(report.achieved_sparsity - sparsity) > 1e-3:
             raise MaskError(
                 f"{str(path)!r} has sparsity {report.achieved_sparsity:.4f}, not the requested {sparsity:.4f}."
             )
-    return masks
 
 
 def _finish(masks: dict[str, torch.Tensor], method: str, distribution: str | None, sparsity: float | None,
