@@ -276,8 +276,12 @@ def rewrap(model: nn.Module, *, scheduler=None) -> nn.Module:
     return wrap(model.module, scheduler=scheduler, **options)
 
 
-def step(scheduler, model: nn.Module) -> nn.Module:
+def step(scheduler, model: nn.Module, loss: torch.Tensor | float | None = None) -> nn.Module:
     """``scheduler.step()``, then rebuild ``model``'s DDP wrapper if a ghost was removed.
+
+    ``loss``: this rank's training loss of the step, passed on (as the mean over ranks, one
+    scalar all-reduce) while ``scheduler.waits_for_learning``: a ghost schedule that starts when
+    the loss falls must start at the same step on every rank.
 
     Returns the model to use from now on (the same object unless a removal happened)::
 
@@ -292,7 +296,10 @@ def step(scheduler, model: nn.Module) -> nn.Module:
         # a removal may read BatchNorm statistics (GhostSkipPass(fold=True) folds with them), which
         # each rank updated from its own batch since the last forward: use rank 0's on every rank
         sync_buffers(model)
-    scheduler.step()
+    if getattr(scheduler, "waits_for_learning", False) and loss is not None:
+        scheduler.step(all_reduce_metrics({"loss": loss}, op="mean")["loss"])
+    else:
+        scheduler.step()
     if len(scheduler.removed) == removed:
         return model
     if is_distributed() and _is_fsdp(model):

@@ -40,6 +40,7 @@ __all__ = [
 
 GHOST_SHAPES = ("linear", "cosine")
 SMOOTHING_SHAPES = ("constant", "linear", "cosine")
+SCHEDULE_STARTS = ("step", "learning")  # where a ghost schedule's fractions count from (Schedule.start)
 SMOOTHING_FORMS = ("tost", "torch")  # eps/(C-1) on every other class, or torch's eps/C on all
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine", "constant")
@@ -62,12 +63,18 @@ class Schedule:
     (``linear`` or ``cosine``; ``constant`` never moves) and stays 0 after. For a ghost the
     factor is its gate, and ``remove_at`` is when the removal pass deletes the ghost (never before
     the gate reached 0, so removal never changes what the network computes).
+
+    ``start`` (ghosts only) is where the fractions count from: ``"step"``, step 0;
+    ``"learning"``, the step at which the training loss has begun to fall
+    (``fxsparse.scheduler.LearningOnset``): until then the gate stays at 1, and every fraction is
+    counted from there (``RecipeScheduler`` finds the step from the losses it is given).
     """
 
     hold_until: float = 0.0
     anneal_until: float = 0.0
     shape: str = "cosine"
     remove_at: float | None = None
+    start: str = "step"
 
     def factor(self, t: float) -> float:
         if self.shape == "constant" or t < self.hold_until:
@@ -86,7 +93,8 @@ class Schedule:
         held = f"1 until {self.hold_until:.0%}, " if self.hold_until > 0 else ""
         text = (f"{held}{self.shape} {'to' if held else 'from 1 to'} 0 by {self.anneal_until:.0%}"
                 if self.anneal_until > self.hold_until else f"1 until {self.hold_until:.0%}, then 0")
-        return text + (f", removed at {self.remove_at:.0%}" if self.remove_at is not None else "")
+        text += f", removed at {self.remove_at:.0%}" if self.remove_at is not None else ""
+        return text + (" (counted from the step the training loss starts to fall)" if self.start == "learning" else "")
 
 
 @dataclass(frozen=True)
@@ -404,10 +412,12 @@ class _Checker:
 
 
 def _schedule(source: str, path: str, table: Any, *, ghost: bool, early_removal: bool = False) -> Schedule:
-    keys = ("hold_until", "anneal_until", "shape", "remove_at") if ghost else ("hold_until", "anneal_until", "shape")
+    keys = (("hold_until", "anneal_until", "shape", "remove_at", "start") if ghost
+            else ("hold_until", "anneal_until", "shape"))
     c = _Checker(source, path, table, keys)
     shapes = GHOST_SHAPES if ghost else SMOOTHING_SHAPES
     shape = c.choice("shape", "cosine" if ghost else "constant", shapes)
+    start = c.choice("start", "step", SCHEDULE_STARTS) if ghost else "step"
     if shape == "constant":
         return Schedule(shape="constant")
     for required in ("hold_until", "anneal_until"):
@@ -422,7 +432,7 @@ def _schedule(source: str, path: str, table: Any, *, ghost: bool, early_removal:
     if ghost and remove < anneal and not early_removal:  # a folding ghost keeps its gate's work (fold = true)
         c.fail("remove_at", remove, f"a fraction >= anneal_until ({anneal:g}): a ghost is removed only once "
                                     f"its gate reached 0 (hold_until <= anneal_until <= remove_at)")
-    return Schedule(hold_until=hold, anneal_until=anneal, shape=shape, remove_at=remove)
+    return Schedule(hold_until=hold, anneal_until=anneal, shape=shape, remove_at=remove, start=start)
 
 
 def _pass_spec(source: str, name: str, table: Any, *, ghost: bool) -> PassSpec:
@@ -567,6 +577,10 @@ def _distill(source: str, table: Any, ghosts: Mapping[str, PassSpec]) -> Distill
                              f"the network as it is when that group's anneal begins")
         for key in ("schedule", "schedule_plain"):
             schedule = getattr(ghosts[at], key) if enabled else None
+            if schedule is not None and schedule.start != "step":
+                c.fail("at", at, f"a group whose schedule counts from step 0 ({at}.{key}.start = "
+                                 f"{schedule.start!r} here: the teacher's step would depend on the losses): "
+                                 f"give distill.at as a fraction of training")
             if schedule is not None and schedule.hold_until <= 0:
                 c.fail("at", at, f"a group whose anneal begins after step 0 ({at}.{key}.hold_until = 0 here, so the "
                                  f"teacher would be the untrained network): set {at}.{key}.hold_until > 0, or "

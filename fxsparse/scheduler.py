@@ -44,11 +44,15 @@ from .transform import PLAIN_KEY, RECIPE_KEY, transform
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RecipeScheduler", "smoothed_cross_entropy", "distillation_loss", "restore", "drop_parameters", "lr_factor"]
+__all__ = ["RecipeScheduler", "LearningOnset", "smoothed_cross_entropy", "distillation_loss", "restore",
+           "drop_parameters", "lr_factor", "LEARNING_WINDOW", "LEARNING_DROP"]
 
 MAIN_GROUP = "main"  # the optimizer param group of every parameter that is not a ghost's
 GROUP_KEY = "fxsparse_group"  # param-group key naming whose parameters a group holds
 _TOL = 1e-9  # an lr milestone at fraction f applies from the first step s with s/T >= f (float-safe)
+# the training loss "has begun to fall" once the mean of its last LEARNING_WINDOW steps is
+# LEARNING_DROP below the mean of its first LEARNING_WINDOW (a ghost schedule's start = "learning")
+LEARNING_WINDOW, LEARNING_DROP = 5, 0.02
 
 
 def smoothed_cross_entropy(
@@ -126,6 +130,43 @@ def lr_factor(step: int, total_steps: int, training) -> float:
     return 1.0
 
 
+class LearningOnset:
+    """The step at which the training loss has begun to fall: the first step ``s >= 2 *
+    LEARNING_WINDOW`` at which the mean of the last ``LEARNING_WINDOW`` losses is at least
+    ``LEARNING_DROP`` (a fraction) below the mean of the first ``LEARNING_WINDOW``. Two means of
+    five steps, so that one lucky batch does not count; ``step`` is None until then."""
+
+    def __init__(self):
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.step: int | None = None
+        self.forced = False  # the deadline came first (the loss never fell)
+
+    def observe(self, step: int, loss: float) -> bool:
+        """Record the loss of ``step``; True when this is the step the loss has begun to fall."""
+        if self.step is not None:
+            return False
+        if not math.isfinite(loss):
+            raise ValueError(f"step {step}: the training loss is {loss}; a schedule that starts when the loss "
+                             f"falls cannot read it")
+        if len(self.first) < LEARNING_WINDOW:
+            self.first.append(loss)
+        self.recent = (self.recent + [loss])[-LEARNING_WINDOW:]
+        if step >= 2 * LEARNING_WINDOW and len(self.first) == LEARNING_WINDOW:
+            start, now = sum(self.first) / LEARNING_WINDOW, sum(self.recent) / LEARNING_WINDOW
+            if now <= (1.0 - LEARNING_DROP) * start:
+                self.step = step
+                return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": list(self.first), "recent": list(self.recent), "step": self.step, "forced": self.forced}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.first, self.recent = [float(v) for v in state["first"]], [float(v) for v in state["recent"]]
+        self.step, self.forced = state["step"], bool(state.get("forced", False))
+
+
 class RecipeScheduler:
     """Drive a transformed module through its recipe's ghost phases and label smoothing.
 
@@ -181,6 +222,12 @@ class RecipeScheduler:
             log.info("%s follows its schedule_plain on this plain network: %s", g, self.schedules[g].describe())
         for g in set(self.recipe.ghosts) - present:
             log.info("recipe %r enables %s, but the module has none (the pass found no site)", self.recipe.name, g)
+        # schedules with start = "learning" count from the step the training loss begins to fall;
+        # at the latest from the step that still lets every such ghost leave by the end of training
+        learning = [sc for sc in self.schedules.values() if sc is not None and sc.start == "learning"]
+        self.onset = LearningOnset() if learning else None
+        self._latest_onset = (min(total_steps - math.ceil(sc.remove_at * total_steps - 1e-6) for sc in learning)
+                              if learning else None)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
         self.teacher: GraphModule | None = None  # [distill]: the frozen copy, from teacher_step on
         self.teacher_step = self._teacher_step()
@@ -208,19 +255,46 @@ class RecipeScheduler:
         """The label smoothing eps in force now."""
         return self.recipe.label_smoothing.eps_at(self.fraction)
 
+    @property
+    def waits_for_learning(self) -> bool:
+        """Whether a schedule with ``start = "learning"`` still waits for the training loss to fall:
+        then ``step()`` needs each step's loss."""
+        return self.onset is not None and self.onset.step is None
+
+    @property
+    def learning_step(self) -> int | None:
+        """The step at which the training loss began to fall (``start = "learning"``), once found."""
+        return None if self.onset is None else self.onset.step
+
+    def _origin(self, group: str) -> int | None:
+        """The step ``group``'s fractions count from (None: not known yet)."""
+        return 0 if self.schedules[group].start == "step" else self.onset.step
+
     def gate_at(self, group: str, step: int) -> float:
-        """The value the schedule gives ``group``'s gate after ``step`` steps."""
-        return self.schedules[group].factor(step / self.total_steps)
+        """The value the schedule gives ``group``'s gate after ``step`` steps (1 while its schedule
+        waits for the training loss to fall)."""
+        origin = self._origin(group)
+        if origin is None:
+            return 1.0
+        return self.schedules[group].factor(max(0, step - origin) / self.total_steps)
 
-    def removal_step(self, group: str) -> int:
-        """The step at which ``group`` is removed: the first ``s`` with ``s/T >= remove_at``."""
-        return math.ceil(self.schedules[group].remove_at * self.total_steps - 1e-6)
+    def removal_step(self, group: str) -> int | None:
+        """The step at which ``group`` is removed: the first ``s`` with ``(s - origin)/T >=
+        remove_at`` (origin 0, or the step the training loss began to fall); None while unknown."""
+        origin = self._origin(group)
+        if origin is None:
+            return None
+        return origin + math.ceil(self.schedules[group].remove_at * self.total_steps - 1e-6)
 
-    def step(self) -> None:
+    def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Call once after every optimizer step: move the gates, remove ghosts that are done, and
         (with ``[dynamic]``) move the masks when an update is due (in place, with the optimizer's
-        state at the positions that changed)."""
+        state at the positions that changed). ``loss``: the step's training loss, needed while a
+        ghost schedule with ``start = "learning"`` waits for it to fall (``waits_for_learning``);
+        under data parallelism the mean over ranks, so that every rank decides alike."""
         self._step += 1
+        if self.waits_for_learning:
+            self._observe(loss)
         self._apply(notify=True)
         if self.dynamic is not None:
             self.dynamic.step(self._step, self.optimizer)
@@ -230,9 +304,35 @@ class RecipeScheduler:
         """One record per ``[dynamic]`` mask update so far (``fxsparse.masks.dynamic.DynamicMasks``)."""
         return self.dynamic.history if self.dynamic is not None else []
 
+    def _observe(self, loss) -> None:
+        if loss is None:
+            raise ValueError("this recipe has a ghost schedule with start = \"learning\" (its fractions count "
+                             "from the step the training loss begins to fall): pass each step's loss, "
+                             "sched.step(loss), until sched.waits_for_learning is False")
+        onset = self.onset
+        if onset.observe(self._step, float(loss)):
+            log.info("step %d: the training loss has begun to fall (last %d steps %.4f, first %d %.4f): the ghost "
+                     "schedules with start = \"learning\" count from here", self._step, LEARNING_WINDOW,
+                     sum(onset.recent) / LEARNING_WINDOW, LEARNING_WINDOW, sum(onset.first) / LEARNING_WINDOW)
+        elif self._step >= self._latest_onset:
+            # from the latest origin that still removes every such ghost by step T (0 if remove_at = 1)
+            onset.step, onset.forced = min(self._step, self._latest_onset), True
+            log.warning("step %d: the training loss has not begun to fall, and the ghost schedules with start = "
+                        "\"learning\" must start now to end by the last step", self._step)
+
     def due(self) -> list[str]:
-        """The ghost groups the next ``step()`` removes."""
-        return [g for g in self.schedules if g not in self.removed and self._step + 1 >= self.removal_step(g)]
+        """The ghost groups the next ``step()`` may remove (while a schedule waits for the loss to
+        fall, those that would leave at the step it is found)."""
+        out = []
+        for g in self.schedules:
+            if g in self.removed:
+                continue
+            at = self.removal_step(g)
+            if at is None:  # found at the next step at the earliest: removed then if remove_at is 0
+                at = self._step + 1 + math.ceil(self.schedules[g].remove_at * self.total_steps - 1e-6)
+            if self._step + 1 >= at:
+                out.append(g)
+        return out
 
     def _teacher_step(self) -> int | None:
         spec = self.recipe.distill
@@ -265,17 +365,18 @@ class RecipeScheduler:
         if self.teacher is None and self.teacher_step is not None and self._step == self.teacher_step:
             self._snapshot_teacher()  # before any removal due at the same step: the teacher has that ghost
         current = _gates.get(self.gm)
-        for group, schedule in self.schedules.items():
+        for group in self.schedules:
             if group in self.removed:
                 continue
-            if self._step >= self.removal_step(group):
+            at = self.removal_step(group)
+            if at is not None and self._step >= at:
                 if notify and self.before_removal is not None:
                     self.before_removal(group)
                 self._remove(group)
                 if notify and self.on_removal is not None:
                     self.on_removal(dict(self.events[-1]))
             elif group in current:
-                _gates.set(self.gm, group, schedule.factor(self.fraction))
+                _gates.set(self.gm, group, self.gate_at(group, self._step))
 
     def _remove(self, group: str) -> None:
         params = _ghosts.parameters(self.gm, group)
@@ -350,6 +451,7 @@ class RecipeScheduler:
             "recipe": self.recipe.to_dict(),
             "recipe_name": self.recipe.name,
             **({"dynamic": self.dynamic.state_dict()} if self.dynamic is not None else {}),
+            **({"learning": self.onset.state_dict()} if self.onset is not None else {}),
             **({"teacher": {"removed": list(self._teacher_removed), "weights": self.teacher.state_dict()}}
                if self.teacher is not None else {}),
         }
@@ -378,6 +480,8 @@ class RecipeScheduler:
                 self._remove(group)
         self._step = int(state["step"])
         self.events = [dict(e) for e in state["events"]]
+        if self.onset is not None and "learning" in state:
+            self.onset.load_state_dict(state["learning"])
         if self.dynamic is not None and "dynamic" in state:  # replays the end of the phase, if it had come
             self.dynamic.load_state_dict(state["dynamic"])
         self._apply()

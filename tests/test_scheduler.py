@@ -159,6 +159,82 @@ def test_schedule_cosine_values(toy_ghost):
     assert all(a >= b for a, b in zip(values[:60], values[1:60]))  # never goes back up
 
 
+# --------------------------------------------------------------------------- start = "learning"
+LEARNING = {"ghost_skips.schedule.hold_until": 0.0, "ghost_skips.schedule.anneal_until": 0.2,
+            "ghost_skips.schedule.shape": "linear", "ghost_skips.schedule.remove_at": 0.2,
+            "ghost_skips.schedule.start": "learning"}
+
+
+def test_learning_start_holds_the_gate_until_the_loss_falls(toy_ghost):
+    """Flat losses for 24 steps, then lower: the loss has begun to fall at the first step whose
+    last 5 losses average 2% below the first 5 (step 27 here: three of its last five are 2.20);
+    the gate is 1 until then and the schedule's fractions count from there: linear to 0 over
+    0.2 * T, removal at 27 + 20."""
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=100)
+    assert sched.waits_for_learning and sched.removal_step(GROUP) is None
+    losses = [2.30] * 24 + [2.20] * 76  # the last 5's mean <= 0.98 * 2.30 = 2.254 once 3 of them are 2.20
+    gates_seen = {}
+    for step, loss in enumerate(losses, start=1):
+        sched.step(loss)
+        gates_seen[step] = sched.gates.get(GROUP)
+    assert sched.learning_step == 27 and not sched.onset.forced
+    assert all(gates_seen[s] == 1.0 for s in range(1, 28))
+    assert gates_seen[37] == pytest.approx(0.5)  # (37 - 27) / 100 of a 0.2 anneal
+    assert sched.removal_step(GROUP) == 47 and sched.events[0]["step"] == 47
+    assert gates_seen[46] == pytest.approx(0.05) and gates_seen[47] is None
+
+
+def test_learning_start_needs_the_loss_and_meets_its_deadline(toy_ghost):
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=50)
+    with pytest.raises(ValueError, match=r"pass each step's loss, sched.step\(loss\)"):
+        sched.step()
+    # a loss that never falls: the schedule starts at the last step that still removes the ghost
+    # by the end (50 - 0.2 * 50 = 40), so the trained network is the original one all the same
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=50)
+    for _ in range(50):
+        sched.step(2.3)
+    assert sched.learning_step == 40 and sched.onset.forced
+    assert sched.removed == [GROUP] and sched.events[0]["step"] == 50
+    # a schedule that counts from step 0 needs no loss: the default, as before
+    _, gm = _transformed()
+    plain = RecipeScheduler(gm, total_steps=50)
+    assert not plain.waits_for_learning and plain.onset is None
+    plain.step()
+
+
+@pytest.mark.parametrize("stop", [8, 30], ids=["still-waiting", "after-onset"])
+def test_learning_start_resumes_exactly(toy_ghost, stop):
+    losses = [2.30] * 24 + [2.20] * 76
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=100)
+    for loss in losses[:stop]:
+        sched.step(loss)
+    state = copy.deepcopy(sched.state_dict())
+    _, gm2 = _transformed(_toy_recipe(**LEARNING))
+    resumed = RecipeScheduler(gm2, total_steps=100)
+    resumed.load_state_dict(state)
+    assert resumed.waits_for_learning == (stop < 27) and resumed.gates == sched.gates
+    for loss in losses[stop:]:
+        sched.step(loss)
+        resumed.step(loss)
+        assert resumed.gates == sched.gates
+    assert resumed.learning_step == sched.learning_step == 27 and resumed.events == sched.events
+
+
+def test_learning_start_is_a_ghost_schedule_key():
+    r = fxsparse.load_recipe("tost", overrides={"ghost_channels.schedule.start": "learning"})
+    assert r.ghosts["ghost_channels"].schedule.start == "learning"
+    assert "counted from the step the training loss starts to fall" in r.ghosts["ghost_channels"].schedule.describe()
+    assert fxsparse.load_recipe("tost").ghosts["ghost_channels"].schedule.start == "step"
+    with pytest.raises(RecipeError, match="ghost_channels.schedule.start"):
+        fxsparse.load_recipe("tost", overrides={"ghost_channels.schedule.start": "loss"})
+    with pytest.raises(RecipeError, match="label_smoothing.schedule"):
+        fxsparse.load_recipe("tost", overrides={"label_smoothing.schedule.start": "learning"})
+
+
 def test_removal_at_first_step_past_fraction(toy_ghost):
     # 0.3 * 10 is 3.0000000000000004 in floating point; the removal is still due at step 3
     _, gm = _transformed()

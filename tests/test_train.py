@@ -6,6 +6,7 @@ seconds. Random crops pad by 1 pixel there (the recipe's CIFAR padding of 4 is h
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -256,6 +257,31 @@ def test_ghosts_that_leave_before_the_loss_moves_get_a_note(tmp_path, lr, epochs
     assert bool(said) is noted
     if noted:
         assert len(said) == 1 and f"ghosts left at step {removal} of {t.total_steps}" in said[0]
+
+
+@pytest.mark.parametrize("lr, learns", [(0.5, True), (1e-9, False)])
+def test_ghost_schedules_that_start_when_the_loss_falls(tmp_path, lr, learns):
+    """start = "learning": the trainer hands the scheduler each step's loss; the ghosts leave
+    0.15 * T after the step the logged losses say the loss began to fall (the last 5 steps' mean
+    2% below the first 5's), or, if it never does, by the end of training all the same."""
+    from fxsparse.scheduler import LearningOnset
+
+    starts = {f"{g}.schedule.start": "learning" for g in ("ghost_skips", "ghost_channels")}
+    t = Trainer(TrainConfig("test_train:TinyPlain", out=str(tmp_path), data="digits", progress=False, quiet=True,
+                            overrides={**DIGITS, **starts, "training.epochs": 6, "training.lr": lr,
+                                       "masks.sparsity": 0.5, "ghost_neurons.enabled": False}))
+    summary = t.run()
+    losses = [r["loss"] for r in t.metrics.records if r.get("type") == "step"]
+    onset = LearningOnset()
+    found = next((step for step, loss in enumerate(losses, start=1) if onset.observe(step, loss)), None)
+    assert (found is not None) is learns
+    T, remove = t.total_steps, math.ceil(0.15 * t.total_steps - 1e-6)
+    removals = {e["group"]: e["step"] for e in summary["removals"]}
+    assert set(removals) == {"ghost_skips", "ghost_channels"}  # gone either way: the original network
+    expected = found + remove if learns else T  # the deadline: the latest start that ends by step T
+    assert set(removals.values()) == {expected}
+    gates = [r["gates"].get("ghost_skips") for r in t.metrics.records if r.get("type") == "step"]
+    assert all(g == 1.0 for g in gates[:(found if learns else T - remove)])  # held while waiting
 
 
 def test_cli_guards_an_existing_run(e2e, capsys, torch_globals):

@@ -52,6 +52,7 @@ from torch import nn
 from .. import distributed as fxdist
 from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
 from ..errors import FxSparseError
+from ..scheduler import LEARNING_DROP, LEARNING_WINDOW
 from ..transform import GHOSTS_OFF_KEY
 from .metrics import MetricsLog
 
@@ -63,10 +64,11 @@ __all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS", "r
 # longer than a short run's whole training. On CPU the trainer caps them unless they are set.
 CPU_LRSI_ITERS = 30
 _IMP_EPOCH_BASE = 1_000_000  # data-order epochs used by IMP rounds, apart from training's
-# ghosts that leave before the training loss has fallen by _FLAT_DROP (first vs last _FLAT_STEPS
-# steps) get a note: on the map's fresh seeds (docs/results.md, V) the MobileNetV2 short runs that `tost`
-# loses sat at 0.99-1.00 of their start there, every other run at 0.49-0.97 but networks a mask cut apart
-_FLAT_STEPS, _FLAT_DROP = 5, 0.02
+# ghosts that leave before the training loss has begun to fall (the scheduler's test: the last
+# LEARNING_WINDOW steps' mean LEARNING_DROP below the first's) get a note: on the map's fresh seeds
+# (docs/results.md, V) the MobileNetV2 short runs that `tost` loses sat at 0.99-1.00 of their start
+# there, every other run at 0.49-0.97 but networks a mask cut apart
+_FLAT_STEPS, _FLAT_DROP = LEARNING_WINDOW, LEARNING_DROP
 _NOTHING_LEARNED = "the ghost phase ended before the network learned anything"
 _RECAL_EPOCH_BASE = 2_000_000  # data-order epochs of BatchNorm re-estimation after a removal (+ step)
 _SHORT = {"ghost_neurons": "neu", "ghost_skips": "skip", "ghost_channels": "chan"}
@@ -534,7 +536,7 @@ class Trainer:
         sched.lr_scheduler.step()
         model = self.model
         # moves the gates; removes a ghost whose time has come, and then rebuilds the DDP wrapper
-        self.model = fxdist.step(sched, model)
+        self.model = fxdist.step(sched, model, loss=loss.detach() if sched.waits_for_learning else None)
         if self.model is not model:
             self.forward = self._compiled(self.model)
         return loss.detach(), (logits.argmax(1) == y).sum()
@@ -563,7 +565,8 @@ class Trainer:
         if after is not None:
             record["val_loss_after"], record["val_acc_after"] = after
             sched = self.sched
-            if any(g not in sched.removed and sched.step_count >= sched.removal_step(g) for g in sched.schedules):
+            if any(g not in sched.removed and (at := sched.removal_step(g)) is not None and sched.step_count >= at
+                   for g in sched.schedules):
                 self._removal_before = after  # another group goes in this same step: it starts from here
         self.removal_records.append(record)
 
