@@ -292,9 +292,13 @@ class RecipeScheduler:
         state at the positions that changed). ``loss``: the step's training loss, needed while a
         ghost schedule with ``start = "learning"`` waits for it to fall (``waits_for_learning``);
         under data parallelism the mean over ranks, so that every rank decides alike."""
+        if self.waits_for_learning and loss is None:  # before the step counts: the caller may retry
+            raise ValueError("this recipe has a ghost schedule with start = \"learning\" (its fractions count "
+                             "from the step the training loss begins to fall): pass each step's loss, "
+                             "sched.step(loss), until sched.waits_for_learning is False")
         self._step += 1
         if self.waits_for_learning:
-            self._observe(loss)
+            self._observe(float(loss))
         self._apply(notify=True)
         if self.dynamic is not None:
             self.dynamic.step(self._step, self.optimizer)
@@ -304,13 +308,9 @@ class RecipeScheduler:
         """One record per ``[dynamic]`` mask update so far (``fxsparse.masks.dynamic.DynamicMasks``)."""
         return self.dynamic.history if self.dynamic is not None else []
 
-    def _observe(self, loss) -> None:
-        if loss is None:
-            raise ValueError("this recipe has a ghost schedule with start = \"learning\" (its fractions count "
-                             "from the step the training loss begins to fall): pass each step's loss, "
-                             "sched.step(loss), until sched.waits_for_learning is False")
+    def _observe(self, loss: float) -> None:
         onset = self.onset
-        if onset.observe(self._step, float(loss)):
+        if onset.observe(self._step, loss):
             log.info("step %d: the training loss has begun to fall (last %d steps %.4f, first %d %.4f): the ghost "
                      "schedules with start = \"learning\" count from here", self._step, LEARNING_WINDOW,
                      sum(onset.recent) / LEARNING_WINDOW, LEARNING_WINDOW, sum(onset.first) / LEARNING_WINDOW)

@@ -190,6 +190,7 @@ def test_learning_start_needs_the_loss_and_meets_its_deadline(toy_ghost):
     sched = RecipeScheduler(gm, total_steps=50)
     with pytest.raises(ValueError, match=r"pass each step's loss, sched.step\(loss\)"):
         sched.step()
+    assert sched.step_count == 0  # the refused step did not count
     # a loss that never falls: the schedule starts at the last step that still removes the ghost
     # by the end (50 - 0.2 * 50 = 40), so the trained network is the original one all the same
     _, gm = _transformed(_toy_recipe(**LEARNING))
