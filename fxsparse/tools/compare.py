@@ -207,8 +207,8 @@ class CompareConfig:
             labels.append(label)
         clash = sorted({l for l in labels if labels.count(l) > 1})
         if clash:
-            raise CompareError(f"the study's recipes name {', '.join(map(repr, clash))} twice (a recipe file's name = \"...\" may equal a "
-                               f"shipped recipe's): give each arm its own name")
+            raise CompareError(f"the study's recipes name {', '.join(map(repr, clash))} twice (a recipe file's "
+                               f"name = \"...\" may equal a shipped recipe's): give each arm its own name")
         return tuple(labels)
 
     def source(self, recipe: str) -> str:
