@@ -45,7 +45,8 @@ from .transform import PLAIN_KEY, RECIPE_KEY, transform
 log = logging.getLogger(__name__)
 
 __all__ = ["RecipeScheduler", "LearningOnset", "smoothed_cross_entropy", "distillation_loss", "restore",
-           "drop_parameters", "lr_factor", "LEARNING_WINDOW", "LEARNING_DROP"]
+           "drop_parameters", "lr_factor", "LEARNING_WINDOW", "LEARNING_DROP", "loss_window_means",
+           "loss_has_fallen"]
 
 MAIN_GROUP = "main"  # the optimizer param group of every parameter that is not a ghost's
 GROUP_KEY = "fxsparse_group"  # param-group key naming whose parameters a group holds
@@ -53,6 +54,19 @@ _TOL = 1e-9  # an lr milestone at fraction f applies from the first step s with 
 # the training loss "has begun to fall" once the mean of its last LEARNING_WINDOW steps is
 # LEARNING_DROP below the mean of its first LEARNING_WINDOW (a ghost schedule's start = "learning")
 LEARNING_WINDOW, LEARNING_DROP = 5, 0.02
+
+
+def loss_window_means(losses) -> tuple[float, float] | None:
+    """The means of the first and of the last ``LEARNING_WINDOW`` of ``losses`` (None when there
+    are fewer than two windows of them)."""
+    if len(losses) < 2 * LEARNING_WINDOW:
+        return None
+    return (sum(losses[:LEARNING_WINDOW]) / LEARNING_WINDOW, sum(losses[-LEARNING_WINDOW:]) / LEARNING_WINDOW)
+
+
+def loss_has_fallen(start: float, now: float) -> bool:
+    """Whether a loss whose first window averaged ``start`` has begun to fall at ``now``."""
+    return now <= (1.0 - LEARNING_DROP) * start
 
 
 def smoothed_cross_entropy(
@@ -152,11 +166,10 @@ class LearningOnset:
         if len(self.first) < LEARNING_WINDOW:
             self.first.append(loss)
         self.recent = (self.recent + [loss])[-LEARNING_WINDOW:]
-        if step >= 2 * LEARNING_WINDOW and len(self.first) == LEARNING_WINDOW:
-            start, now = sum(self.first) / LEARNING_WINDOW, sum(self.recent) / LEARNING_WINDOW
-            if now <= (1.0 - LEARNING_DROP) * start:
-                self.step = step
-                return True
+        means = loss_window_means(self.first + self.recent) if step >= 2 * LEARNING_WINDOW else None
+        if means is not None and loss_has_fallen(*means):
+            self.step = step
+            return True
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,7 +239,7 @@ class RecipeScheduler:
         # at the latest from the step that still lets every such ghost leave by the end of training
         learning = [sc for sc in self.schedules.values() if sc is not None and sc.start == "learning"]
         self.onset = LearningOnset() if learning else None
-        self._latest_onset = (min(total_steps - math.ceil(sc.remove_at * total_steps - 1e-6) for sc in learning)
+        self._latest_onset = (min(total_steps - self._steps(sc.remove_at) for sc in learning)
                               if learning else None)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
         self.teacher: GraphModule | None = None  # [distill]: the frozen copy, from teacher_step on
@@ -284,7 +297,16 @@ class RecipeScheduler:
         origin = self._origin(group)
         if origin is None:
             return None
-        return origin + math.ceil(self.schedules[group].remove_at * self.total_steps - 1e-6)
+        return origin + self._steps(self.schedules[group].remove_at)
+
+    def _steps(self, fraction: float) -> int:
+        """The first step count ``s`` with ``s/T >= fraction`` (float-safe)."""
+        return math.ceil(fraction * self.total_steps - 1e-6)
+
+    def removal_due(self, group: str) -> bool:
+        """Whether ``group`` is still present and its removal step has come."""
+        at = self.removal_step(group)
+        return group not in self.removed and at is not None and self._step >= at
 
     def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Call once after every optimizer step: move the gates, remove ghosts that are done, and
@@ -329,7 +351,7 @@ class RecipeScheduler:
                 continue
             at = self.removal_step(g)
             if at is None:  # found at the next step at the earliest: removed then if remove_at is 0
-                at = self._step + 1 + math.ceil(self.schedules[g].remove_at * self.total_steps - 1e-6)
+                at = self._step + 1 + self._steps(self.schedules[g].remove_at)
             if self._step + 1 >= at:
                 out.append(g)
         return out
@@ -338,7 +360,7 @@ class RecipeScheduler:
         spec = self.recipe.distill
         if not spec.enabled:
             return None
-        return max(1, math.ceil(spec.fraction(self.recipe, self.plain) * self.total_steps - 1e-6))
+        return max(1, self._steps(spec.fraction(self.recipe, self.plain)))
 
     def _snapshot_teacher(self, resumed_at: int | None = None) -> None:
         # the copy keeps its own gate buffers: the scheduler moves only self.gm's, so the teacher
@@ -368,8 +390,7 @@ class RecipeScheduler:
         for group in self.schedules:
             if group in self.removed:
                 continue
-            at = self.removal_step(group)
-            if at is not None and self._step >= at:
+            if self.removal_due(group):
                 if notify and self.before_removal is not None:
                     self.before_removal(group)
                 self._remove(group)

@@ -36,6 +36,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -52,7 +53,7 @@ from torch import nn
 from .. import distributed as fxdist
 from .checkpoint import CheckpointManager, atomic_write, rng_state, set_rng_state
 from ..errors import FxSparseError
-from ..scheduler import LEARNING_DROP, LEARNING_WINDOW
+from ..scheduler import LEARNING_WINDOW, loss_has_fallen, loss_window_means
 from ..transform import GHOSTS_OFF_KEY
 from .metrics import MetricsLog
 
@@ -64,11 +65,10 @@ __all__ = ["TrainConfig", "Trainer", "TrainError", "train", "CPU_LRSI_ITERS", "r
 # longer than a short run's whole training. On CPU the trainer caps them unless they are set.
 CPU_LRSI_ITERS = 30
 _IMP_EPOCH_BASE = 1_000_000  # data-order epochs used by IMP rounds, apart from training's
-# ghosts that leave before the training loss has begun to fall (the scheduler's test: the last
-# LEARNING_WINDOW steps' mean LEARNING_DROP below the first's) get a note: on the map's fresh seeds
-# (docs/results.md, V) the MobileNetV2 short runs that `tost` loses sat at 0.99-1.00 of their start
-# there, every other run at 0.49-0.97 but networks a mask cut apart
-_FLAT_STEPS, _FLAT_DROP = LEARNING_WINDOW, LEARNING_DROP
+# ghosts that leave before the training loss has begun to fall (the scheduler's test,
+# fxsparse.scheduler.loss_has_fallen) get a note: on the map's fresh seeds (docs/results.md, V) the
+# MobileNetV2 short runs that `tost` loses sat at 0.99-1.00 of their start there, every other run
+# at 0.49-0.97 but networks a mask cut apart
 _NOTHING_LEARNED = "the ghost phase ended before the network learned anything"
 _RECAL_EPOCH_BASE = 2_000_000  # data-order epochs of BatchNorm re-estimation after a removal (+ step)
 _SHORT = {"ghost_neurons": "neu", "ghost_skips": "skip", "ghost_channels": "chan"}
@@ -565,8 +565,7 @@ class Trainer:
         if after is not None:
             record["val_loss_after"], record["val_acc_after"] = after
             sched = self.sched
-            if any(g not in sched.removed and (at := sched.removal_step(g)) is not None and sched.step_count >= at
-                   for g in sched.schedules):
+            if any(sched.removal_due(g) for g in sched.schedules):
                 self._removal_before = after  # another group goes in this same step: it starts from here
         self.removal_records.append(record)
 
@@ -576,12 +575,15 @@ class Trainer:
         loses (docs/results.md, V: MobileNetV2 at 138 steps, whose loss stays at ln 10 for 30-45
         steps; its start comes 12-26 steps after the baseline's)."""
         losses = [r["loss"] for r in self.metrics.records if r.get("type") == "step" and r["step"] <= step]
-        if len(losses) < 2 * _FLAT_STEPS or any(_NOTHING_LEARNED in n for n in self.notes):  # once a run
+        means = loss_window_means(losses)
+        # once a run; a diverged (NaN) loss is not "where it started"
+        if means is None or any(math.isnan(m) for m in means) or any(_NOTHING_LEARNED in n for n in self.notes):
             return
-        start, now = (sum(part) / _FLAT_STEPS for part in (losses[:_FLAT_STEPS], losses[-_FLAT_STEPS:]))
-        if now > (1 - _FLAT_DROP) * start:
+        start, now = means
+        if not loss_has_fallen(start, now):
             self._note(f"ghosts left at step {step} of {self.total_steps} with the training loss where it started "
-                       f"({start:.3f} over the first {_FLAT_STEPS} steps, {now:.3f} over the last {_FLAT_STEPS}): "
+                       f"({start:.3f} over the first {LEARNING_WINDOW} steps, {now:.3f} over the last "
+                       f"{LEARNING_WINDOW}): "
                        f"{_NOTHING_LEARNED}. At such a budget `tost` "
                        f"can cost accuracy (docs/results.md, V); a longer run, or the baseline recipe, suits it.")
 
