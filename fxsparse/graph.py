@@ -755,13 +755,15 @@ def disconnected_channels(call: LayerCall, mask: torch.Tensor) -> int:
 
 
 def site_filter(
-    gm: GraphModule, where: str, masks: Mapping[str, torch.Tensor] | None = None
+    gm: GraphModule, where: str,
+    masks: Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> Callable[[Node], bool]:
     """A predicate on layer nodes for a ``where`` value (``parse_where``): ``"all"``; ``"plain"``,
     layers no other path goes around (``articulation_nodes``: VGG's convs, the stem);
     ``"bypassed"``, layers inside a residual block or another multi-path structure; ``"stem"``,
     the first layer every path goes through (``stem_layer``); ``"disconnected"``, layers whose mask
-    (``masks``: {weight name: bool tensor}, required for this kind) cuts an output channel off
+    (``masks``: {weight name: bool tensor}, or a function returning them, called only when
+    ``where`` names this kind, for which they are required) cuts an output channel off
     (``disconnected_channels``); ``"grouped"``, grouped and depthwise convs (``groups > 1``);
     ``"ungrouped"``, every other layer (linears too); ``"a+b"``, layers of either kind; ``"a&b"``,
     layers of both."""
@@ -769,9 +771,12 @@ def site_filter(
     if not terms:
         return lambda node: True
     kinds = where_kinds(where)
-    if "disconnected" in kinds and masks is None:
-        raise ValueError(f"where={where!r}: 'disconnected' reads the layers' masks, and none were given")
-    plain = articulation_nodes(gm)
+    if "disconnected" in kinds:
+        if masks is None:
+            raise ValueError(f"where={where!r}: 'disconnected' reads the layers' masks, and none were given")
+        masks = masks() if callable(masks) else masks
+    # the dominator computation only when a kind reads it
+    plain = articulation_nodes(gm) if kinds & {"plain", "bypassed", "stem"} else set()
     stem = stem_layer(gm, plain) if "stem" in kinds else None
 
     def disconnected(node: Node) -> bool:

@@ -44,7 +44,7 @@ from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     CONV_FUNCTIONS, LINEAR_FUNCTIONS, Layer, describe_where, is_channelwise, layer_of, parameterized_layers,
-    parse_where, site_filter, where_kinds,
+    parse_where, site_filter,
 )
 from fxsparse.masks.ranking import random_mask
 from fxsparse.passes.mask import masked_parameters
@@ -549,9 +549,7 @@ class GhostChannelPass(FxSparsePass):
         self._shared = _shared_modules(gm)
         reasons: Counter[str] = Counter()
         planned = []
-        # the masks are read only when `where` names them
-        masks = masked_parameters(gm) if "disconnected" in where_kinds(self.where) else None
-        wanted = site_filter(gm, self.where, masks=masks)
+        wanted = site_filter(gm, self.where, masks=lambda: masked_parameters(gm))  # listed only if read
         for layer in parameterized_layers(gm):
             if layer.inside_leaf or layer.weight.startswith(CONTAINER + "."):
                 continue  # layers inside leaves have no graph node of their own; never ghost a ghost

@@ -63,9 +63,10 @@ from fxsparse.errors import PassError
 from fxsparse.fused import apply_mask
 from fxsparse.graph import (
     LayerCall, PreActivation, activation_reach, channel_chains, describe_where, layer_call, parse_where,
-    site_filter, where_kinds,
+    site_filter,
 )
 from fxsparse.masks.ranking import random_mask
+from fxsparse.passes.mask import masked_parameters
 from fxsparse.pass_infra import (
     CONTAINER, FxSparsePass, container, delete_container, require_tagged_state, tagged_nodes,
 )
@@ -469,21 +470,13 @@ class GhostSkipPass(FxSparsePass):
     # ------------------------------------------------------------------ planning
     def _plan(self, gm: GraphModule) -> list[_Site]:
         sites, taken = [], set()
-        # the masks are listed only when `where` reads them
-        masks = self._masks(gm) if "disconnected" in where_kinds(self.where) else None
-        wanted = site_filter(gm, self.where, masks=masks)
+        wanted = site_filter(gm, self.where, masks=lambda: masked_parameters(gm))  # listed only if read
         for node in list(gm.graph.nodes):
             with self.at(node):
                 site = self._plan_site(gm, node, wanted, taken)
             if site is not None:
                 sites.append(site)
         return sites
-
-    @staticmethod
-    def _masks(gm: GraphModule) -> dict[str, torch.Tensor]:
-        from fxsparse.passes.mask import masked_parameters
-
-        return masked_parameters(gm)
 
     def _plan_site(self, gm: GraphModule, node: Node, wanted, taken: set[str]) -> "_Site | None":
         """The site of ``node``'s layer, or None (not a candidate, or skipped: the reason is kept)."""
