@@ -266,10 +266,15 @@ def _shipped(name: str) -> Path | None:
     return Path(str(candidate)) if candidate.is_file() else None
 
 
+def is_recipe_file(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``load_recipe`` reads ``name_or_path`` as a TOML file rather than a shipped name."""
+    text = os.fspath(name_or_path)
+    return text.endswith(".toml") or os.sep in text or "/" in text
+
+
 def _resolve(name_or_path: str | os.PathLike, relative_to: Path | None) -> Path:
     text = os.fspath(name_or_path)
-    looks_like_path = text.endswith(".toml") or os.sep in text or "/" in text
-    if not looks_like_path:
+    if not is_recipe_file(text):
         shipped = _shipped(text)
         if shipped is not None:
             return shipped

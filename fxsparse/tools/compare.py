@@ -189,11 +189,11 @@ class CompareConfig:
     def _label_recipes(self, given: tuple[str, ...]) -> tuple[str, ...]:
         """Shipped names stay as they are; a recipe file is labelled by its recipe's name (a run's
         directory and every table use the label, so it must be a plain word)."""
-        from ..recipe import load_recipe
+        from ..recipe import is_recipe_file, load_recipe
 
         labels = []
         for r in given:
-            if r in self.recipe_files or not _is_file_recipe(r):  # a label already (a resumed config)
+            if r in self.recipe_files or not is_recipe_file(r):  # a label already (a resumed config)
                 labels.append(r)
                 continue
             label = load_recipe(r).name
@@ -367,11 +367,6 @@ def execute(spec: RunSpec, config: CompareConfig, data_arg: str, out: Path) -> d
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return result
-
-
-def _is_file_recipe(text: str) -> bool:
-    """A TOML file rather than a shipped recipe's name (``fxsparse.recipe.load_recipe``'s rule)."""
-    return text.endswith(".toml") or os.sep in text or "/" in text
 
 
 def recipe_has_lrsi(name: str) -> bool:
