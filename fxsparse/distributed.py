@@ -296,7 +296,7 @@ def step(scheduler, model: nn.Module, loss: torch.Tensor | float | None = None) 
         # a removal may read BatchNorm statistics (GhostSkipPass(fold=True) folds with them), which
         # each rank updated from its own batch since the last forward: use rank 0's on every rank
         sync_buffers(model)
-    if getattr(scheduler, "waits_for_learning", False) and loss is not None:
+    if scheduler.waits_for_learning and loss is not None:
         scheduler.step(all_reduce_metrics({"loss": loss}, op="mean")["loss"])
     else:
         scheduler.step()

@@ -536,7 +536,7 @@ class Trainer:
         sched.lr_scheduler.step()
         model = self.model
         # moves the gates; removes a ghost whose time has come, and then rebuilds the DDP wrapper
-        self.model = fxdist.step(sched, model, loss=loss.detach() if sched.waits_for_learning else None)
+        self.model = fxdist.step(sched, model, loss=loss.detach())  # read (a device sync) only while waited for
         if self.model is not model:
             self.forward = self._compiled(self.model)
         return loss.detach(), (logits.argmax(1) == y).sum()
