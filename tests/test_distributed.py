@@ -10,11 +10,14 @@ half-batch's statistics, so with BatchNorm the two runs compute different things
 Without it, DDP's gradient (mean over ranks of each rank's mean loss gradient) is the
 single-process gradient of the same global batch, up to float rounding. Scenario B runs the
 whole recipe (LRsI, all three ghosts, with BatchNorm in the network and in the ghost skip
-branches) and checks the ranks agree.
+branches) and checks the ranks agree. Scenario C is A with ghost schedules that wait for the
+training loss to fall (``start = "learning"``): the scheduler reads the mean of the ranks' losses,
+so every rank, and the single process, finds the same step.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,6 +41,7 @@ from conftest import torchrun_ranks
 STEPS = 16  # two epochs of 8 global batches
 GLOBAL_BATCH = 8
 CHECKPOINT_AT = 4  # after the ghost neurons' removal (step 4), before the ghost channels' (step 5)
+LEARNING_STEPS = 32  # scenario C: four epochs, room for the loss to start falling and the ghosts to leave
 SHORT = {"hold_until": 0.1, "anneal_until": 0.2, "remove_at": 0.2}  # remove at ceil(0.2 * 16) = 4
 LONGER = {"hold_until": 0.1, "anneal_until": 0.3, "remove_at": 0.3}  # remove at ceil(0.3 * 16) = 5
 
@@ -94,6 +98,23 @@ def recipe_a():
     return fxsparse.load_recipe("tost", overrides=over)
 
 
+def learnable_loader() -> TensorLoader:
+    """Two classes, dark and bright images: the loss falls within a few steps."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 10, (68,), generator=gen)
+    images = (labels.view(-1, 1, 1, 1) * 25 + torch.randint(0, 30, (68, 1, 8, 8), generator=gen)).to(torch.uint8)
+    return TensorLoader(ImageDataset(images, labels, ("dark", "bright"), "toy-brightness"), GLOBAL_BATCH,
+                        shuffle=True, drop_last=True, seed=3)
+
+
+def recipe_c():
+    # a small learning rate, so that the loss begins to fall after the earliest step the test allows
+    over = {"rescale.enabled": False, "ghost_skips.enabled": False, "masks.sparsity": 0.5, "training.lr": 0.015}
+    over.update(schedule_overrides("ghost_neurons", start="learning", **SHORT))
+    over.update(schedule_overrides("ghost_channels", start="learning", **LONGER))
+    return fxsparse.load_recipe("tost", overrides=over)
+
+
 def recipe_b():
     over = {"rescale.enabled": True, "rescale.iters": 3, "masks.sparsity": 0.5}
     for group in ("ghost_neurons", "ghost_skips", "ghost_channels"):
@@ -138,6 +159,25 @@ def run_a(checkpoint: Path | None = None) -> dict:
     return {"state": {k: v.clone() for k, v in gm.state_dict().items()}, "events": sched.events,
             "wrappers": len(wrappers), "steps_per_epoch": len(loader), "batch": loader.batch_size,
             "unwrapped_is_gm": fxdist.unwrap(model) is gm}
+
+
+def run_c() -> dict:
+    """Scenario C: A's loop, the loss handed to ``fxdist.step`` (the ranks' mean is what counts)."""
+    fxdist.seed(0)
+    gm = fxsparse.transform(PlainNet(), recipe_c(), example_inputs=torch.zeros(2, 1, 8, 8))
+    sched = RecipeScheduler(gm, total_steps=LEARNING_STEPS)
+    opt = sched.build_optimizer()
+    model = fxdist.wrap(gm, scheduler=sched)
+    losses = []
+    for x, y in batches(fxdist.shard(learnable_loader()), 0, LEARNING_STEPS):
+        loss = sched.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        model = fxdist.step(sched, model, loss=loss.detach())
+    return {"state": {k: v.clone() for k, v in gm.state_dict().items()}, "events": sched.events,
+            "learning_step": sched.learning_step, "forced": sched.onset.forced, "losses": losses}
 
 
 def resume_a(checkpoint: Path) -> dict:
@@ -186,6 +226,7 @@ def worker(out: Path) -> None:
 
     result["a"] = run_a(out / "a.pt")
     result["a_resumed"] = resume_a(out / "a.pt")
+    result["c"] = run_c()
 
     # B: the whole recipe, BatchNorm included, LRsI on the same calibration batches on every rank
     fxdist.seed(1)
@@ -298,6 +339,25 @@ def test_ddp_equals_single_process(ranks):
         [(e["group"], e["step"]) for e in ranks[0]["a"]["events"]]
     worst = _assert_states_equal(single["state"], ranks[0]["a"]["state"], atol=1e-5, what="single vs DDP")
     print(f"single process vs 2-rank DDP after {STEPS} steps: max abs diff {worst:.3g}")
+
+
+def test_learning_start_under_ddp(ranks):
+    """Ghosts that wait for the loss to fall leave at the same step on every rank and in one process:
+    the scheduler reads the ranks' mean loss, the single process's loss of the same global batch."""
+    single = run_c()
+    r0, r1 = ranks[0]["c"], ranks[1]["c"]
+    assert single["learning_step"] > 10 and not single["forced"]  # the loss did fall, after the first test
+    assert r0["learning_step"] == r1["learning_step"] == single["learning_step"]
+    removals = [(e["group"], e["step"]) for e in single["events"]]
+    onset = single["learning_step"]  # the fractions count from the onset: 0.2 and 0.3 of 32 steps after it
+    assert removals == [("ghost_neurons", onset + math.ceil(0.2 * LEARNING_STEPS)),
+                        ("ghost_channels", onset + math.ceil(0.3 * LEARNING_STEPS))]
+    assert removals == [(e["group"], e["step"]) for e in r0["events"]] == [(e["group"], e["step"]) for e in r1["events"]]
+    assert r0["losses"] != r1["losses"]  # each rank saw its own half-batch ...
+    mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert mean == pytest.approx(single["losses"], rel=1e-5)  # ... whose mean is the global batch's loss
+    _assert_states_equal(r0["state"], r1["state"], what="C")
+    _assert_states_equal(single["state"], r0["state"], atol=1e-5, what="C: single vs DDP")
 
 
 def test_resume_under_ddp(ranks):
