@@ -137,25 +137,38 @@ def batches(loader: TensorLoader, start: int, stop: int):
                 return
 
 
+def train(model: nn.Module, sched: RecipeScheduler, steps, on_step=None) -> nn.Module:
+    """The user's loop over ``steps`` (batches), as ``fxsparse train`` runs it: each step's loss goes to
+    ``fxdist.step``, which reads it while a schedule waits for the loss to fall. ``on_step(model,
+    loss)`` after each step. Returns the model to use at the end (DDP is rebuilt at removals)."""
+    for x, y in steps:
+        loss = sched.loss(model(x), y)
+        sched.optimizer.zero_grad()
+        loss.backward()
+        sched.optimizer.step()
+        model = fxdist.step(sched, model, loss=loss.detach())
+        if on_step is not None:
+            on_step(model, loss)
+    return model
+
+
 def run_a(checkpoint: Path | None = None) -> dict:
     """Scenario A through the user's loop; the same code in one process and under torchrun."""
     fxdist.seed(0)
     gm = fxsparse.transform(PlainNet(), recipe_a(), example_inputs=torch.zeros(2, 1, 8, 8))
     loader = fxdist.shard(train_loader())
     sched = RecipeScheduler(gm, total_steps=STEPS)
-    opt = sched.build_optimizer()
+    sched.build_optimizer()
     model = fxdist.wrap(gm, scheduler=sched)
     fxdist.seed(0, per_rank=True)
     wrappers = {id(model)}
-    for x, y in batches(loader, 0, STEPS):
-        loss = sched.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model = fxdist.step(sched, model)
+
+    def on_step(model, loss):
         wrappers.add(id(model))
         if checkpoint is not None and sched.step_count == CHECKPOINT_AT:
             fxdist.save_checkpoint(sched, checkpoint)
+
+    model = train(model, sched, batches(loader, 0, STEPS), on_step)
     return {"state": {k: v.clone() for k, v in gm.state_dict().items()}, "events": sched.events,
             "wrappers": len(wrappers), "steps_per_epoch": len(loader), "batch": loader.batch_size,
             "unwrapped_is_gm": fxdist.unwrap(model) is gm}
@@ -166,16 +179,10 @@ def run_c() -> dict:
     fxdist.seed(0)
     gm = fxsparse.transform(PlainNet(), recipe_c(), example_inputs=torch.zeros(2, 1, 8, 8))
     sched = RecipeScheduler(gm, total_steps=LEARNING_STEPS)
-    opt = sched.build_optimizer()
-    model = fxdist.wrap(gm, scheduler=sched)
+    sched.build_optimizer()
     losses = []
-    for x, y in batches(fxdist.shard(learnable_loader()), 0, LEARNING_STEPS):
-        loss = sched.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        model = fxdist.step(sched, model, loss=loss.detach())
+    train(fxdist.wrap(gm, scheduler=sched), sched, batches(fxdist.shard(learnable_loader()), 0, LEARNING_STEPS),
+          lambda model, loss: losses.append(loss.item()))
     return {"state": {k: v.clone() for k, v in gm.state_dict().items()}, "events": sched.events,
             "learning_step": sched.learning_step, "forced": sched.onset.forced, "losses": losses}
 
@@ -184,13 +191,7 @@ def resume_a(checkpoint: Path) -> dict:
     """Scenario A resumed from the checkpoint written at CHECKPOINT_AT, continued under DDP."""
     sched = restore(PlainNet(), torch.load(checkpoint), example_inputs=torch.zeros(2, 1, 8, 8))  # weights_only
     model = fxdist.wrap(sched.gm, scheduler=sched)
-    loader = fxdist.shard(train_loader())
-    for x, y in batches(loader, sched.step_count, STEPS):
-        loss = sched.loss(model(x), y)
-        sched.optimizer.zero_grad()
-        loss.backward()
-        sched.optimizer.step()
-        model = fxdist.step(sched, model)
+    train(model, sched, batches(fxdist.shard(train_loader()), sched.step_count, STEPS))
     return {"state": {k: v.clone() for k, v in sched.gm.state_dict().items()}, "events": sched.events}
 
 
@@ -235,16 +236,11 @@ def worker(out: Path) -> None:
     result["b_ghosts"] = present(gm)
     loader = fxdist.shard(train_loader(crop_padding=1))
     sched = RecipeScheduler(gm, total_steps=STEPS)
-    opt = sched.build_optimizer()
+    sched.build_optimizer()
     model = fxdist.wrap(gm, scheduler=sched)
     result["b_synced"] = sorted(model.named_module_buffers)  # what DDP broadcasts at every forward
     fxdist.seed(1, per_rank=True)
-    for x, y in batches(loader, 0, STEPS):
-        loss = sched.loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model = fxdist.step(sched, model)
+    model = train(model, sched, batches(loader, 0, STEPS))
     result["b_events"] = sched.events
     try:  # each rank's last forward updated its BatchNorm statistics from its own batch
         fxdist.check_identical(gm)
