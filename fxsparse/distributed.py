@@ -279,9 +279,10 @@ def rewrap(model: nn.Module, *, scheduler=None) -> nn.Module:
 def step(scheduler, model: nn.Module, loss: torch.Tensor | float | None = None) -> nn.Module:
     """``scheduler.step()``, then rebuild ``model``'s DDP wrapper if a ghost was removed.
 
-    ``loss``: this rank's training loss of the step, passed on (as the mean over ranks, one
-    scalar all-reduce) while ``scheduler.waits_for_learning``: a ghost schedule that starts when
-    the loss falls must start at the same step on every rank.
+    ``loss``: this rank's training loss of the step (default: ``scheduler.step_loss``, what
+    ``sched.loss`` computed), passed on as the mean over ranks (one scalar all-reduce) while
+    ``scheduler.waits_for_learning``: a ghost schedule that starts when the loss falls must start
+    at the same step on every rank.
 
     Returns the model to use from now on (the same object unless a removal happened)::
 
@@ -296,6 +297,8 @@ def step(scheduler, model: nn.Module, loss: torch.Tensor | float | None = None) 
         # a removal may read BatchNorm statistics (GhostSkipPass(fold=True) folds with them), which
         # each rank updated from its own batch since the last forward: use rank 0's on every rank
         sync_buffers(model)
+    if loss is None:
+        loss = scheduler.step_loss  # what sched.loss computed this step (None unless a schedule waits)
     if scheduler.waits_for_learning and loss is not None:
         scheduler.step(all_reduce_metrics({"loss": loss}, op="mean")["loss"])
     else:

@@ -239,6 +239,7 @@ class RecipeScheduler:
         # at the latest from the step that still lets every such ghost leave by the end of training
         learning = [sc for sc in self.schedules.values() if sc is not None and sc.start == "learning"]
         self.onset = LearningOnset() if learning else None
+        self._step_losses: list[torch.Tensor] = []  # training losses sched.loss computed since the last step()
         self._latest_onset = (min(total_steps - self._steps(sc.remove_at) for sc in learning)
                               if learning else None)
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
@@ -308,16 +309,29 @@ class RecipeScheduler:
         at = self.removal_step(group)
         return group not in self.removed and at is not None and self._step >= at
 
+    @property
+    def step_loss(self) -> torch.Tensor | None:
+        """The mean of the training losses ``loss()`` computed since the last ``step()`` (several
+        under gradient accumulation), while a schedule waits for the loss to fall; else None."""
+        if not self._step_losses:
+            return None
+        return torch.stack([v.float() for v in self._step_losses]).mean()
+
     def step(self, loss: float | torch.Tensor | None = None) -> None:
         """Call once after every optimizer step: move the gates, remove ghosts that are done, and
         (with ``[dynamic]``) move the masks when an update is due (in place, with the optimizer's
-        state at the positions that changed). ``loss``: the step's training loss, needed while a
+        state at the positions that changed). ``loss``: the step's training loss, read while a
         ghost schedule with ``start = "learning"`` waits for it to fall (``waits_for_learning``);
-        under data parallelism the mean over ranks, so that every rank decides alike."""
+        by default ``step_loss``, the losses ``loss()`` computed with autograd on since the last
+        step. Under data parallelism pass the mean over ranks (``fxdist.step`` does), so that every
+        rank decides alike."""
+        if loss is None:
+            loss = self.step_loss
         if self.waits_for_learning and loss is None:  # before the step counts: the caller may retry
             raise ValueError("this recipe has a ghost schedule with start = \"learning\" (its fractions count "
-                             "from the step the training loss begins to fall): pass each step's loss, "
-                             "sched.step(loss), until sched.waits_for_learning is False")
+                             "from the step the training loss begins to fall): compute the training loss with "
+                             "sched.loss(...) or pass it, sched.step(loss), until sched.waits_for_learning is False")
+        self._step_losses.clear()
         self._step += 1
         if self.waits_for_learning:
             self._observe(float(loss))
@@ -420,12 +434,15 @@ class RecipeScheduler:
         with ``teacher_logits`` (``teacher_logits(x)``), mixed with the distillation term:
         ``(1 - alpha) * CE + alpha * distillation_loss``."""
         ls = self.recipe.label_smoothing
-        ce = smoothed_cross_entropy(logits, targets, self.label_smoothing, ls.form, reduction)
-        if teacher_logits is None:
-            return ce
-        spec = self.recipe.distill
-        kd = distillation_loss(logits, teacher_logits.to(logits.dtype), spec.temperature, reduction)
-        return (1.0 - spec.alpha) * ce + spec.alpha * kd
+        out = smoothed_cross_entropy(logits, targets, self.label_smoothing, ls.form, reduction)
+        if teacher_logits is not None:
+            spec = self.recipe.distill
+            kd = distillation_loss(logits, teacher_logits.to(logits.dtype), spec.temperature, reduction)
+            out = (1.0 - spec.alpha) * out + spec.alpha * kd
+        if self.waits_for_learning and out.requires_grad:  # a training loss (an evaluation's has no graph)
+            value = out.detach()
+            self._step_losses.append(value.mean() if reduction == "none" else value)
+        return out
 
     # ------------------------------------------------------------------ optimizer
     def ghost_param_groups(self, **options: Any) -> list[dict[str, Any]]:

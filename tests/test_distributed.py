@@ -138,15 +138,15 @@ def batches(loader: TensorLoader, start: int, stop: int):
 
 
 def train(model: nn.Module, sched: RecipeScheduler, steps, on_step=None) -> nn.Module:
-    """The user's loop over ``steps`` (batches), as ``fxsparse train`` runs it: each step's loss goes to
-    ``fxdist.step``, which reads it while a schedule waits for the loss to fall. ``on_step(model,
-    loss)`` after each step. Returns the model to use at the end (DDP is rebuilt at removals)."""
+    """The user's loop over ``steps`` (batches): ``fxdist.step`` reads the loss ``sched.loss``
+    computed while a schedule waits for the loss to fall. ``on_step(model, loss)`` after each step.
+    Returns the model to use at the end (DDP is rebuilt at removals)."""
     for x, y in steps:
         loss = sched.loss(model(x), y)
         sched.optimizer.zero_grad()
         loss.backward()
         sched.optimizer.step()
-        model = fxdist.step(sched, model, loss=loss.detach())
+        model = fxdist.step(sched, model)
         if on_step is not None:
             on_step(model, loss)
     return model
@@ -175,7 +175,7 @@ def run_a(checkpoint: Path | None = None) -> dict:
 
 
 def run_c() -> dict:
-    """Scenario C: A's loop, the loss handed to ``fxdist.step`` (the ranks' mean is what counts)."""
+    """Scenario C: A's loop; the scheduler reads the ranks' mean of what ``sched.loss`` computed."""
     fxdist.seed(0)
     gm = fxsparse.transform(PlainNet(), recipe_c(), example_inputs=torch.zeros(2, 1, 8, 8))
     sched = RecipeScheduler(gm, total_steps=LEARNING_STEPS)

@@ -188,7 +188,7 @@ def test_learning_start_holds_the_gate_until_the_loss_falls(toy_ghost):
 def test_learning_start_needs_the_loss_and_meets_its_deadline(toy_ghost):
     _, gm = _transformed(_toy_recipe(**LEARNING))
     sched = RecipeScheduler(gm, total_steps=50)
-    with pytest.raises(ValueError, match=r"pass each step's loss, sched.step\(loss\)"):
+    with pytest.raises(ValueError, match=r"or pass it, sched.step\(loss\)"):
         sched.step()
     assert sched.step_count == 0  # the refused step did not count
     # a loss that never falls: the schedule starts at the last step that still removes the ghost
@@ -204,6 +204,45 @@ def test_learning_start_needs_the_loss_and_meets_its_deadline(toy_ghost):
     plain = RecipeScheduler(gm, total_steps=50)
     assert not plain.waits_for_learning and plain.onset is None
     plain.step()
+
+
+def _logits_with_loss(loss: float, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (requiring grad) and targets whose cross-entropy is ``loss``: the target's logit
+    ``a`` above nine zeros gives ``log(9 + e^a) - a``, solved for ``a``."""
+    a = math.log((classes - 1) * math.exp(-loss) / (1 - math.exp(-loss)))
+    logits = torch.zeros(2, classes)
+    logits[:, 0] = a
+    return logits.requires_grad_(), torch.zeros(2, dtype=torch.long)
+
+
+def test_learning_start_reads_the_loss_sched_loss_computed(toy_ghost):
+    """The five-line loop needs no change: ``sched.step()`` reads the training losses that
+    ``sched.loss`` computed since the last step (their mean under gradient accumulation), never an
+    evaluation's (no graph), and finds the same onset as when each loss is passed."""
+    losses = [2.30] * 24 + [2.20] * 76
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    passed = RecipeScheduler(gm, total_steps=100)
+    for loss in losses:
+        passed.step(loss)
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=100)
+    for loss in losses:
+        with torch.no_grad():  # an evaluation between steps: not a training loss
+            sched.loss(*_logits_with_loss(9.0))
+        for micro in (loss - 0.05, loss + 0.05):  # two micro-batches of one optimizer step
+            sched.loss(*_logits_with_loss(micro))
+        if sched.waits_for_learning:
+            assert sched.step_loss.item() == pytest.approx(loss, abs=1e-5)
+        sched.step()
+    assert sched.learning_step == passed.learning_step == 27
+    assert sched.events == passed.events and sched.step_loss is None  # nothing recorded once found
+    # an evaluation's loss alone is no step's loss: still refused
+    _, gm = _transformed(_toy_recipe(**LEARNING))
+    sched = RecipeScheduler(gm, total_steps=100)
+    with torch.no_grad():
+        sched.loss(*_logits_with_loss(2.3))
+    with pytest.raises(ValueError, match=r"compute the training loss with sched.loss"):
+        sched.step()
 
 
 @pytest.mark.parametrize("stop", [8, 30], ids=["still-waiting", "after-onset"])
