@@ -624,6 +624,21 @@ def test_pipeline_lets_go_of_the_optimizer_state_before_export(monkeypatch):
     assert r.exported == "equal"
 
 
+def test_pipeline_with_a_recipe_whose_ghosts_wait_for_the_loss(tmp_path):
+    """A recipe with start = "learning" schedules: the removal stage steps the scheduler without a
+    training loss, so the schedules start at their deadline and every ghost still leaves."""
+    import fxsparse
+
+    recipe = tmp_path / "waits.toml"
+    recipe.write_text('extends = "tost"\nname = "waits"\n' + "".join(
+        f'[{group}.{table}]\nstart = "learning"\n' for group in ("ghost_neurons", "ghost_skips", "ghost_channels")
+        for table in ("schedule", "schedule_plain") if table == "schedule" or group == "ghost_neurons"))
+    assert fxsparse.load_recipe(recipe).ghosts["ghost_skips"].schedule.start == "learning"
+    r = zoo.check_pipeline("test_zoo:tied_and_non_persistent_net", options=zoo.PipelineOptions(recipe=str(recipe)))
+    assert r.pipeline == "ok", r.pipeline_error
+    assert r.ghosts and r.identity == "equal" and r.exported == "equal"
+
+
 def test_pipeline_with_tied_weights_and_non_persistent_buffers():
     r = zoo.check_pipeline("test_zoo:tied_and_non_persistent_net")
     assert r.pipeline == "ok", r.pipeline_error

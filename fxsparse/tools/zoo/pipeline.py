@@ -255,7 +255,9 @@ class _PipelineRun:
         for _ in range(self.sched.total_steps):  # the scheduler removes each ghost at its remove_at
             if not present(self.sgm):
                 break
-            self.sched.step()
+            # a flat loss: a schedule that waits for the loss to fall (start = "learning") starts at
+            # its deadline, the latest step that still removes its ghost by the last one
+            self.sched.step(1.0)
             # as at the end of a long anneal: every removal happens at identity gates (a removal
             # that folds its branch, GhostSkipPass(fold=True), then folds nothing)
             fxsparse.gates.set_identity(self.sgm)
