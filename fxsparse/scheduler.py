@@ -239,9 +239,9 @@ class RecipeScheduler:
         # at the latest from the step that still lets every such ghost leave by the end of training
         learning = [sc for sc in self.schedules.values() if sc is not None and sc.start == "learning"]
         self.onset = LearningOnset() if learning else None
-        self._step_losses: list[torch.Tensor] = []  # training losses sched.loss computed since the last step()
         self._latest_onset = (min(total_steps - self._steps(sc.remove_at) for sc in learning)
                               if learning else None)
+        self._step_losses: list[torch.Tensor] = []  # training losses sched.loss computed since the last step()
         self.dynamic = _dynamic_masks(graph_module, self.recipe, total_steps)  # [dynamic]: masks that move
         self.teacher: GraphModule | None = None  # [distill]: the frozen copy, from teacher_step on
         self.teacher_step = self._teacher_step()
