@@ -64,8 +64,8 @@ def test_cli_and_zoo(tmp_path, capsys):
 
 
 def test_before_variants_and_bf16_channels_last_path(tmp_path):
-    """The forms before issue 13 (masked_mul, ghosts_mul) compute what masked / ghosts compute; the
-    GPU settings (bf16 autocast, channels_last) run through the same code on CPU."""
+    """The forms before issue 13 (masked_mul, ghosts_mul, ...) compute what masked / ghosts compute,
+    values and gradients; the GPU settings (bf16 autocast, channels_last) run through the same code on CPU."""
     import operator
 
     from fxsparse.fused import apply_mask, ghost_relu_blend
@@ -80,7 +80,12 @@ def test_before_variants_and_bf16_channels_last_path(tmp_path):
             assert operator.mul in targets and apply_mask not in targets and apply_mask in {n.target for n in a.graph.nodes}
         if before.startswith("ghost"):
             assert ghost_relu_blend in {n.target for n in a.graph.nodes} and ghost_relu_blend not in targets
-        assert torch.equal(a(x), b(x))
+        out_a, out_b = a(x), b(x)
+        assert torch.equal(out_a, out_b), before
+        out_a.square().sum().backward()
+        out_b.square().sum().backward()
+        grads = [{n: p.grad for n, p in gm.named_parameters() if p.grad is not None} for gm in (a, b)]
+        assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]), before
     rows = bench.run_bench(bench.BenchConfig(**{**TINY, "variants": ("dense", "masked", "masked_mul")}, bf16=True,
                                              channels_last=True, transform=False))
     assert all(r["bf16"] and r["channels_last"] and r["median_ms"] > 0 for r in rows)
