@@ -625,8 +625,9 @@ def test_pipeline_lets_go_of_the_optimizer_state_before_export(monkeypatch):
 
 
 def test_pipeline_with_a_recipe_whose_ghosts_wait_for_the_loss(tmp_path):
-    """A recipe with start = "learning" schedules: the removal stage steps the scheduler without a
-    training loss, so the schedules start at their deadline and every ghost still leaves."""
+    """A recipe with start = "learning" schedules: the removal stage has no training loss to give
+    the scheduler and steps it with a flat one, so the schedules start at their deadline and every
+    ghost still leaves."""
     import fxsparse
 
     recipe = tmp_path / "waits.toml"
