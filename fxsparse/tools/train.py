@@ -536,7 +536,9 @@ class Trainer:
         sched.lr_scheduler.step()
         model = self.model
         # moves the gates; removes a ghost whose time has come, and then rebuilds the DDP wrapper
-        self.model = fxdist.step(sched, model, loss=loss.detach())  # read (a device sync) only while waited for
+        # (a schedule that waits for the loss to fall reads the one sched.loss computed above: a device
+        # sync, only while it waits)
+        self.model = fxdist.step(sched, model)
         if self.model is not model:
             self.forward = self._compiled(self.model)
         return loss.detach(), (logits.argmax(1) == y).sum()

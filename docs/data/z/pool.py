@@ -6,12 +6,14 @@ V's seeds 41-43 enter as the V table of docs/results.md rounds them (mean and st
 V's result lines were not kept), W's, X's and Z's from their result lines here. The pooled mean
 and sample std over all pairs follow exactly from each set's n, mean and std.
 """
-import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent  # docs/data
+sys.path.insert(0, str(HERE))
+import pair  # noqa: E402  (docs/data/pair.py: reads a study's arm)
 # V (seeds 41-43), from results.md's V table: (val mean, val std, test mean, test std), n = 3
 V = {("vgg16","random",0.95):(0.97,0.40,1.17,0.72), ("vgg16","random",0.98):(0.57,0.12,0.23,0.88),
      ("vgg16","random",0.99):(2.17,1.82,1.49,2.49), ("vgg16","snip",0.95):(0.93,0.25,0.23,0.29),
@@ -21,15 +23,12 @@ V = {("vgg16","random",0.95):(0.97,0.40,1.17,0.72), ("vgg16","random",0.98):(0.5
      ("resnet20","snip",0.99):(2.67,10.22,3.00,8.74), ("mobilenetv2","random",0.95):(-8.60,6.38,-7.49,5.95)}
 
 
-def pairs(d, a="tost", b="baseline", arch=None):
-    runs = {}
-    for line in (Path(d) / "results.jsonl").read_text().splitlines():
-        r = json.loads(line); runs[(r["method"], r["sparsity"], r["recipe"], r["seed"])] = r
+def pairs(directory, arch):
+    """{(arch, method, sparsity): [(validation d, test d) per seed]} for tost - baseline (pair.py's arms)."""
+    a, b = pair.arm(f"{directory}:tost"), pair.arm(f"{directory}:baseline")
     out = {}
-    for (m, s, rec, seed), r in runs.items():
-        if rec == a and (m, s, b, seed) in runs:
-            o = runs[(m, s, b, seed)]
-            out.setdefault((arch, m, s), []).append((100*(r["val_acc"]-o["val_acc"]), 100*(r["test_acc"]-o["test_acc"])))
+    for k in sorted(set(a) & set(b)):
+        out.setdefault((arch, *k[:2]), []).append(tuple(100 * (a[k][s] - b[k][s]) for s in ("val_acc", "test_acc")))
     return out
 
 
@@ -50,7 +49,7 @@ res = {"val": [], "test": []}
 print("| cell | seed sets | pairs | validation | test |"); print("|---|---|---:|---:|---:|")
 for cell in sorted(V):
     vm, vs, tm, ts = V[cell]
-    gv, gt, sets, wins = [(3, vm, vs)], [(3, tm, ts)], ["V"], None
+    gv, gt, sets = [(3, vm, vs)], [(3, tm, ts)], ["V"]
     for name, v in extra.get(cell, []):
         xs = [a for a, _ in v]; ys = [b for _, b in v]
         gv.append((len(xs), statistics.fmean(xs), statistics.stdev(xs))); gt.append((len(ys), statistics.fmean(ys), statistics.stdev(ys)))
