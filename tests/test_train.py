@@ -262,8 +262,8 @@ def test_ghosts_that_leave_before_the_loss_moves_get_a_note(tmp_path, lr, epochs
 @pytest.mark.parametrize("lr, learns", [(0.5, True), (1e-9, False)])
 def test_ghost_schedules_that_start_when_the_loss_falls(tmp_path, lr, learns):
     """start = "learning": the scheduler reads each step's loss (what sched.loss computed); the
-    ghosts leave 0.15 * T after the step the logged losses say the loss began to fall (the last 5 steps' mean
-    2% below the first 5's), or, if it never does, by the end of training all the same."""
+    ghosts leave 0.15 * T after the step the logged losses say the loss began to fall (the last 5
+    steps' mean 2% below the first 5's), or, if it never does, by the end of training all the same."""
     from fxsparse.scheduler import LearningOnset
 
     starts = {f"{g}.schedule.start": "learning" for g in ("ghost_skips", "ghost_channels")}
